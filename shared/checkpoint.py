@@ -1,0 +1,129 @@
+"""One checkpoint format for the whole model: a directory with `config.json` and `model.safetensors`.
+
+config.json holds the format version, the full MichiConfig, what the weights are (trained or not,
+by what) and the SHA-256 of the weights file, so a truncated, corrupt or mismatched file is refused
+with a message that says which one it is, instead of loading garbage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import MichiConfig
+from .model.michi import MichiModel
+
+FORMAT = "michi-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says why and what to do."""
+
+
+def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors (e.g. embeddings = LM head) kept once, under their first name."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel() > 0:
+            continue
+        seen.add(ptr)
+        out[name] = tensor
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(model: MichiModel, path: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """Write `path/config.json` and `path/model.safetensors`. `info` says what the weights are;
+    `info["trained"]` must be True only for weights this project's training code produced."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = path / WEIGHTS_FILE
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state(model).items()}
+    save_file(tensors, str(weights), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.cfg.to_dict(),
+        "info": {"trained": False, **(info or {})},
+        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights)},
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def read_checkpoint_config(path: str | Path) -> tuple[MichiConfig, dict[str, Any]]:
+    """Parse and check `config.json`; returns the config and the info block."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: missing {CONFIG_FILE}; a Michi checkpoint is a directory with "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        doc = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file}: not a Michi checkpoint (format is {doc.get('format')!r} "
+                              f"where {FORMAT!r} was expected)" if isinstance(doc, dict)
+                              else f"{cfg_file}: not a Michi checkpoint")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file}: format version {doc.get('format_version')!r} is not supported "
+                              f"(this Michi reads version {FORMAT_VERSION})")
+    try:
+        cfg = MichiConfig.from_dict(doc["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: invalid model config ({e})") from None
+    return cfg, {**doc.get("info", {}), "sha256": doc.get("weights", {}).get("sha256")}
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    verify_hash: bool = True) -> tuple[MichiModel, dict[str, Any]]:
+    path = Path(path)
+    cfg, info = read_checkpoint_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: missing {WEIGHTS_FILE}")
+    if verify_hash and info.get("sha256") and _sha256(weights) != info["sha256"]:
+        raise CheckpointError(f"{weights}: SHA-256 does not match {CONFIG_FILE}; the file is corrupt, "
+                              f"truncated or from another checkpoint")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    model = MichiModel(cfg, load_pretrained=False)
+    expected = _unique_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    problems = []
+    if wrong:
+        problems.append(f"{len(wrong)} tensors have the wrong shape for this config ({'; '.join(wrong[:3])})")
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+    if problems:
+        raise CheckpointError(f"{weights} does not match its config (preset {cfg.preset!r}): "
+                              + "; ".join(problems))
+    model.load_state_dict(tensors, strict=False)  # strict is checked above, tied aliases aside
+    return model.to(device).eval(), info

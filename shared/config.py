@@ -1,0 +1,152 @@
+"""Model configuration: one dataclass per part, two presets (`tiny`, `full`).
+
+Every size lives here so that a checkpoint's JSON config rebuilds exactly the model that wrote it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SAMPLE_RATE_HZ = 24_000
+FRAME_RATE_HZ = 12.5
+FRAME_SAMPLES = int(SAMPLE_RATE_HZ / FRAME_RATE_HZ)  # 1920 samples = 80 ms
+
+
+@dataclass
+class BackboneConfig:
+    """A Llama-family causal LM (SmolLM2-360M shape by default)."""
+
+    hidden_size: int = 960
+    num_layers: int = 32
+    num_heads: int = 15
+    num_kv_heads: int = 5
+    ffn_size: int = 2560
+    vocab_size: int = 49152
+    rope_theta: float = 100_000.0
+    rms_norm_eps: float = 1e-5
+    max_positions: int = 8192
+    tie_embeddings: bool = True
+    # "bytes" for the built-in byte-level tokenizer, or a local Hugging Face tokenizer directory.
+    tokenizer: str = "bytes"
+    # Optional local Hugging Face checkpoint directory to initialise the backbone from.
+    hf_path: str | None = None
+
+
+@dataclass
+class SpeakHeadConfig:
+    """Rectified-flow head: an MLP with adaLN conditioned on the backbone hidden state."""
+
+    width: int = 1024
+    num_blocks: int = 6
+    mlp_ratio: int = 2
+    euler_steps: int = 8
+    temperature: float = 0.8
+    cfg_scale: float = 1.0  # 1.0 = no classifier-free guidance
+    cond_dropout: float = 0.1  # training-time drop of the condition, for CFG
+
+
+@dataclass
+class ListenConfig:
+    """Causal conv encoder 24 kHz -> 12.5 Hz latents, plus a streaming CTC text head."""
+
+    channels: int = 64  # channels of the first conv; doubled at each downsampling
+    strides: tuple[int, ...] = (6, 5, 8, 8)  # product must equal FRAME_SAMPLES
+    residual_layers: int = 1  # residual units per stage
+    max_channels: int = 1024
+    transformer_layers: int = 4  # 0 = conv only
+    transformer_dim: int = 768
+    transformer_heads: int = 12
+    attention_window: int = 250  # frames (20 s) of causal context in the transformer
+    text_slots: int = 2  # text tokens the CTC head may emit per 80 ms frame
+
+
+@dataclass
+class VocoderConfig:
+    """Causal HiFi-GAN: 12.5 Hz latents -> 24 kHz waveform."""
+
+    initial_channels: int = 512
+    upsample_rates: tuple[int, ...] = (8, 8, 5, 6)  # product must equal FRAME_SAMPLES
+    upsample_kernel_sizes: tuple[int, ...] = (16, 16, 10, 12)
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilations: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+
+
+@dataclass
+class MichiConfig:
+    preset: str = "full"
+    latent_dim: int = 64
+    sample_rate_hz: int = SAMPLE_RATE_HZ
+    frame_samples: int = FRAME_SAMPLES
+    # Agent audio lags agent text by this many ticks, so words are chosen before they are spoken.
+    audio_delay_ticks: int = 1
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    speak_head: SpeakHeadConfig = field(default_factory=SpeakHeadConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    vocoder: VocoderConfig = field(default_factory=VocoderConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MichiConfig":
+        """Rebuild a config; unknown keys are an error, so a config from elsewhere is not misread."""
+        parts = {"backbone": BackboneConfig, "speak_head": SpeakHeadConfig,
+                 "listen": ListenConfig, "vocoder": VocoderConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in parts:
+                kwargs[key] = _build(parts[key], value, key)
+            elif key in {f.name for f in dataclasses.fields(cls)}:
+                kwargs[key] = value
+            else:
+                raise ValueError(f"unknown config key {key!r}")
+        return cls(**kwargs)
+
+
+def _build(kind: type, values: dict[str, Any], where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(values) - set(names)
+    if unknown:
+        raise ValueError(f"unknown keys in config.{where}: {sorted(unknown)}")
+    fixed = {}
+    for key, value in values.items():
+        # JSON turns tuples into lists; put them back so configs compare equal.
+        fixed[key] = _tuplify(value) if isinstance(value, list) else value
+    return kind(**fixed)
+
+
+def _tuplify(value: Any) -> Any:
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
+
+
+def full() -> MichiConfig:
+    """SmolLM2-360M backbone with heads: about 530M parameters."""
+    return MichiConfig(preset="full")
+
+
+def tiny() -> MichiConfig:
+    """A few million parameters, byte-level tokenizer: runs in real time on two CPU cores."""
+    return MichiConfig(
+        preset="tiny",
+        latent_dim=32,
+        backbone=BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                                ffn_size=768, vocab_size=256, max_positions=4096),
+        speak_head=SpeakHeadConfig(width=256, num_blocks=3, euler_steps=8),
+        listen=ListenConfig(channels=16, strides=(6, 5, 8, 8), residual_layers=1, max_channels=256,
+                            transformer_layers=0, transformer_dim=256, transformer_heads=4,
+                            text_slots=4),
+        vocoder=VocoderConfig(initial_channels=128, upsample_rates=(8, 8, 5, 6),
+                              upsample_kernel_sizes=(16, 16, 10, 12), resblock_kernel_sizes=(3, 5, 7),
+                              resblock_dilations=((1, 2), (2, 6), (3, 12))),
+    )
+
+
+PRESETS = {"tiny": tiny, "full": full}
+
+
+def preset(name: str) -> MichiConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -1,0 +1,75 @@
+"""Generation modes, all on the same weights and the same `Session`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Union
+
+import numpy as np
+
+from .api import Michi, Tick
+
+# A mixed prompt: ("text", "retrieved document...") or ("audio", pcm, sample_rate_hz).
+Segment = Union[tuple[str, str], tuple[str, np.ndarray, int]]
+
+
+@dataclass
+class Generation:
+    audio: np.ndarray  # float32 at 24 kHz
+    text: str  # the agent's text stream
+    ticks: list[Tick] = field(default_factory=list)
+    user_text: str = ""
+    trained: bool = False
+
+
+def _collect(michi: Michi, ticks: list[Tick], skip_audio_ticks: int = 0) -> Generation:
+    kept = ticks[skip_audio_ticks:]
+    audio = np.concatenate([t.agent_audio for t in kept]) if kept else np.zeros(0, np.float32)
+    return Generation(audio=audio, text="".join(t.agent_text for t in ticks), ticks=ticks,
+                      user_text="".join(t.user_text for t in ticks), trained=michi.trained)
+
+
+def tts(michi: Michi, text: str, continue_ticks: int = 12, seed: int = 0, **options) -> Generation:
+    """Causal TTS: the text is forced into the agent text stream at the pace the model asks for
+    it, then the model goes on by itself for `continue_ticks`."""
+    session = michi.session(seed=seed, **options)
+    session.force_agent_text(text)
+    ticks: list[Tick] = []
+    limit = len(session.forced_text) * (session.max_pad_ticks + 1) + 1  # forcing always progresses
+    while session.forced_text and len(ticks) < limit:
+        ticks.append(session.step())
+    ticks += [session.step() for _ in range(continue_ticks)]
+    return _collect(michi, ticks)
+
+
+def continue_audio(michi: Michi, pcm: np.ndarray, sample_rate_hz: int, ticks: int = 25, seed: int = 0,
+                   **options) -> Generation:
+    """Audio continuation: the prompt is the agent's own voice (teacher forced); returns only what
+    comes after it."""
+    session = michi.session(seed=seed, **options)
+    prompt_ticks = session.prompt_agent_audio(pcm, sample_rate_hz)
+    return _collect(michi, [session.step() for _ in range(prompt_ticks + ticks)], skip_audio_ticks=prompt_ticks)
+
+
+def text_to_text(michi: Michi, prompt: str, max_tokens: int = 64, seed: int = 0, **options) -> str:
+    """Text in, text out: the backbone as a plain LM."""
+    session = michi.session(seed=seed, **options)
+    session.push_text(prompt, role="user")
+    return session.generate_text(max_tokens)
+
+
+def mixed(michi: Michi, segments: Iterable[Segment], ticks: int = 25, seed: int = 0, **options) -> Generation:
+    """A prompt of text and audio parts, in order (e.g. a retrieved document, then a spoken
+    question): text goes in as text-only positions, audio is heard as the user's speech tick by
+    tick; then the agent goes on for `ticks` more."""
+    session = michi.session(seed=seed, **options)
+    heard: list[Tick] = []
+    for segment in segments:
+        if segment[0] == "text":
+            session.push_text(segment[1], role="context")
+        elif segment[0] == "audio":
+            session.push_audio(segment[1], segment[2])
+            heard += [session.step() for _ in range(math.ceil(len(session.user_audio) / session.frame))]
+        else:
+            raise ValueError(f"segment kind must be 'text' or 'audio', got {segment[0]!r}")
+    return _collect(michi, heard + [session.step() for _ in range(ticks)])
