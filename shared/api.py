@@ -114,8 +114,9 @@ class Session:
         with torch.inference_mode():
             self.backbone_state = m.backbone.init_state()
             self.listen_state = m.listen.init_state(1, device=self.device)
+            self.listen_text_state = m.listen_text.init_state(1, device=self.device)
             self.vocoder_state = m.vocoder.init_state(1, device=self.device)
-        self.ctc_last = torch.full((1,), -1, dtype=torch.long, device=self.device)
+        self.ctc_last = m.listen_text.initial_last_token(1, device=self.device)
         self.agent_token = torch.tensor([vocab.pad], device=self.device)
         self.agent_latent = torch.zeros(1, michi.cfg.latent_dim, device=self.device)  # normalised space
         self.user_audio = np.zeros(0, dtype=np.float32)
@@ -173,7 +174,8 @@ class Session:
         (user_latent, features), self.listen_state = m.listen.step(
             torch.from_numpy(chunk).to(self.device)[None], self.listen_state)
         clock.lap("listen_encoder")
-        user_tokens, self.ctc_last = m.listen_text.greedy_step(m.listen_text(features)[:, 0], self.ctc_last)
+        text_logits, self.listen_text_state = m.listen_text.step(features, self.listen_text_state)
+        user_tokens, self.ctc_last = m.listen_text.greedy_step(text_logits[:, 0], self.ctc_last)
         clock.lap("listen_text_head")
 
         fused = m.backbone.embed_tick(self.agent_token, self.agent_latent,

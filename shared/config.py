@@ -39,7 +39,7 @@ class SpeakHeadConfig:
 
     width: int = 1024
     num_blocks: int = 6
-    mlp_ratio: int = 2
+    mlp_ratio: int = 4
     euler_steps: int = 8
     temperature: float = 0.8
     cfg_scale: float = 1.0  # 1.0 = no classifier-free guidance
@@ -55,7 +55,7 @@ class ListenConfig:
     residual_layers: int = 1  # residual units per stage
     max_channels: int = 1024
     transformer_layers: int = 4  # 0 = conv only
-    transformer_dim: int = 768
+    transformer_dim: int = 768  # also the width of the features the text head reads
     transformer_heads: int = 12
     attention_window: int = 250  # frames (20 s) of causal context in the transformer
     text_slots: int = 2  # text tokens the CTC head may emit per 80 ms frame
@@ -70,6 +70,8 @@ class VocoderConfig:
     upsample_kernel_sizes: tuple[int, ...] = (16, 16, 10, 12)
     resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
     resblock_dilations: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    # HiFi-GAN's ResBlock1 (two convs per dilation, V1/V2) or ResBlock2 (one, V3: half the convs).
+    resblock_type: int = 1
 
 
 @dataclass
@@ -132,13 +134,13 @@ def tiny() -> MichiConfig:
         latent_dim=32,
         backbone=BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                                 ffn_size=768, vocab_size=256, max_positions=4096),
-        speak_head=SpeakHeadConfig(width=256, num_blocks=3, euler_steps=8),
-        listen=ListenConfig(channels=16, strides=(6, 5, 8, 8), residual_layers=1, max_channels=256,
+        speak_head=SpeakHeadConfig(width=256, num_blocks=3, mlp_ratio=2, euler_steps=8),
+        listen=ListenConfig(channels=8, strides=(6, 5, 8, 8), residual_layers=1, max_channels=256,
                             transformer_layers=0, transformer_dim=256, transformer_heads=4,
                             text_slots=4),
         vocoder=VocoderConfig(initial_channels=128, upsample_rates=(8, 8, 5, 6),
-                              upsample_kernel_sizes=(16, 16, 10, 12), resblock_kernel_sizes=(3, 5, 7),
-                              resblock_dilations=((1, 2), (2, 6), (3, 12))),
+                              upsample_kernel_sizes=(16, 16, 10, 12), resblock_kernel_sizes=(3, 7),
+                              resblock_dilations=((1, 2), (3, 12)), resblock_type=2),
     )
 
 

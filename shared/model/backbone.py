@@ -7,16 +7,22 @@ between ticks: the KV cache does not care which kind of position it holds.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from ..config import BackboneConfig, MichiConfig
 from .tokenizer import NUM_STREAM_TOKENS, StreamVocab
+
+
+# transformers renamed `past_key_values` to `cache` in 5.2x; accept both, so the GPU image's
+# older transformers runs the same code.
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 def llama_config(b: BackboneConfig) -> LlamaConfig:
@@ -112,8 +118,8 @@ class Backbone(nn.Module):
         KV cache (and extend it); without one, this is a plain full forward from position 0."""
         start = state.length if state is not None else 0
         positions = torch.arange(start, start + embeds.shape[1], device=embeds.device).unsqueeze(0)
-        out = self.lm.model(inputs_embeds=embeds, position_ids=positions,
-                            cache=state.cache if state is not None else None, use_cache=state is not None)
+        cache = {_CACHE_KWARG: state.cache} if state is not None else {}
+        out = self.lm.model(inputs_embeds=embeds, position_ids=positions, use_cache=state is not None, **cache)
         if state is not None:
             state.length += embeds.shape[1]
         return out.last_hidden_state

@@ -58,9 +58,13 @@ class SpeakHead(nn.Module):
         # The "unconditional" condition, used for condition dropout and classifier-free guidance.
         self.null_cond = nn.Parameter(torch.zeros(cond_dim))
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x_t [N, D], t [N], cond [N, C] -> predicted velocity [N, D]."""
-        c = self.cond_proj(cond) + self.time_mlp(timestep_embedding(t, self.cfg.width).to(x_t.dtype))
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                 cond_proj: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t [N, D], t [N], cond [N, C] -> predicted velocity [N, D]. `cond_proj` is
+        cond_proj(cond) when the caller already has it (the same for every Euler step)."""
+        if cond_proj is None:
+            cond_proj = self.cond_proj(cond)
+        c = cond_proj + self.time_mlp(timestep_embedding(t, self.cfg.width).to(x_t.dtype))
         h = self.input_proj(x_t)
         for block in self.blocks:
             h = block(h, c)
@@ -91,13 +95,15 @@ class SpeakHead(nn.Module):
         guided = cfg_scale != 1.0
         if guided:  # conditional and unconditional rows in one call
             cond = torch.cat([cond, self.null_cond.to(cond.dtype).expand_as(cond)])
+        cond_proj = self.cond_proj(cond)
         dt = 1.0 / steps
         for i in range(steps):
-            t = torch.full((n,), i * dt, device=cond.device, dtype=cond.dtype)
             if guided:
-                v_cond, v_uncond = self.velocity(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
+                t = torch.full((2 * n,), i * dt, device=cond.device, dtype=cond.dtype)
+                v_cond, v_uncond = self.velocity(torch.cat([x, x]), t, cond, cond_proj).chunk(2)
                 v = v_uncond + cfg_scale * (v_cond - v_uncond)
             else:
-                v = self.velocity(x, t, cond)
+                t = torch.full((n,), i * dt, device=cond.device, dtype=cond.dtype)
+                v = self.velocity(x, t, cond, cond_proj)
             x = x + dt * v
         return x

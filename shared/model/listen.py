@@ -1,0 +1,270 @@
+"""Listen side: causal encoder from 24 kHz audio to 12.5 Hz latents, and a streaming CTC text head.
+
+The encoder is SEANet-like (strided causal convs with residual units, ELU), optionally followed by
+a small causal transformer over frames with a sliding attention window. It yields two things per
+frame: the latent (the space the vocoder decodes) and the features the text head reads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MichiConfig
+from .conv import ConvState, StateList, StreamingConv1d, StreamingSequential, run
+
+
+class ListenOutput(NamedTuple):
+    latents: Tensor  # [B, n, latent_dim]
+    features: Tensor  # [B, n, transformer_dim]
+
+
+class ResidualUnit(nn.Module):
+    """SEANet residual unit: x + conv1x1(elu(conv_k(elu(x)))), squeezed to half width inside."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1):
+        super().__init__()
+        hidden = max(channels // 2, 1)
+        self.conv1 = StreamingConv1d(channels, hidden, kernel_size, dilation=dilation)
+        self.conv2 = StreamingConv1d(hidden, channels, 1)
+
+    def _run(self, x: Tensor, state: StateList | None) -> Tensor:
+        h = run(self.conv1, F.elu(x), None if state is None else state[0])
+        return x + run(self.conv2, F.elu(h), None if state is None else state[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, None)
+
+    def init_state(self, batch_size: int, device: Any = None,
+                   dtype: torch.dtype = torch.float32) -> StateList:
+        return StateList([self.conv1.init_state(batch_size, device, dtype),
+                          self.conv2.init_state(batch_size, device, dtype)])
+
+    def step(self, x: Tensor, state: StateList) -> tuple[Tensor, StateList]:
+        return self._run(x, state), state
+
+
+@dataclass
+class AttentionCache:
+    """Keys and values of the last window - 1 frames of each row; `valid` marks real frames."""
+
+    keys: Tensor  # [B, H, window - 1, head_dim]
+    values: Tensor  # [B, H, window - 1, head_dim]
+    valid: Tensor  # [B, window - 1] bool
+
+    def reset(self, mask: Tensor) -> None:
+        # Forgetting the frames is enough: invalid slots are masked out of attention.
+        self.valid = self.valid & ~mask.to(self.valid.device)[:, None]
+
+
+class WindowedSelfAttention(nn.Module):
+    """Causal multi-head attention where each frame sees itself and the window - 1 before it."""
+
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"transformer_dim {dim} is not divisible by {heads} heads")
+        if window < 1:
+            raise ValueError("attention_window must be at least 1 frame")
+        self.heads, self.window = heads, window
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each [B, H, n, head_dim]
+
+    def _merge(self, y: Tensor) -> Tensor:
+        b, _, n, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self._split(x)
+        i = torch.arange(x.shape[1], device=x.device)
+        # Same band as the streaming cache: keys j with i - window < j <= i.
+        allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
+
+    def init_state(self, batch_size: int, device: Any = None,
+                   dtype: torch.dtype = torch.float32) -> AttentionCache:
+        head_dim = self.qkv.in_features // self.heads
+        shape = (batch_size, self.heads, self.window - 1, head_dim)
+        return AttentionCache(torch.zeros(shape, device=device, dtype=dtype),
+                              torch.zeros(shape, device=device, dtype=dtype),
+                              torch.zeros(batch_size, self.window - 1, device=device, dtype=torch.bool))
+
+    def step(self, x: Tensor, state: AttentionCache) -> tuple[Tensor, AttentionCache]:
+        b, m, _ = x.shape
+        if m == 0:
+            return x, state
+        q, k, v = self._split(x)
+        keys = torch.cat([state.keys, k], dim=2)
+        values = torch.cat([state.values, v], dim=2)
+        valid = torch.cat([state.valid, state.valid.new_ones(b, m)], dim=1)
+        # New frame i sits at key index window - 1 + i and sees keys i ... window - 1 + i.
+        i = torch.arange(m, device=x.device)[:, None]
+        j = torch.arange(keys.shape[2], device=x.device)[None, :]
+        allowed = (j >= i) & (j <= i + self.window - 1)
+        allowed = allowed[None, None] & valid[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+        keep = keys.shape[2] - (self.window - 1)
+        state.keys, state.values, state.valid = keys[:, :, keep:], values[:, :, keep:], valid[:, keep:]
+        return self._merge(y), state
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block; no positional encoding, since the causal convs already give position."""
+
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowedSelfAttention(dim, heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def _run(self, x: Tensor, state: AttentionCache | None) -> Tensor:
+        x = x + run(self.attn, self.norm1(x), state)
+        return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, None)
+
+    def init_state(self, batch_size: int, device: Any = None,
+                   dtype: torch.dtype = torch.float32) -> AttentionCache:
+        return self.attn.init_state(batch_size, device, dtype)
+
+    def step(self, x: Tensor, state: AttentionCache) -> tuple[Tensor, AttentionCache]:
+        return self._run(x, state), state
+
+
+@dataclass
+class ListenState:
+    convs: StateList
+    transformer: StateList
+
+    def reset(self, mask: Tensor) -> None:
+        """Restart the masked rows; rows share their sample phase, so only at frame boundaries."""
+        self.convs.reset(mask)
+        self.transformer.reset(mask)
+
+
+class ListenEncoder(nn.Module):
+    """Raw audio [B, T] at 24 kHz -> latents [B, T // 1920, latent_dim] and text-head features."""
+
+    def __init__(self, cfg: MichiConfig):
+        super().__init__()
+        lc = cfg.listen
+        if math.prod(lc.strides) != cfg.frame_samples:
+            raise ValueError(f"listen strides {lc.strides} must multiply to {cfg.frame_samples}")
+        channels = lc.channels
+        layers: list[nn.Module] = [StreamingConv1d(1, channels, 7)]
+        for stride in lc.strides:
+            # Dilations 1, 3, 9, ... widen the receptive field when a stage has several units.
+            layers += [ResidualUnit(channels, 3, 3 ** j) for j in range(lc.residual_layers)]
+            out = min(2 * channels, lc.max_channels)
+            layers += [nn.ELU(), StreamingConv1d(channels, out, 2 * stride, stride=stride)]
+            channels = out
+        # transformer_dim is the feature width, also when there is no transformer.
+        layers += [nn.ELU(), StreamingConv1d(channels, lc.transformer_dim, 3)]
+        self.convs = StreamingSequential(*layers)
+        self.transformer = nn.ModuleList(
+            TransformerLayer(lc.transformer_dim, lc.transformer_heads, lc.attention_window)
+            for _ in range(lc.transformer_layers))
+        self.norm = nn.LayerNorm(lc.transformer_dim)
+        self.to_latent = nn.Linear(lc.transformer_dim, cfg.latent_dim)
+        self.feature_dim = lc.transformer_dim
+        self.frame_samples = cfg.frame_samples
+
+    def _run(self, audio: Tensor, state: ListenState | None) -> ListenOutput:
+        h = run(self.convs, audio[:, None, :], None if state is None else state.convs)
+        h = h.transpose(1, 2)  # [B, n, F]
+        for index, layer in enumerate(self.transformer):
+            h = run(layer, h, None if state is None else state.transformer[index])
+        features = self.norm(h)
+        return ListenOutput(self.to_latent(features), features)
+
+    def forward(self, audio: Tensor) -> ListenOutput:
+        return self._run(audio, None)
+
+    def init_state(self, batch_size: int, device: Any = None,
+                   dtype: torch.dtype = torch.float32) -> ListenState:
+        return ListenState(self.convs.init_state(batch_size, device, dtype),
+                           StateList(layer.init_state(batch_size, device, dtype)
+                                     for layer in self.transformer))
+
+    def step(self, audio: Tensor, state: ListenState) -> tuple[ListenOutput, ListenState]:
+        """Take a chunk [B, t] of any length t >= 0; return the frames it completed (maybe none)."""
+        return self._run(audio, state), state
+
+
+class ListenTextHead(nn.Module):
+    """Streaming CTC head: features [B, n, F] -> logits [B, n, slots, vocab + 1], blank last.
+
+    Several slots per frame because 12.5 frames/s is fewer than a byte tokenizer's tokens/s; the
+    CTC sequence is the n * slots slots in order. A causal conv over 3 frames lets a frame see the
+    frames just before it (what was already said), which CTC needs to place repeats and blanks.
+    """
+
+    def __init__(self, cfg: MichiConfig, text_vocab_size: int):
+        super().__init__()
+        dim, self.slots = cfg.listen.transformer_dim, cfg.listen.text_slots
+        self.blank = text_vocab_size
+        self.norm = nn.LayerNorm(dim)
+        self.conv = StreamingConv1d(dim, dim, 3)
+        self.to_slots = nn.Linear(dim, self.slots * dim)
+        self.out = nn.Linear(dim, text_vocab_size + 1)  # shared by the slots
+
+    def _run(self, features: Tensor, state: ConvState | None) -> Tensor:
+        b, n, _ = features.shape
+        h = run(self.conv, self.norm(features).transpose(1, 2), state).transpose(1, 2)
+        h = self.to_slots(F.gelu(h)).view(b, n, self.slots, self.out.in_features)
+        return self.out(F.gelu(h))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self._run(features, None)
+
+    def init_state(self, batch_size: int, device: Any = None,
+                   dtype: torch.dtype = torch.float32) -> ConvState:
+        return self.conv.init_state(batch_size, device, dtype)
+
+    def step(self, features: Tensor, state: ConvState) -> tuple[Tensor, ConvState]:
+        return self._run(features, state), state
+
+    def ctc_loss(self, logits: Tensor, targets: Tensor, target_lengths: Tensor,
+                 frame_lengths: Tensor | None = None) -> Tensor:
+        """CTC over the flattened n * slots sequence; targets [B, S] padded, or concatenated.
+
+        frame_lengths [B] (valid frames per row) defaults to all n frames.
+        """
+        b, n, slots, _ = logits.shape
+        log_probs = logits.float().log_softmax(-1).reshape(b, n * slots, -1).transpose(0, 1)
+        if frame_lengths is None:
+            input_lengths = torch.full((b,), n * slots, dtype=torch.long, device=logits.device)
+        else:
+            input_lengths = frame_lengths.long() * slots
+        # zero_infinity: a target too long for its audio gives no gradient instead of inf/NaN.
+        return F.ctc_loss(log_probs, targets, input_lengths, target_lengths.long(), blank=self.blank,
+                          reduction="mean", zero_infinity=True)
+
+    def initial_last_token(self, batch_size: int, device: Any = None) -> Tensor:
+        """Decoder state of a fresh stream: as if the slot before the first one was a blank."""
+        return torch.full((batch_size,), self.blank, dtype=torch.long, device=device)
+
+    def greedy_step(self, logits_frame: Tensor, last_token: Tensor) -> tuple[Tensor, Tensor]:
+        """Greedy CTC on one frame [B, slots, vocab + 1].
+
+        Returns tokens [B, slots] (-1 where nothing is emitted) and the new last_token [B]: the
+        arg-max of the last slot, blank included, so repeats collapse across frame boundaries.
+        To reset a row, set its last_token to `self.blank`.
+        """
+        best = logits_frame.argmax(-1)  # [B, slots]
+        previous = torch.cat([last_token[:, None].to(best), best[:, :-1]], dim=1)
+        emit = (best != self.blank) & (best != previous)
+        tokens = torch.where(emit, best, torch.full_like(best, -1))
+        return tokens, best[:, -1]
+

@@ -1,0 +1,81 @@
+"""One checkpoint format: round trip, and clear refusals of corrupt or mismatched files."""
+import json
+
+import pytest
+import torch
+
+from michi.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from michi.config import tiny
+from michi.model.michi import MichiModel
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MichiModel(tiny())
+    with torch.no_grad():
+        model.latent_norm.std.fill_(2.0)  # buffers travel too
+    path = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", info={"note": "random init"})
+    return model, path
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_round_trip(saved):
+    model, path = saved
+    loaded, info = load_checkpoint(path)
+    assert info["trained"] is False and info["note"] == "random init"
+    assert loaded.cfg == model.cfg
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    lm = loaded.backbone.lm
+    assert lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_corrupt_weights_are_refused(saved, tmp_path):
+    _, path = saved
+    bad = _copy(path, tmp_path / "bad")
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256 does not match"):
+        load_checkpoint(bad)
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(bad, verify_hash=False)
+
+
+def test_wrong_shape_is_refused(saved, tmp_path):
+    _, path = saved
+    other = _copy(path, tmp_path / "other")
+    doc = json.loads((other / "config.json").read_text())
+    doc["config"]["speak_head"]["width"] = 128  # the weights were written at width 256
+    (other / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"wrong shape .*speak_head"):
+        load_checkpoint(other)
+
+
+def test_bad_config_files_are_refused(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        load_checkpoint(tmp_path / "missing")
+    ckpt = _copy(path, tmp_path / "c")
+    cases = [("{not json", "not valid JSON"),
+             (json.dumps({"format": "something-else"}), "not a Michi checkpoint"),
+             (json.dumps({"format": "michi-checkpoint", "format_version": 99}), "format version 99"),
+             (json.dumps({"format": "michi-checkpoint", "format_version": 1, "config": {"latent_dims": 3}}),
+              "unknown config key 'latent_dims'")]
+    for text, message in cases:
+        (ckpt / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(ckpt)
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        load_checkpoint(ckpt)

@@ -1,0 +1,55 @@
+"""The `michi` command line, run as a user would."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import soundfile as sf
+
+from michi.cli import main
+
+
+def test_info_full_counts_parameters_per_part(capsys):
+    assert main(["info", "--model", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "UNTRAINED" in out
+    for part in ("backbone", "speak_head", "listen", "listen_text", "vocoder", "total"):
+        assert f"  {part} " in out
+    total = int(out.split("  total")[1].split()[0].replace(",", ""))
+    assert abs(total - 530e6) / 530e6 < 0.05
+
+
+def test_synth_writes_24khz_wav_and_says_it_is_noise(tmp_path):
+    out = tmp_path / "hi.wav"
+    proc = subprocess.run([sys.executable, "-m", "michi.cli", "--threads", "2", "synth", "hi", "--out", str(out),
+                           "--continue-ticks", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "UNTRAINED" in proc.stderr and "noise" in proc.stderr
+    audio, rate = sf.read(out)
+    assert rate == 24_000 and len(audio) % 1920 == 0 and len(audio) >= 5 * 1920
+
+
+def test_continue_and_bad_prompt(tmp_path, capsys):
+    prompt = tmp_path / "prompt.wav"
+    sf.write(prompt, (0.2 * np.sin(np.arange(16_000) / 10)).astype(np.float32), 16_000)
+    out = tmp_path / "cont.wav"
+    assert main(["continue", str(prompt), "--out", str(out), "--ticks", "4"]) == 0
+    audio, rate = sf.read(out)
+    assert rate == 24_000 and len(audio) == 4 * 1920
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"RIFF....not audio")
+    assert main(["continue", str(garbage), "--out", str(out)]) == 2
+    assert "cannot read audio" in capsys.readouterr().err
+
+
+def test_bench_writes_json_report(tmp_path):
+    report_path = tmp_path / "bench.json"
+    assert main(["--threads", "2", "bench", "--presets", "tiny", "--ticks", "6", "--warmup", "1",
+                 "--device", "cpu", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    tiny = report["presets"]["tiny"]
+    parts = tiny["parts"]
+    for part in ("listen_encoder", "listen_text_head", "backbone", "text_head", "speak_head", "vocoder", "tick"):
+        assert parts[part]["median_ms"] > 0 and parts[part]["p95_ms"] >= parts[part]["median_ms"]
+    assert parts["tick"]["median_ms"] >= parts["backbone"]["median_ms"]
+    assert report["machine"]["device"] == "cpu" and tiny["trained_weights"] is False
