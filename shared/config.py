@@ -134,7 +134,7 @@ def tiny() -> MichiConfig:
         latent_dim=32,
         backbone=BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                                 ffn_size=768, vocab_size=256, max_positions=4096),
-        speak_head=SpeakHeadConfig(width=256, num_blocks=3, mlp_ratio=2, euler_steps=8),
+        speak_head=SpeakHeadConfig(width=256, num_blocks=3, mlp_ratio=1, euler_steps=6),
         listen=ListenConfig(channels=8, strides=(6, 5, 8, 8), residual_layers=1, max_channels=256,
                             transformer_layers=0, transformer_dim=256, transformer_heads=4,
                             text_slots=4),

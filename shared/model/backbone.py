@@ -7,22 +7,18 @@ between ticks: the KV cache does not care which kind of position it holds.
 """
 from __future__ import annotations
 
-import inspect
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LlamaModel
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..config import BackboneConfig, MichiConfig
 from .tokenizer import NUM_STREAM_TOKENS, StreamVocab
-
-
-# transformers renamed `past_key_values` to `cache` in 5.2x; accept both, so the GPU image's
-# older transformers runs the same code.
-_CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 def llama_config(b: BackboneConfig) -> LlamaConfig:
@@ -56,13 +52,44 @@ def backbone_config_from_hf(path: str | Path) -> BackboneConfig:
     )
 
 
+class KVCache:
+    """Keys and values of every layer, appended into buffers of doubling capacity.
+
+    An append writes only the new positions (amortised O(1) per tick); transformers' DynamicCache
+    concatenates the whole cache at every step instead, which for the full-size backbone is about
+    300 MB copied per tick after five minutes of call."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, kv_heads, L, head_dim] at positions length..length+L -> all keys and values so far
+        (views). The caller advances `length` once every layer has appended."""
+        end = self.length + k.shape[-2]
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or end > buf_k.shape[-2]:
+            shape = (*k.shape[:-2], max(64, 2 * end), k.shape[-1])
+            new_k, new_v = k.new_empty(shape), v.new_empty(shape)
+            if buf_k is not None:
+                new_k[..., : self.length, :] = buf_k[..., : self.length, :]
+                new_v[..., : self.length, :] = buf_v[..., : self.length, :]
+            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[..., self.length:end, :] = k
+        buf_v[..., self.length:end, :] = v
+        return buf_k[..., :end, :], buf_v[..., :end, :]
+
+
 @dataclass
 class BackboneState:
     """Per-session KV cache; `length` counts positions (ticks and text-only) seen so far."""
 
-    cache: DynamicCache
-    length: int = 0
-    meta: dict = field(default_factory=dict)
+    cache: KVCache
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
 
 
 class Backbone(nn.Module):
@@ -91,7 +118,7 @@ class Backbone(nn.Module):
         return self.cfg.hidden_size
 
     def init_state(self) -> BackboneState:
-        return BackboneState(cache=DynamicCache(config=self.lm.config))
+        return BackboneState(cache=KVCache(self.cfg.num_layers))
 
     # ---- inputs -------------------------------------------------------------------------------
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
@@ -114,15 +141,38 @@ class Backbone(nn.Module):
 
     # ---- the LM -------------------------------------------------------------------------------
     def forward(self, embeds: torch.Tensor, state: BackboneState | None = None) -> torch.Tensor:
-        """[B, L, H] positions -> last hidden states [B, L, H]. With a state, positions continue its
-        KV cache (and extend it); without one, this is a plain full forward from position 0."""
-        start = state.length if state is not None else 0
-        positions = torch.arange(start, start + embeds.shape[1], device=embeds.device).unsqueeze(0)
-        cache = {_CACHE_KWARG: state.cache} if state is not None else {}
-        out = self.lm.model(inputs_embeds=embeds, position_ids=positions, use_cache=state is not None, **cache)
-        if state is not None:
-            state.length += embeds.shape[1]
-        return out.last_hidden_state
+        """[B, L, H] positions -> last hidden states [B, L, H]. Without a state this is transformers'
+        own full forward from position 0; with one, positions continue the state's KV cache."""
+        if state is None:
+            return self.lm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        return self._cached_forward(embeds, state.cache)
+
+    def _cached_forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The per-tick path: the same Llama modules and weights as the full forward, without
+        transformers' generic cache and mask machinery (most of a tiny model's step time).
+        Tests hold it equal to the full forward."""
+        model = self.lm.model
+        batch, n = x.shape[:2]
+        start = cache.length
+        positions = torch.arange(start, start + n, device=x.device).unsqueeze(0)
+        cos, sin = model.rotary_emb(x, positions)
+        mask = None
+        if n > 1:  # position start+i sees the cache and new positions up to itself
+            mask = (torch.arange(start + n, device=x.device)[None, :]
+                    <= torch.arange(start, start + n, device=x.device)[:, None])
+        for i, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k, v = cache.append(i, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.length += n
+        return model.norm(x)
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the base vocabulary followed by the stream tokens."""
