@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ FORMAT = "michi-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"  # a Hugging Face tokenizer travels inside the checkpoint
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model")
 
 
 class CheckpointError(ValueError):
@@ -57,10 +61,19 @@ def save_checkpoint(model: MichiModel, path: str | Path, info: dict[str, Any] | 
     weights = path / WEIGHTS_FILE
     tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state(model).items()}
     save_file(tensors, str(weights), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    config = model.cfg.to_dict()
+    config["backbone"]["hf_path"] = None  # the weights are all here now
+    tokenizer = config["backbone"]["tokenizer"]
+    if tokenizer != "bytes":
+        (path / TOKENIZER_DIR).mkdir(exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer) / name).is_file():
+                shutil.copyfile(Path(tokenizer) / name, path / TOKENIZER_DIR / name)
+        config["backbone"]["tokenizer"] = TOKENIZER_DIR  # relative to the checkpoint
     doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": model.cfg.to_dict(),
+        "config": config,
         "info": {"trained": False, **(info or {})},
         "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights)},
     }
@@ -92,6 +105,8 @@ def read_checkpoint_config(path: str | Path) -> tuple[MichiConfig, dict[str, Any
         cfg = MichiConfig.from_dict(doc["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: invalid model config ({e})") from None
+    if cfg.backbone.tokenizer == TOKENIZER_DIR:
+        cfg.backbone.tokenizer = str(path / TOKENIZER_DIR)
     return cfg, {**doc.get("info", {}), "sha256": doc.get("weights", {}).get("sha256")}
 
 

@@ -79,3 +79,34 @@ def test_bad_config_files_are_refused(saved, tmp_path):
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match="missing config.json"):
         load_checkpoint(ckpt)
+
+
+def test_hugging_face_backbone_and_tokenizer_travel_in_the_checkpoint(tmp_path):
+    """A backbone from a local HF checkpoint (here a small one made on the spot, with a BPE
+    tokenizer trained by the `tokenizers` library) round-trips, tokenizer included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    import michi
+    from michi.model.backbone import llama_config
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["hello world, the shop opens at nine"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_dir = tmp_path / "hf"
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(hf_dir)
+    cfg = tiny()
+    cfg.backbone.vocab_size = 320
+    LlamaForCausalLM(llama_config(cfg.backbone)).save_pretrained(hf_dir)
+
+    model = michi.load("tiny", backbone=hf_dir)
+    assert model.tokenizer.decode(model.tokenizer.encode("hello world")) == "hello world"
+    assert len(model.tokenizer.encode("hello world")) < len("hello world")  # real BPE merges
+    ckpt = save_checkpoint(model.model, tmp_path / "ckpt")
+    (hf_dir / "tokenizer.json").unlink()  # the checkpoint must not depend on the HF directory
+    loaded = michi.load(ckpt)
+    assert loaded.tokenizer.encode("hello world") == model.tokenizer.encode("hello world")
+    assert loaded.cfg.backbone.vocab_size == 320 and loaded.cfg.backbone.hf_path is None
