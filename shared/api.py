@@ -128,7 +128,9 @@ class Session:
 
     # ---- inputs -------------------------------------------------------------------------------
     def push_audio(self, pcm: np.ndarray, sample_rate_hz: int = 24_000) -> None:
-        """User audio, any length; resampled to 24 kHz and consumed 80 ms per tick."""
+        """User audio, any length; resampled to 24 kHz and consumed 80 ms per tick. Each call is
+        resampled on its own, so push whole utterances (or 24 kHz audio) here; a live stream at
+        another rate belongs to the listen stage, which resamples with state."""
         pcm = resample(as_mono_float32(pcm), sample_rate_hz, self.michi.cfg.sample_rate_hz)
         self.user_audio = np.concatenate([self.user_audio, pcm])
 

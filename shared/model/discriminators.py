@@ -19,6 +19,18 @@ LRELU_SLOPE = 0.1
 Outputs = tuple[list[Tensor], list[list[Tensor]]]
 
 
+def _conv_stack(convs: nn.ModuleList, post: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Leaky-ReLU conv stack, then the logit conv; returns the logits and every feature map
+    (feature matching compares them)."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        features.append(x)
+    x = post(x)
+    features.append(x)
+    return x.flatten(1), features
+
+
 class PeriodDiscriminator(nn.Module):
     """Folds audio into [T / p, p] and runs 2-D convs along time only, one column per phase."""
 
@@ -38,14 +50,7 @@ class PeriodDiscriminator(nn.Module):
             # Reflect needs fewer pad samples than the clip; tiny clips fall back to zeros.
             pad = self.period - t % self.period
             audio = F.pad(audio[:, None], (0, pad), mode="reflect" if pad < t else "constant")[:, 0]
-        x = audio.view(b, 1, -1, self.period)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _conv_stack(self.convs, self.post, audio.view(b, 1, -1, self.period))
 
 
 class ScaleDiscriminator(nn.Module):
@@ -64,14 +69,7 @@ class ScaleDiscriminator(nn.Module):
         self.post = norm(nn.Conv1d(chans[-1], 1, 3, padding=1))
 
     def forward(self, audio: Tensor) -> tuple[Tensor, list[Tensor]]:
-        x = audio[:, None]
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _conv_stack(self.convs, self.post, audio[:, None])
 
 
 class MultiPeriodDiscriminator(nn.Module):
