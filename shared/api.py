@@ -13,7 +13,6 @@ tick by tick.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from .audio.io import as_mono_float32, resample
 from .checkpoint import CONFIG_FILE, load_checkpoint
 from .config import MichiConfig, preset
+from .engine import BackboneEngine, TickInput
 from .model.backbone import backbone_config_from_hf
 from .model.michi import MichiModel
 from .model.tokenizer import StreamVocab, Tokenizer, load_tokenizer
@@ -94,9 +94,12 @@ class Tick:
 
 
 class Session:
-    """One call: the streaming state of every part, and the queues of what was pushed in.
+    """One call: the streaming state of every part, and the queues of what was pushed in. The
+    backbone side is a one-row `BackboneEngine`, the same code the backbone stage batches.
 
     Not thread-safe; one session per call. All inputs are consumed at the next `step()`."""
+
+    KEY = "session"
 
     def __init__(self, michi: Michi, seed: int = 0, text_temperature: float = 0.8, top_k: int = 50,
                  audio_temperature: float | None = None, euler_steps: int | None = None,
@@ -104,27 +107,30 @@ class Session:
         self.michi = michi
         m = michi.model
         self.device = michi.device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.text_temperature, self.top_k = text_temperature, top_k
-        self.flow = dict(temperature=audio_temperature, steps=euler_steps, cfg_scale=cfg_scale)
-        self.max_pad_ticks = max_pad_ticks
         self.profile = profile
         self.frame = michi.cfg.frame_samples
-        vocab = michi.vocab
+        self.max_pad_ticks = max_pad_ticks
+        self.engine = BackboneEngine(m, rows=1, euler_steps=euler_steps, cfg_scale=cfg_scale)
+        self.engine.open(self.KEY, seed=seed, text_temperature=text_temperature, top_k=top_k,
+                         audio_temperature=audio_temperature, max_pad_ticks=max_pad_ticks)
         with torch.inference_mode():
-            self.backbone_state = m.backbone.init_state()
             self.listen_state = m.listen.init_state(1, device=self.device)
             self.listen_text_state = m.listen_text.init_state(1, device=self.device)
             self.vocoder_state = m.vocoder.init_state(1, device=self.device)
         self.ctc_last = m.listen_text.initial_last_token(1, device=self.device)
-        self.agent_token = torch.tensor([vocab.pad], device=self.device)
-        self.agent_latent = torch.zeros(1, michi.cfg.latent_dim, device=self.device)  # normalised space
         self.user_audio = np.zeros(0, dtype=np.float32)
         self.pending_text: list[int] = []
-        self.forced_text: deque[int] = deque()
-        self.prompt_latents: deque[torch.Tensor] = deque()
-        self.pad_run = 0
         self.ticks = 0
+
+    @property
+    def position(self) -> int:
+        """Backbone positions (ticks and text-only) in this call's KV cache."""
+        return self.engine.position(self.KEY)
+
+    @property
+    def forced_pending(self) -> int:
+        """Forced (TTS) tokens not yet spoken."""
+        return self.engine.forced_pending(self.KEY)
 
     # ---- inputs -------------------------------------------------------------------------------
     def push_audio(self, pcm: np.ndarray, sample_rate_hz: int = 24_000) -> None:
@@ -137,26 +143,21 @@ class Session:
     def push_text(self, text: str, role: str = "user") -> None:
         """Text-only positions (system prompt, retrieved context, tool result, typed user text),
         inserted into the backbone before the next tick."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        v = self.michi.vocab
-        self.pending_text += [v.bos, *self.michi.tokenizer.encode(f"{role}: {text}"), v.eos]
+        self.pending_text += text_positions(self.michi, text, role)
 
     def force_agent_text(self, text: str) -> None:
         """Causal TTS: these tokens replace the agent's own text as fast as it asks for text."""
-        self.forced_text.extend(self.michi.tokenizer.encode(text))
+        self.engine.force_text(self.KEY, self.michi.tokenizer.encode(text))
 
     def prompt_agent_audio(self, pcm: np.ndarray, sample_rate_hz: int = 24_000) -> int:
         """Audio continuation: the agent's own audio for the next ticks is this prompt (teacher
         forced), so it goes on in that voice. Returns the number of prompt ticks."""
         pcm = resample(as_mono_float32(pcm), sample_rate_hz, self.michi.cfg.sample_rate_hz)
         pcm = pcm[: len(pcm) // self.frame * self.frame]
-        m = self.michi.model
         with torch.inference_mode():
-            latents, _ = m.listen(torch.from_numpy(pcm).to(self.device)[None])
-            for latent in m.latent_norm.normalize(latents[0]):
-                self.prompt_latents.append(latent[None])
-        return latents.shape[1]
+            latents = self.michi.model.listen(torch.from_numpy(pcm).to(self.device)[None]).latents[0]
+        self.engine.prompt_latents(self.KEY, latents)
+        return latents.shape[0]
 
     # ---- one tick -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -166,9 +167,8 @@ class Session:
         clock = _Clock(timings, self.profile, self.device)
         start = time.perf_counter()
         if self.pending_text:
-            ids = torch.tensor([self.pending_text], device=self.device)
+            self.engine.insert_text(self.KEY, self.pending_text)
             self.pending_text = []
-            m.backbone(m.backbone.embed_text(ids), self.backbone_state)
             clock.lap("text_prefill")
 
         chunk, self.user_audio = self.user_audio[: self.frame], self.user_audio[self.frame:]
@@ -180,73 +180,34 @@ class Session:
         user_tokens, self.ctc_last = m.listen_text.greedy_step(text_logits[:, 0], self.ctc_last)
         clock.lap("listen_text_head")
 
-        fused = m.backbone.embed_tick(self.agent_token, self.agent_latent,
-                                      m.latent_norm.normalize(user_latent[:, 0]), user_tokens)
-        hidden = m.backbone(fused, self.backbone_state)[:, -1]
-        clock.lap("backbone")
-        token = self._next_token(m.backbone.text_logits(hidden))
-        clock.lap("text_head")
-        latent = m.speak_head.sample(hidden, generator=self.generator, **self.flow)
-        if self.prompt_latents:  # teacher-forced audio prompt
-            latent = self.prompt_latents.popleft()
-        clock.lap("speak_head")
-        audio, self.vocoder_state = m.vocoder.step(m.latent_norm.denormalize(latent)[:, None], self.vocoder_state)
+        users = [int(t) for t in user_tokens[0] if t >= 0]
+        out = self.engine.tick({self.KEY: TickInput(user_latent[0, 0], users)}, lap=clock.lap)[self.KEY]
+        audio, self.vocoder_state = m.vocoder.step(out.agent_latent[None, None], self.vocoder_state)
         clock.lap("vocoder")
-
-        self.agent_token, self.agent_latent = token, latent
         if self.profile:
-            clock.lap("output")
             timings["tick"] = (time.perf_counter() - start) * 1e3
-        tok, users = int(token[0]), [int(t) for t in user_tokens[0] if t >= 0]
+        tok = out.agent_token
         tick = Tick(index=self.ticks, agent_audio=audio[0].float().cpu().numpy(), agent_token=tok,
                     agent_text=self.michi.tokenizer.decode([tok]) if v.is_text(tok) else "",
                     user_tokens=users, user_text=self.michi.tokenizer.decode(users), timings_ms=timings)
         self.ticks += 1
         return tick
 
-    def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
-        v = self.michi.vocab
-        token = sample_token(logits, self.text_temperature, self.top_k, self.generator)
-        if self.forced_text:
-            asks_for_text = v.is_text(int(token[0])) or int(token[0]) == v.epad
-            if asks_for_text or self.pad_run >= self.max_pad_ticks:
-                token = torch.tensor([self.forced_text.popleft()], device=self.device)
-        self.pad_run = self.pad_run + 1 if int(token[0]) == v.pad else 0
-        return token
-
     # ---- text in, text out --------------------------------------------------------------------
-    @torch.inference_mode()
     def generate_text(self, max_tokens: int = 64) -> str:
         """Continue the pending text as a plain LM on text-only positions (no audio), until EOS."""
-        m, v = self.michi.model, self.michi.vocab
+        v = self.michi.vocab
         ids = self.pending_text[:-1] if self.pending_text and self.pending_text[-1] == v.eos else self.pending_text
         self.pending_text = []
-        if not ids:
-            ids = [v.bos]
-        out: list[int] = []
-        not_eos = torch.arange(v.base, v.size, device=self.device) != v.eos
-        step_ids = torch.tensor([ids], device=self.device)
-        for _ in range(max_tokens):
-            hidden = m.backbone(m.backbone.embed_text(step_ids), self.backbone_state)[:, -1]
-            logits = m.backbone.text_logits(hidden)
-            logits[:, v.base:] = logits[:, v.base:].masked_fill(not_eos, float("-inf"))  # text or end
-            token = sample_token(logits, self.text_temperature, self.top_k, self.generator)
-            if int(token[0]) == v.eos:
-                break
-            out.append(int(token[0]))
-            step_ids = token[None]
-        return self.michi.tokenizer.decode(out)
+        return self.michi.tokenizer.decode(self.engine.generate_text(self.KEY, ids, max_tokens))
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)[:, 0]
+def text_positions(michi: Michi, text: str, role: str) -> list[int]:
+    """A text-only insertion as the backbone reads it: BOS, "role: text", EOS."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    v = michi.vocab
+    return [v.bos, *michi.tokenizer.encode(f"{role}: {text}"), v.eos]
 
 
 class _Clock:

@@ -66,7 +66,7 @@ def bench_preset(name: str, ticks: int, warmup: int, device: str = "cpu", progre
     tick_ms = result["tick"]["median_ms"]
     return {
         "preset": name, "parameters": michi.parameter_counts(), "ticks": ticks, "warmup": warmup,
-        "context_positions_at_end": session.backbone_state.length, "load_s": load_s,
+        "context_positions_at_end": session.position, "load_s": load_s,
         "parts": result, "realtime_factor": tick_ms / TICK_BUDGET_MS,
         "fits_80ms_tick": tick_ms <= TICK_BUDGET_MS, "trained_weights": michi.trained,
     }

@@ -35,8 +35,8 @@ def tts(michi: Michi, text: str, continue_ticks: int = 12, seed: int = 0, **opti
     session = michi.session(seed=seed, **options)
     session.force_agent_text(text)
     ticks: list[Tick] = []
-    limit = len(session.forced_text) * (session.max_pad_ticks + 1) + 1  # forcing always progresses
-    while session.forced_text and len(ticks) < limit:
+    limit = session.forced_pending * (session.max_pad_ticks + 1) + 1  # forcing always progresses
+    while session.forced_pending and len(ticks) < limit:
         ticks.append(session.step())
     ticks += [session.step() for _ in range(continue_ticks)]
     return _collect(michi, ticks)

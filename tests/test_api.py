@@ -34,7 +34,7 @@ def test_session_ticks(model):
         assert np.isfinite(t.agent_audio).all() and np.abs(t.agent_audio).max() <= 1.0
         assert 0 <= t.agent_token < model.vocab.size
     # the system prompt (role prefix, BOS, EOS) and 8 ticks are all in the KV cache
-    assert session.backbone_state.length == len("system: Be brief.") + 2 + 8
+    assert session.position == len("system: Be brief.") + 2 + 8
     assert len(session.user_audio) == 0  # 12000 samples = 6.25 ticks, all consumed
 
 

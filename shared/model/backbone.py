@@ -53,43 +53,56 @@ def backbone_config_from_hf(path: str | Path) -> BackboneConfig:
 
 
 class KVCache:
-    """Keys and values of every layer, appended into buffers of doubling capacity.
+    """Keys and values of every layer for a batch of independent rows (calls), each with its own
+    length, in buffers of doubling capacity.
 
     An append writes only the new positions (amortised O(1) per tick); transformers' DynamicCache
     concatenates the whole cache at every step instead, which for the full-size backbone is about
-    300 MB copied per tick after five minutes of call."""
+    300 MB copied per tick after five minutes of call. Rows are what lets one forward pass carry
+    the ticks of many calls; a row is freed and reused with `reset_row`."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, rows: int = 1):
+        self.num_layers = num_layers
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.length = 0
+        self.lengths = torch.zeros(rows, dtype=torch.long)  # on the CPU: read every step
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B, kv_heads, L, head_dim] at positions length..length+L -> all keys and values so far
-        (views). The caller advances `length` once every layer has appended."""
-        end = self.length + k.shape[-2]
-        buf_k, buf_v = self.keys[layer], self.values[layer]
-        if buf_k is None or end > buf_k.shape[-2]:
-            shape = (*k.shape[:-2], max(64, 2 * end), k.shape[-1])
-            new_k, new_v = k.new_empty(shape), v.new_empty(shape)
-            if buf_k is not None:
-                new_k[..., : self.length, :] = buf_k[..., : self.length, :]
-                new_v[..., : self.length, :] = buf_v[..., : self.length, :]
-            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
-        buf_k[..., self.length:end, :] = k
-        buf_v[..., self.length:end, :] = v
-        return buf_k[..., :end, :], buf_v[..., :end, :]
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def add_rows(self, count: int) -> None:
+        self.lengths = torch.cat([self.lengths, torch.zeros(count, dtype=torch.long)])
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i] = torch.cat([k, k.new_zeros(count, *k.shape[1:])])
+                self.values[i] = torch.cat([v, v.new_zeros(count, *v.shape[1:])])
+
+    def reset_row(self, row: int) -> None:
+        self.lengths[row] = 0
+
+    def reserve(self, layer: int, like: torch.Tensor, total: int) -> None:
+        """Room for `total` positions in every row of this layer (like: [*, kv_heads, *, head_dim])."""
+        k = self.keys[layer]
+        if k is not None and total <= k.shape[-2]:
+            return
+        shape = (self.rows, like.shape[1], max(64, 2 * total), like.shape[-1])
+        new_k, new_v = like.new_zeros(shape), like.new_zeros(shape)
+        if k is not None:
+            new_k[..., : k.shape[-2], :] = k
+            new_v[..., : k.shape[-2], :] = self.values[layer]
+        self.keys[layer], self.values[layer] = new_k, new_v
 
 
 @dataclass
 class BackboneState:
-    """Per-session KV cache; `length` counts positions (ticks and text-only) seen so far."""
+    """Per-session KV cache (one row); `length` counts positions (ticks and text-only) seen."""
 
     cache: KVCache
 
     @property
     def length(self) -> int:
-        return self.cache.length
+        return int(self.cache.lengths[0])
 
 
 class Backbone(nn.Module):
@@ -117,8 +130,8 @@ class Backbone(nn.Module):
     def hidden_size(self) -> int:
         return self.cfg.hidden_size
 
-    def init_state(self) -> BackboneState:
-        return BackboneState(cache=KVCache(self.cfg.num_layers))
+    def init_state(self, rows: int = 1) -> BackboneState:
+        return BackboneState(cache=KVCache(self.cfg.num_layers, rows))
 
     # ---- inputs -------------------------------------------------------------------------------
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
@@ -145,21 +158,32 @@ class Backbone(nn.Module):
         own full forward from position 0; with one, positions continue the state's KV cache."""
         if state is None:
             return self.lm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        return self._cached_forward(embeds, state.cache)
+        return self.cached_forward(embeds, state.cache)
 
-    def _cached_forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The per-tick path: the same Llama modules and weights as the full forward, without
-        transformers' generic cache and mask machinery (most of a tiny model's step time).
-        Tests hold it equal to the full forward."""
+    def cached_forward(self, x: torch.Tensor, cache: KVCache, row: int | None = None,
+                       advance: torch.Tensor | None = None) -> torch.Tensor:
+        """The serving path: the same Llama modules and weights as the full forward, without
+        transformers' generic cache and mask machinery (most of a small model's step time).
+        Tests hold it equal to the full forward.
+
+        row=None: x [rows, n, H], one block of positions for every row of the cache, each row at
+        its own length (a batched tick of all live calls). `advance` [rows] bool says which rows
+        really move on; the others (idle or free rows) are computed and forgotten.
+        row=r: x [1, n, H] for that row only (text prefill of one call, others untouched)."""
         model = self.lm.model
         batch, n = x.shape[:2]
-        start = cache.length
-        positions = torch.arange(start, start + n, device=x.device).unsqueeze(0)
+        lengths = cache.lengths if row is None else cache.lengths[row:row + 1]
+        if len(lengths) != batch:
+            raise ValueError(f"{batch} input rows for {len(lengths)} cache rows")
+        offsets = torch.arange(n)
+        positions = (lengths[:, None] + offsets).to(x.device)  # [B, n]
+        total = int(lengths.max()) + n
+        # Query i of row b sees keys up to its own position.
+        mask = (torch.arange(total)[None, None, :] <= (lengths[:, None] + offsets)[:, :, None])
+        mask = mask[:, None].to(x.device)  # [B, 1, n, total]
         cos, sin = model.rotary_emb(x, positions)
-        mask = None
-        if n > 1:  # position start+i sees the cache and new positions up to itself
-            mask = (torch.arange(start + n, device=x.device)[None, :]
-                    <= torch.arange(start, start + n, device=x.device)[:, None])
+        rows = slice(None) if row is None else slice(row, row + 1)
+        batch_index = torch.arange(batch, device=x.device)[:, None]
         for i, layer in enumerate(model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -167,11 +191,18 @@ class Backbone(nn.Module):
             k = attn.k_proj(h).view(batch, n, -1, attn.head_dim).transpose(1, 2)
             v = attn.v_proj(h).view(batch, n, -1, attn.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k, v = cache.append(i, k, v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+            cache.reserve(i, k, total)
+            keys, values = cache.keys[i][rows], cache.values[i][rows]
+            keys[batch_index, :, positions] = k.transpose(1, 2)
+            values[batch_index, :, positions] = v.transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, keys[..., :total, :], values[..., :total, :], attn_mask=mask,
+                                               scale=attn.scaling, enable_gqa=True)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, n, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        cache.length += n
+        if row is not None:
+            cache.lengths[row] += n
+        else:
+            cache.lengths += n if advance is None else advance.to(torch.long).cpu() * n
         return model.norm(x)
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:

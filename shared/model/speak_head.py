@@ -90,14 +90,18 @@ class SpeakHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, steps: int | None = None, temperature: float | None = None,
-               cfg_scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               cfg_scale: float | None = None, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
         """cond [N, C] -> latents [N, D] by Euler integration of the learned velocity field.
-        All rows (all live calls) are sampled together: one batched network call per Euler step."""
+        All rows (all live calls) are sampled together: one batched network call per Euler step.
+        `noise` [N, D], if given, is the starting point (already scaled by each row's temperature),
+        so that each call can draw from its own generator."""
         steps = steps or self.cfg.euler_steps
         temperature = self.cfg.temperature if temperature is None else temperature
         cfg_scale = self.cfg.cfg_scale if cfg_scale is None else cfg_scale
         n = cond.shape[0]
-        x = temperature * torch.randn(n, self.latent_dim, generator=generator, device=cond.device, dtype=cond.dtype)
+        x = noise if noise is not None else temperature * torch.randn(
+            n, self.latent_dim, generator=generator, device=cond.device, dtype=cond.dtype)
         guided = cfg_scale != 1.0
         if guided:  # conditional and unconditional rows in one call
             cond = torch.cat([cond, self.null_cond.to(cond.dtype).expand_as(cond)])

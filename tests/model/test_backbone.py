@@ -39,7 +39,7 @@ def test_cached_stepping_equals_full_forward(batch):
     with torch.inference_mode():
         groups = _random_positions(backbone, batch, gen)
         full = backbone(torch.cat(groups, dim=1))
-        state = backbone.init_state()
+        state = backbone.init_state(rows=batch)
         stepped = torch.cat([backbone(g, state) for g in groups], dim=1)
     assert state.length == full.shape[1] == sum(g.shape[1] for g in groups)
     assert _rel(stepped, full) < 1e-5
@@ -109,3 +109,28 @@ def test_rejects_non_llama_checkpoint(tmp_path):
         backbone_config_from_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         backbone_config_from_hf(tmp_path / "nowhere")
+
+
+def test_batched_rows_at_different_lengths_equal_each_call_alone():
+    """One forward carries the ticks of several calls, each at its own position; text prefilled
+    into one row and rows that sit a tick out change nothing for the others."""
+    torch.manual_seed(0)
+    backbone = Backbone(tiny()).eval()
+    gen = torch.Generator().manual_seed(5)
+    hidden = backbone.hidden_size
+    calls = [[], [], []]  # every position each call has seen
+    with torch.inference_mode():
+        state = backbone.init_state(rows=3)
+        prompt = backbone.embed_text(torch.randint(0, 256, (1, 7), generator=gen))
+        backbone.cached_forward(prompt, state.cache, row=1)
+        calls[1].append(prompt)
+        for step in range(6):
+            x = torch.randn(3, 1, hidden, generator=gen)
+            advance = torch.tensor([True, True, step % 2 == 0])  # call 2 ticks every other round
+            out = backbone.cached_forward(x, state.cache, advance=advance)
+            for row in range(3):
+                if advance[row]:
+                    calls[row].append(x[row:row + 1])
+                    alone = backbone(torch.cat(calls[row], dim=1))[:, -1]
+                    assert _rel(out[row:row + 1, -1], alone) < 1e-5, (step, row)
+    assert state.cache.lengths.tolist() == [6, 13, 3]
