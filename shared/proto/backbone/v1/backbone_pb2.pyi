@@ -60,15 +60,23 @@ class TickRecord(_message.Message):
     agent_latent: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, tick: _Optional[int] = ..., user_latent: _Optional[_Iterable[float]] = ..., user_tokens: _Optional[_Iterable[int]] = ..., agent_token: _Optional[int] = ..., agent_latent: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class GenerateText(_message.Message):
+    __slots__ = ("max_tokens",)
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    def __init__(self, max_tokens: _Optional[int] = ...) -> None: ...
+
 class StepRequest(_message.Message):
-    __slots__ = ("open", "tick", "text")
+    __slots__ = ("open", "tick", "text", "generate")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     TICK_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
     open: Open
     tick: Tick
     text: TextInsert
-    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., tick: _Optional[_Union[Tick, _Mapping]] = ..., text: _Optional[_Union[TextInsert, _Mapping]] = ...) -> None: ...
+    generate: GenerateText
+    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., tick: _Optional[_Union[Tick, _Mapping]] = ..., text: _Optional[_Union[TextInsert, _Mapping]] = ..., generate: _Optional[_Union[GenerateText, _Mapping]] = ...) -> None: ...
 
 class Opened(_message.Message):
     __slots__ = ("position", "replayed_ticks", "trained_weights")
@@ -80,12 +88,20 @@ class Opened(_message.Message):
     trained_weights: bool
     def __init__(self, position: _Optional[int] = ..., replayed_ticks: _Optional[int] = ..., trained_weights: _Optional[bool] = ...) -> None: ...
 
+class GeneratedText(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class StepResponse(_message.Message):
-    __slots__ = ("opened", "tick", "agent_text")
+    __slots__ = ("opened", "tick", "generated", "agent_text")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     TICK_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_FIELD_NUMBER: _ClassVar[int]
     AGENT_TEXT_FIELD_NUMBER: _ClassVar[int]
     opened: Opened
     tick: TickRecord
+    generated: GeneratedText
     agent_text: str
-    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., tick: _Optional[_Union[TickRecord, _Mapping]] = ..., agent_text: _Optional[str] = ...) -> None: ...
+    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., tick: _Optional[_Union[TickRecord, _Mapping]] = ..., generated: _Optional[_Union[GeneratedText, _Mapping]] = ..., agent_text: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,96 @@
+"""Backbone stage: backbone + text head + speak head. One stream per call; the ticks of all live
+calls are batched into one forward pass (see batcher.py)."""
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import structlog
+import torch
+
+from michi.api import Michi
+from michi.engine import BackboneEngine, HistoryTick, TickInput
+from michi.proto.backbone.v1 import backbone_pb2, backbone_pb2_grpc
+from michi.serving.metrics import LIVE_SESSIONS
+
+from .batcher import Batcher
+
+log = structlog.get_logger()
+
+
+def history_items(records) -> list:
+    """Proto history records -> what `BackboneEngine.replay` takes."""
+    items = []
+    for record in records:
+        if record.WhichOneof("record") == "tick":
+            t = record.tick
+            items.append(HistoryTick(torch.tensor(list(t.user_latent)), list(t.user_tokens), t.agent_token,
+                                     torch.tensor(list(t.agent_latent))))
+        else:
+            items.append(list(record.text.tokens))
+    return items
+
+
+class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
+    def __init__(self, michi: Michi, executor, rows: int = 8, window_s: float = 0.004):
+        self.michi = michi
+        self.engine = BackboneEngine(michi.model, rows=rows)
+        self.batcher = Batcher(self.engine, executor, window_s=window_s)
+
+    def _decode(self, tokens) -> str:
+        return self.michi.tokenizer.decode([t for t in tokens if self.michi.vocab.is_text(t)])
+
+    async def Step(self, request_iterator, context):
+        if self.batcher.task is None:
+            self.batcher.start()
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("request") != "open":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `open`")
+        o = first.open
+        key = f"{o.session_id}/{uuid.uuid4().hex[:8]}"  # a reconnecting call gets a fresh row
+        dim = self.michi.cfg.latent_dim
+        try:
+            history = history_items(o.history)
+        except (RuntimeError, ValueError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad history: {e}")
+
+        def open_and_replay() -> int:
+            self.engine.open(key, seed=o.seed, text_temperature=o.text_temperature or 0.8)
+            return self.engine.replay(key, history)
+
+        replayed = await self.batcher.call(open_and_replay)
+        LIVE_SESSIONS.labels("backbone").inc()
+        log.info("backbone_stream_opened", session_id=o.session_id, replayed_ticks=replayed)
+        yield backbone_pb2.StepResponse(opened=backbone_pb2.Opened(
+            position=self.engine.position(key), replayed_ticks=replayed,
+            trained_weights=self.michi.trained))
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("request")
+                if kind == "tick":
+                    t = request.tick
+                    if len(t.user_latent) != dim or (t.forced_latent and len(t.forced_latent) != dim):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"latents must have {dim} values")
+                    if t.forced_text:
+                        await self.batcher.call(lambda t=t: self.engine.force_text(key, list(t.forced_text)))
+                    x = TickInput(torch.tensor(list(t.user_latent)), list(t.user_tokens),
+                                  torch.tensor(list(t.forced_latent)) if t.forced_latent else None)
+                    out = await self.batcher.tick(key, x)
+                    yield backbone_pb2.StepResponse(
+                        tick=backbone_pb2.TickRecord(tick=t.tick, user_latent=t.user_latent,
+                                                     user_tokens=t.user_tokens, agent_token=out.agent_token,
+                                                     agent_latent=out.agent_latent.float().cpu().tolist()),
+                        agent_text=self._decode([out.agent_token]))
+                elif kind == "text":
+                    await self.batcher.insert_text(key, list(request.text.tokens))
+                elif kind == "generate":
+                    n = max(1, min(request.generate.max_tokens or 64, 1024))
+                    tokens = await self.batcher.call(lambda n=n: self.engine.generate_text(key, [], n))
+                    yield backbone_pb2.StepResponse(generated=backbone_pb2.GeneratedText(tokens=tokens),
+                                                    agent_text=self._decode(tokens))
+                else:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected `{kind}` after `open`")
+        finally:
+            await self.batcher.call(lambda: self.engine.close(key))
+            LIVE_SESSIONS.labels("backbone").dec()
+            log.info("backbone_stream_closed", session_id=o.session_id)

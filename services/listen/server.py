@@ -1,0 +1,78 @@
+"""Listen stage: user PCM (any chunking, any supported rate) -> per 80 ms frame, the user latent
+and the user text tokens. One stream per call; encoder and text-head caches per stream."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import structlog
+import torch
+
+from michi.api import Michi
+from michi.audio.io import AudioError
+from michi.audio.pcm import Encoding, check_format, decode
+from michi.audio.resample import StreamingResampler
+from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
+from michi.serving.metrics import LIVE_SESSIONS
+
+log = structlog.get_logger()
+
+
+class ListenStream:
+    """One call's listen state: resampler, encoder and CTC text head caches."""
+
+    def __init__(self, michi: Michi, rate_hz: int):
+        m = michi.model
+        self.michi, self.device = michi, michi.device
+        self.resampler = StreamingResampler(rate_hz, michi.cfg.sample_rate_hz)
+        with torch.inference_mode():
+            self.encoder = m.listen.init_state(1, device=self.device)
+            self.text = m.listen_text.init_state(1, device=self.device)
+        self.last = m.listen_text.initial_last_token(1, device=self.device)
+
+    @torch.inference_mode()
+    def push(self, pcm: np.ndarray) -> list[tuple[np.ndarray, list[int]]]:
+        m = self.michi.model
+        audio = torch.from_numpy(self.resampler.push(pcm)).to(self.device)[None]
+        (latents, features), self.encoder = m.listen.step(audio, self.encoder)
+        frames = []
+        for i in range(latents.shape[1]):
+            logits, self.text = m.listen_text.step(features[:, i:i + 1], self.text)
+            tokens, self.last = m.listen_text.greedy_step(logits[:, 0], self.last)
+            frames.append((latents[0, i].float().cpu().numpy(), [int(t) for t in tokens[0] if t >= 0]))
+        return frames
+
+
+class ListenServicer(listen_pb2_grpc.ListenServicer):
+    def __init__(self, michi: Michi, executor):
+        self.michi, self.executor = michi, executor
+
+    async def Encode(self, request_iterator, context):
+        loop = asyncio.get_running_loop()
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("request") != "start":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `start`")
+        try:
+            check_format(Encoding.LINEAR16, first.start.sample_rate_hz)
+        except AudioError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        stream = ListenStream(self.michi, first.start.sample_rate_hz)
+        session = first.start.session_id
+        LIVE_SESSIONS.labels("listen").inc()
+        frame = 0
+        try:
+            async for request in request_iterator:
+                if request.WhichOneof("request") != "pcm":
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only `pcm` may follow `start`")
+                try:
+                    pcm = decode(request.pcm, Encoding.LINEAR16)
+                except AudioError as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                for latent, tokens in await loop.run_in_executor(self.executor, stream.push, pcm):
+                    yield listen_pb2.EncodeResponse(frame=frame, latent=latent.tolist(), tokens=tokens,
+                                                    text=self.michi.tokenizer.decode(tokens))
+                    frame += 1
+        finally:
+            LIVE_SESSIONS.labels("listen").dec()
+            log.info("listen_stream_closed", session_id=session, frames=frame)

@@ -1,0 +1,28 @@
+"""Settings every stage reads the same way: flags, with MICHI_* environment variables as defaults."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+
+def stage_parser(name: str, default_port: int) -> argparse.ArgumentParser:
+    env = lambda key, default: os.environ.get(f"MICHI_{key}", default)  # noqa: E731
+    p = argparse.ArgumentParser(prog=f"michi-{name}", description=f"Michi {name} stage (gRPC)")
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env(f"{name.upper()}_PORT", default_port)))
+    p.add_argument("--model", default=env("MODEL", "tiny"), help="preset or checkpoint directory")
+    p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+    p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="torch threads (0: all cores)")
+    p.add_argument("--metrics-port", type=int, default=int(env(f"{name.upper()}_METRICS_PORT", "0")))
+    p.add_argument("--drain-s", type=float, default=float(env("DRAIN_S", "5")))
+    return p
+
+
+def load_model(args: argparse.Namespace):
+    from ..api import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model, device=args.device)
