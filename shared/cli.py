@@ -95,6 +95,80 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    """Every stage on this machine, each its own process, until Ctrl-C / SIGTERM."""
+    import signal
+
+    from .serving.launcher import DEFAULT_PORTS, Mesh
+
+    ports = dict(DEFAULT_PORTS, gateway=args.port)
+    mesh = Mesh(model=args.model, ports=ports, threads=args.stage_threads, log_dir=args.log_dir,
+                replicas={"backbone": args.backbone_replicas, "vocoder": args.vocoder_replicas})
+    print(f"starting listen, backbone, vocoder, gateway (model {args.model}) ...", flush=True)
+    mesh.start()
+    print(f"michi is up: gateway {mesh.gateway}; stages {mesh.addresses}; "
+          f"store {'redis ' + os.environ['REDIS_URL'] if os.environ.get('REDIS_URL') else 'in-process'}", flush=True)
+    print("try: michi say 'Hello there.' --out hello.wav    (Ctrl-C stops every stage)", flush=True)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"] and all(p.poll() is None for p in mesh.processes.values()):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    dead = {n: p.returncode for n, p in mesh.processes.items() if p.poll() is not None}
+    codes = mesh.stop()
+    print(f"stopped: {codes}" + (f" (exited early: {dead})" if dead else ""))
+    return 1 if dead else 0
+
+
+def _print_call(result, out: str | None, rate: int) -> None:
+    from .audio.io import write_wav
+
+    if not result.trained_weights:
+        print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
+    if out:
+        write_wav(out, result.pcm, rate)
+        print(f"wrote {out}: {len(result.pcm) / rate:.2f} s")
+    print(f"session: {result.session_id}")
+    print(f"time to first audio: {result.first_audio_ms:.1f} ms" if result.first_audio_ms is not None
+          else "no agent audio")
+    print(f"user transcript: {result.user_text!r}")
+    print(f"agent text: {result.agent_text!r}")
+    events = [e.WhichOneof("event") for e in result.events]
+    print(f"events: {events}")
+
+
+def cmd_talk(args: argparse.Namespace) -> int:
+    """Stream a file in real time through the gateway, like a caller."""
+    import asyncio
+
+    from .audio.io import read_wav
+    from .serving import client
+
+    pcm, rate = read_wav(args.audio)
+    if rate not in (8000, 16000, 24000, 48000):
+        pcm, rate = read_wav(args.audio, rate_out_hz=16000)
+    result = asyncio.run(client.converse(
+        args.gateway, client.config(rate_in=rate, rate_out=24000, system_text=args.system or ""),
+        client.audio_requests(pcm, rate, realtime=not args.fast), token=args.token, tail_s=args.tail_s))
+    _print_call(result, args.out, 24000)
+    return 0
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    """Speak a text through the mesh (TTS mode)."""
+    import asyncio
+
+    from .proto.gateway.v1 import gateway_pb2 as pb
+    from .serving import client
+
+    result = asyncio.run(client.converse(args.gateway, client.config(mode=pb.TTS, text=args.text, rate_out=24000),
+                                         token=args.token))
+    _print_call(result, args.out, 24000)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="michi", description="Michi: a full-duplex speech language model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -124,6 +198,33 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(sp)
     sp.set_defaults(func=cmd_continue)
 
+    sp = sub.add_parser("up", help="start every stage (listen, backbone, vocoder, gateway) on this machine")
+    sp.add_argument("--model", default="tiny", help="preset (tiny, full) or checkpoint directory")
+    sp.add_argument("--port", type=int, default=50060, help="gateway port")
+    sp.add_argument("--stage-threads", type=int, default=1, help="torch threads per stage process")
+    sp.add_argument("--backbone-replicas", type=int, default=1)
+    sp.add_argument("--vocoder-replicas", type=int, default=1)
+    sp.add_argument("--log-dir", default=None, help="one JSON log file per stage (default: this terminal)")
+    sp.set_defaults(func=cmd_up)
+
+    def gateway_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--gateway", default=os.environ.get("MICHI_GATEWAY", "127.0.0.1:50060"))
+        sp.add_argument("--token", default=os.environ.get("MICHI_AUTH_TOKEN"), help="bearer token")
+        sp.add_argument("--out", "-o", default=None, help="write the agent audio to this WAV")
+
+    sp = sub.add_parser("talk", help="stream an audio file through the gateway in real time")
+    sp.add_argument("--audio", required=True, help="audio file (any common format and rate)")
+    sp.add_argument("--system", default=None, help="system prompt")
+    sp.add_argument("--fast", action="store_true", help="send the file at once (the gateway still paces)")
+    sp.add_argument("--tail-s", type=float, default=1.0, help="keep listening this long after the file")
+    gateway_args(sp)
+    sp.set_defaults(func=cmd_talk)
+
+    sp = sub.add_parser("say", help="speak a text through the mesh (TTS mode)")
+    sp.add_argument("text")
+    gateway_args(sp)
+    sp.set_defaults(func=cmd_say)
+
     sp = sub.add_parser("bench", help="per-tick latency of each part; JSON report")
     sp.add_argument("--presets", default="tiny,full")
     sp.add_argument("--ticks", type=int, default=0, help="measured ticks (default 100 tiny, 30 full)")
@@ -142,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: say what, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a gRPC error from the mesh: its status says what to do
+        import grpc
+
+        if isinstance(e, grpc.RpcError):
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -104,6 +104,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except StageUnavailable as e:
             bound.error("call_failed", error=str(e))
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except AudioError as e:  # garbage from the client: say what, keep what was said so far
+            bound.warning("bad_client_input", error=str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             LIVE_SESSIONS.labels("gateway").dec()
             try:

@@ -4,6 +4,7 @@ the stage's state there (the `opener` gets the replica's fresh stream and sends 
 from __future__ import annotations
 
 import asyncio
+import zlib
 from typing import Awaitable, Callable
 
 import grpc
@@ -15,6 +16,12 @@ from michi.serving.server import CHANNEL_OPTIONS
 log = structlog.get_logger()
 BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
           grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
+
+
+def replica_index(session_id: str, replicas: int) -> int:
+    """The replica a call starts on: a stable hash of its id, so calls spread over replicas and a
+    call lands on the same replica from any gateway."""
+    return zlib.crc32(session_id.encode()) % replicas
 
 
 class StageUnavailable(Exception):
@@ -44,7 +51,7 @@ class StageLink:
                  timeout_s: float = 5.0):
         self.stage, self.addresses, self.channels = stage, addresses, channels
         self.method, self.opener, self.session_id, self.timeout_s = method, opener, session_id, timeout_s
-        self.index = hash(session_id) % len(addresses)  # spread calls over replicas
+        self.index = replica_index(session_id, len(addresses))
         self.call = None
 
     async def open(self, rebuild: bool = False) -> None:

@@ -53,6 +53,7 @@ class Mesh:
     log_dir: str | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, list[str]] = field(default_factory=dict)
+    killed: set[str] = field(default_factory=set)
 
     @property
     def gateway(self) -> str:
@@ -92,6 +93,7 @@ class Mesh:
         """Kill one stage process at once (no drain): what a crash looks like."""
         self.processes[name].kill()
         self.processes[name].wait()
+        self.killed.add(name)
 
     def stop(self, timeout_s: float = 15.0) -> dict[str, int]:
         """SIGTERM every stage (gateway first, so calls end before their stages), then wait."""

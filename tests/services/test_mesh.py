@@ -1,0 +1,232 @@
+"""The mesh over real sockets: every stage its own process, Redis sessions, real speech.
+Random weights (tiny preset): these tests check the plumbing and the turn logic, not the words."""
+import asyncio
+import subprocess
+import sys
+import time
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import michi
+from michi.generate import tts
+from michi.proto.gateway.v1 import gateway_pb2 as pb
+from michi.serving import client
+from michi.serving.launcher import free_port
+from michi.session.store import open_store
+
+FRAME = 1920
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _requests(*items, delay_s=0.0):
+    for item in items:
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        yield item
+
+
+def _status(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(call)
+    return info.value
+
+
+def _session_on(replica: int, prefix: str) -> str:
+    """A session id whose calls start on the given replica (of two)."""
+    return next(f"{prefix}-{i}" for i in range(100) if zlib.crc32(f"{prefix}-{i}".encode()) % 2 == replica)
+
+
+async def _load(url: str, session_id: str):
+    store = open_store(url)
+    try:
+        return await store.load(session_id), await store.history(session_id)
+    finally:
+        await store.close()
+
+
+def test_stages_are_healthy_and_reflect(mesh):
+    for stage, addresses in list(mesh.addresses.items()) + [("gateway", [mesh.gateway])]:
+        for address in addresses:
+            with grpc.insecure_channel(address) as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert status.status == health_pb2.HealthCheckResponse.SERVING, (stage, address)
+    with grpc.insecure_channel(mesh.gateway) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+    assert "michi.gateway.v1.Gateway" in names and "grpc.health.v1.Health" in names
+
+
+def test_tts_through_the_mesh_equals_in_process(mesh):
+    """Same weights, same seed, same inputs: the mesh (three stages over gRPC, batched backbone)
+    gives what the in-process Session gives, tick for tick."""
+    result = run(client.converse(mesh.fast_gateway, client.config(mode=pb.TTS, text="hello", rate_in=24_000,
+                                                                  rate_out=24_000), token="secret", timeout_s=120))
+    assert result.trained_weights is False
+    ticks = 3 * len("hello") + 12
+    assert len(result.pcm) == ticks * FRAME
+    local = tts(michi.load("tiny"), "hello", continue_ticks=ticks, seed=0)
+    want = np.concatenate([t.agent_audio for t in local.ticks[:ticks]])
+    assert result.agent_text.startswith("hello")
+    assert result.agent_text == "".join(t.agent_text for t in local.ticks[:ticks])
+    np.testing.assert_allclose(result.pcm, want, atol=2e-4)  # LINEAR16 on the wire: 3e-5 steps
+
+
+def test_bearer_token_is_required(mesh):
+    error = _status(client.converse(mesh.fast_gateway, client.config(mode=pb.TTS, text="hi"), timeout_s=30))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_conversation_barge_in_turns_and_record(mesh, speech, redis_server):
+    pcm, rate = speech  # a human prompt, 8 kHz
+    audio = np.concatenate([np.zeros(rate // 2, np.float32), pcm, np.zeros(rate * 3 // 2, np.float32)])
+    session = "barge-in-call"
+    result = run(client.converse(mesh.gateway, client.config(rate_in=rate, rate_out=16_000, session_id=session),
+                                 client.audio_requests(audio, rate), timeout_s=120))
+    kinds = [(e.WhichOneof("event"), getattr(e, e.WhichOneof("event")).speaker
+              if e.WhichOneof("event") in ("turn_start", "turn_end") else "") for e in result.events]
+    assert ("turn_start", "agent") in kinds and ("turn_start", "user") in kinds and ("turn_end", "user") in kinds
+    barge = [e.barge_in for e in result.events if e.WhichOneof("event") == "barge_in"]
+    assert len(barge) == 1 and barge[0].agent_samples_played > 0
+    user_start = next(e.tick for e in result.events if e.WhichOneof("event") == "turn_start"
+                      and e.turn_start.speaker == "user")
+    ticks = int(np.ceil(len(audio) / rate / 0.08))
+    sent_ticks = len(result.audio)
+    assert sent_ticks < ticks - 5  # the agent was muted while the user held the floor
+    assert user_start * 80 >= 500 + 600 - 160  # the user's turn starts after the lead silence + 600 ms of speech
+    record, history = run(_load(redis_server.url, session))
+    agent = [e for e in record.transcript if e.speaker == "agent"]
+    assert any(e.cut_off for e in agent) and any(not e.cut_off for e in agent)
+    assert record.heard_samples is not None and record.last_tick == len(history) - 1
+
+
+def test_text_injection_and_text_only_calls(mesh, redis_server):
+    session = "text-call"
+    rest = _requests(pb.ConverseRequest(text=pb.TextInput(role=pb.CONTEXT, text="The shop opens at nine.")),
+                     pb.ConverseRequest(audio=b"\x00\x00" * 1600), delay_s=0.2)
+    run(client.converse(mesh.gateway, client.config(session_id=session, max_ticks=8), rest, timeout_s=60))
+    record, history = run(_load(redis_server.url, session))
+    assert any(e.speaker == "context" and "nine" in e.text for e in record.transcript)
+    assert len(history) == 8 + 1  # 8 ticks and the text insertion
+    text_only = run(client.converse(mesh.gateway, client.config(mode=pb.TEXT_ONLY),
+                                    _requests(pb.ConverseRequest(text=pb.TextInput(role=pb.USER, text="Hi!"))),
+                                    timeout_s=60))
+    assert text_only.agent_text and not text_only.audio
+
+
+@pytest.mark.parametrize("first, code, message", [
+    (pb.ConverseRequest(audio=b"\x00\x00"), grpc.StatusCode.INVALID_ARGUMENT, "first message"),
+    (client.config(rate_in=11_025), grpc.StatusCode.INVALID_ARGUMENT, "11025"),
+    (client.config(rate_in=16_000, encoding=pb.MULAW), grpc.StatusCode.INVALID_ARGUMENT, "8000"),
+])
+def test_bad_config_is_refused(mesh, first, code, message):
+    error = _status(client.converse(mesh.gateway, first, timeout_s=30))
+    assert error.code() == code and message in error.details()
+
+
+def test_garbage_and_oversized_audio_are_refused(mesh, redis_server):
+    session = "garbage-call"
+    odd = _requests(pb.ConverseRequest(audio=b"\x00\x01" * 800), pb.ConverseRequest(audio=b"\x01\x02\x03"))
+    error = _status(client.converse(mesh.gateway, client.config(session_id=session), odd, timeout_s=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncated" in error.details()
+    record, _ = run(_load(redis_server.url, session))
+    assert record.owner is None  # the call's lease is released; it can be resumed
+    huge = _requests(pb.ConverseRequest(audio=b"\x00" * (5 * 1024 * 1024)))
+    error = _status(client.converse(mesh.gateway, client.config(), huge, timeout_s=30))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_client_vanishes_then_resumes(mesh, redis_server):
+    session = "vanishing-call"
+
+    async def vanish():
+        channel = grpc.aio.insecure_channel(mesh.gateway)
+        from michi.proto.gateway.v1 import gateway_pb2_grpc
+        call = gateway_pb2_grpc.GatewayStub(channel).Converse(
+            _requests(client.config(session_id=session), *[pb.ConverseRequest(audio=b"\x00\x00" * 320)] * 100,
+                      delay_s=0.02))
+        token, n = None, 0
+        async for response in call:
+            if response.WhichOneof("response") == "started":
+                token = response.started.resume_token
+            n += 1
+            if n >= 10:
+                break
+        call.cancel()  # the client vanishes mid-call
+        await channel.close()
+        return token
+
+    token = run(vanish())
+    deadline = time.monotonic() + 10
+    while run(_load(redis_server.url, session))[0].owner is not None:
+        assert time.monotonic() < deadline, "the vanished call still holds its session"
+        time.sleep(0.2)
+    before = run(_load(redis_server.url, session))[0].last_tick
+    again = run(client.converse(mesh.gateway, client.config(session_id=session, resume_token=token, max_ticks=3),
+                                timeout_s=60))
+    assert again.session_id == session and len(again.audio) > 0
+    after, history = run(_load(redis_server.url, session))
+    assert after.last_tick == before + 3 and len(history) == after.last_tick + 1
+
+
+def test_two_clients_cannot_hold_one_session(mesh):
+    async def both():
+        first = client.config(session_id="contested", max_ticks=40)
+        task = asyncio.create_task(client.converse(mesh.gateway, first, timeout_s=60))
+        await asyncio.sleep(1.0)
+        try:
+            await client.converse(mesh.gateway, client.config(session_id="contested"), timeout_s=30)
+        finally:
+            await task
+
+    error = _status(both())
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "contested" in error.details()
+
+
+def test_stage_killed_mid_call_the_call_goes_on(mesh, redis_server):
+    session = _session_on(1, "failover")  # starts on replica 1 of backbone and vocoder
+
+    async def call_and_kill():
+        task = asyncio.create_task(client.converse(
+            mesh.gateway, client.config(session_id=session, max_ticks=40, rate_in=16_000),
+            client.audio_requests(np.zeros(16_000 * 4, np.float32), 16_000), timeout_s=120))
+        await asyncio.sleep(1.2)
+        mesh.kill("backbone-1")
+        mesh.kill("vocoder-1")
+        return await task
+
+    result = run(call_and_kill())
+    assert len(result.audio) == 40 and len(result.pcm) == 40 * FRAME  # every tick was heard
+    record, history = run(_load(redis_server.url, session))
+    assert record.last_tick == 39 and len(history) == 40  # nothing lost across the failover
+    logs = (mesh.logs / "gateway.log").read_text()
+    assert "stage_failover" in logs or "stage_stream_broken" in logs
+
+
+def test_redis_down_mid_call_degrades_without_hanging(mesh, redis_server):
+    async def call_and_stop_redis():
+        task = asyncio.create_task(client.converse(mesh.gateway, client.config(max_ticks=20), timeout_s=60))
+        await asyncio.sleep(0.6)
+        redis_server.stop()
+        return await task
+
+    started = time.monotonic()
+    result = run(call_and_stop_redis())
+    assert len(result.audio) == 20 and time.monotonic() - started < 30
+    redis_server.start()  # an empty store again, for what follows
+
+
+def test_redis_down_at_start_is_a_clear_error(mesh):
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-m", "michi.services.gateway", "--port", str(free_port()),
+                           "--redis-url", f"redis://127.0.0.1:{port}/0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "unreachable" in proc.stderr and str(port) in proc.stderr
