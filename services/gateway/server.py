@@ -189,7 +189,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 tick_start = time.perf_counter()
                 # the caller's audio for this tick: jitter buffer -> listen stage and VAD
                 pcm = jitter.take(in_frame)
-                await listen.write(listen_pb2.EncodeRequest(pcm=encode(pcm, Encoding.LINEAR16)))
+                try:
+                    await listen.write(listen_pb2.EncodeRequest(pcm=encode(pcm, Encoding.LINEAR16)))
+                except (grpc.aio.AioRpcError, AttributeError, asyncio.InvalidStateError) as e:
+                    log_.warning("listen_write_failed", tick=call.tick, error=str(e)[:200])  # the reader reopens it
                 vad.push(pcm)
                 try:
                     user = await asyncio.wait_for(frames.get(), s.listen_wait_s if s.realtime else s.stage_timeout_s)

@@ -42,12 +42,14 @@ def wait_healthy(address: str, timeout_s: float, process: subprocess.Popen | Non
 
 @dataclass
 class Mesh:
-    """A running mesh of stage processes. Extra replicas: `replicas={"backbone": 2}`."""
+    """A running mesh of stage processes. Extra replicas: `replicas={"backbone": 2}`. Extra flags
+    per stage (every replica of it): `stage_args={"backbone": ["--metrics-port", "9102"]}`."""
 
     model: str = "tiny"
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     replicas: dict[str, int] = field(default_factory=dict)
     gateway_args: list[str] = field(default_factory=list)
+    stage_args: dict[str, list[str]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     threads: int = 0
     log_dir: str | None = None
@@ -75,14 +77,15 @@ class Mesh:
                 for i in range(self.replicas.get(stage, 1)):
                     port = self.ports[stage] if i == 0 else free_port()
                     name = stage if i == 0 else f"{stage}-{i}"
-                    self._spawn(name, stage, port, [])
+                    self._spawn(name, stage, port, self.stage_args.get(stage, []))
                     self.addresses[stage].append(f"127.0.0.1:{port}")
             for stage in STAGES[:-1]:
                 for i, address in enumerate(self.addresses[stage]):
                     wait_healthy(address, timeout_s, self.processes[stage if i == 0 else f"{stage}-{i}"])
             gateway = self._spawn("gateway", "gateway", self.ports["gateway"], [
                 "--listen", ",".join(self.addresses["listen"]), "--backbone", ",".join(self.addresses["backbone"]),
-                "--vocoder", ",".join(self.addresses["vocoder"]), *self.gateway_args])
+                "--vocoder", ",".join(self.addresses["vocoder"]), *self.gateway_args,
+                *self.stage_args.get("gateway", [])])
             wait_healthy(self.gateway, timeout_s, gateway)
         except BaseException:
             self.stop()

@@ -26,3 +26,27 @@ def load_model(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     return load(args.model, device=args.device)
+
+
+def serve_model_stage(name: str, default_port: int, service: str, add_to_server, make_servicer,
+                      extra_args=None) -> None:
+    """The whole `main` of a model stage: flags, logs, model, servicer, metrics, serve until SIGTERM.
+    `make_servicer(michi, executor, args)`; `extra_args(parser)` adds the stage's own flags."""
+    import asyncio
+
+    from .server import Stage, configure_logging, model_executor, start_metrics
+
+    parser = stage_parser(name, default_port)
+    if extra_args:
+        extra_args(parser)
+    args = parser.parse_args()
+    configure_logging(name)
+    servicer = make_servicer(load_model(args), model_executor(), args)
+    start_metrics(args.metrics_port)
+
+    async def main() -> None:  # the grpc.aio server must be made inside the running loop
+        stage = Stage(name, [service], lambda server: add_to_server(servicer, server), args.port, args.host,
+                      drain_s=args.drain_s)
+        await stage.serve_forever()
+
+    asyncio.run(main())

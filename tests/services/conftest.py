@@ -58,8 +58,9 @@ def mesh(redis_server, tmp_path_factory):
     gateway that ticks as fast as the stages answer and wants a bearer token."""
     logs = tmp_path_factory.mktemp("mesh-logs")
     ports = {s: free_port() for s in ("gateway", "listen", "backbone", "vocoder")}
+    metrics_port = free_port()
     m = Mesh(ports=ports, replicas={"backbone": 2, "vocoder": 2}, threads=1, log_dir=str(logs),
-             env={"REDIS_URL": redis_server.url})
+             env={"REDIS_URL": redis_server.url}, gateway_args=["--metrics-port", str(metrics_port)])
     m.start(timeout_s=240)
     fast_port = free_port()
     fast = m._spawn("gateway-fast", "gateway", fast_port, [
@@ -68,6 +69,7 @@ def mesh(redis_server, tmp_path_factory):
     wait_healthy(f"127.0.0.1:{fast_port}", 120, fast)
     m.fast_gateway = f"127.0.0.1:{fast_port}"
     m.logs = logs
+    m.metrics_port = metrics_port
     yield m
     codes = m.stop()
     assert all(code == 0 for name, code in codes.items() if m.processes[name].returncode is not None

@@ -1,6 +1,7 @@
 """The mesh over real sockets: every stage its own process, Redis sessions, real speech.
 Random weights (tiny preset): these tests check the plumbing and the turn logic, not the words."""
 import asyncio
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import michi
 from michi.generate import tts
 from michi.proto.gateway.v1 import gateway_pb2 as pb
+from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.serving import client
 from michi.serving.launcher import free_port
 from michi.session.store import open_store
@@ -149,7 +151,6 @@ def test_client_vanishes_then_resumes(mesh, redis_server):
 
     async def vanish():
         channel = grpc.aio.insecure_channel(mesh.gateway)
-        from michi.proto.gateway.v1 import gateway_pb2_grpc
         call = gateway_pb2_grpc.GatewayStub(channel).Converse(
             _requests(client.config(session_id=session), *[pb.ConverseRequest(audio=b"\x00\x00" * 320)] * 100,
                       delay_s=0.02))
@@ -191,6 +192,19 @@ def test_two_clients_cannot_hold_one_session(mesh):
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "contested" in error.details()
 
 
+def test_gateway_metrics(mesh):
+    """Prometheus metrics of the calls above; every call has ended, so none is live."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mesh.metrics_port}/metrics", timeout=5).read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['michi_live_sessions{stage="gateway"}'] == 0.0
+    assert values["michi_time_to_first_audio_seconds_count"] >= 4
+    assert values['michi_tick_seconds_count{stage="gateway"}'] > 50
+    assert "michi_missed_tick_deadlines_total" in values
+
+
 def test_stage_killed_mid_call_the_call_goes_on(mesh, redis_server):
     session = _session_on(1, "failover")  # starts on replica 1 of backbone and vocoder
 
@@ -230,3 +244,42 @@ def test_redis_down_at_start_is_a_clear_error(mesh):
                            "--redis-url", f"redis://127.0.0.1:{port}/0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "unreachable" in proc.stderr and str(port) in proc.stderr
+
+
+def test_audio_continuation_mode(mesh):
+    """The caller's audio is the agent's voice prompt; the agent goes on after it."""
+    prompt = (0.2 * np.sin(np.arange(12_000) / 7)).astype(np.float32)  # 0.5 s at 24 kHz
+    result = run(client.converse(mesh.fast_gateway, client.config(mode=pb.AUDIO_CONTINUATION, rate_in=24_000,
+                                                                  max_ticks=12),
+                                 client.audio_requests(prompt, 24_000, realtime=False), token="secret",
+                                 timeout_s=60))
+    assert len(result.audio) == 12 and len(result.pcm) == 12 * FRAME
+
+
+def test_tls_gateway(mesh, tmp_path):
+    """TLS on the gateway with a self-signed certificate made for the test."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    gateway = subprocess.Popen([sys.executable, "-m", "michi.services.gateway", "--port", str(port),
+                                "--listen", mesh.addresses["listen"][0], "--backbone", mesh.addresses["backbone"][0],
+                                "--vocoder", mesh.addresses["vocoder"][0], "--tls-cert", str(cert), "--tls-key", str(key)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async def call():
+            creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+            async with grpc.aio.secure_channel(f"localhost:{port}", creds) as channel:
+                await asyncio.wait_for(channel.channel_ready(), 120)
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+                return [r async for r in stub.Converse(_requests(client.config(mode=pb.TTS, text="hi", max_ticks=3)))]
+
+        responses = run(call())
+        assert responses[0].WhichOneof("response") == "started"
+        assert sum(r.WhichOneof("response") == "audio" for r in responses) == 3
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
