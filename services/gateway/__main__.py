@@ -29,13 +29,15 @@ async def main() -> None:
     parser.add_argument("--tls-cert", default=env("MICHI_TLS_CERT"))
     parser.add_argument("--tls-key", default=env("MICHI_TLS_KEY"))
     parser.add_argument("--no-realtime", action="store_true", help="tick as fast as the stages answer")
+    parser.add_argument("--no-align-ticks", action="store_true",
+                        help="let each call tick on its own phase (default: one shared 80 ms grid)")
     args = parser.parse_args()
     log = configure_logging("gateway")
     cfg = read_checkpoint_config(args.model)[0] if (Path(args.model) / CONFIG_FILE).is_file() else preset(args.model)
     store = open_store(args.redis_url)
     await store.ping()  # fail fast, with a clear message, if REDIS_URL is set and unreachable
     settings = GatewaySettings(addresses(args.listen), addresses(args.backbone), addresses(args.vocoder),
-                               realtime=not args.no_realtime)
+                               realtime=not args.no_realtime, align_ticks=not args.no_align_ticks)
     servicer = GatewayServicer(settings, store, load_tokenizer(cfg.backbone.tokenizer, cfg.backbone.vocab_size),
                                StreamVocab(cfg.backbone.vocab_size), cfg.latent_dim)
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None

@@ -4,6 +4,7 @@ the session record in the store (Redis or in-process)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class GatewaySettings:
     stage_timeout_s: float = 5.0
     listen_wait_s: float = 0.03  # how long a tick waits for the caller's frame before using silence
     realtime: bool = True  # False: ticks as fast as the stages answer (offline jobs, tests)
+    align_ticks: bool = True  # all calls on one 80 ms grid, so the backbone can batch them
 
 
 @dataclass
@@ -245,13 +247,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 TICK_SECONDS.labels("gateway").observe(time.perf_counter() - tick_start)
                 call.tick += 1
                 if s.realtime:
-                    next_deadline += TICK_S
+                    next_deadline = self._next_deadline(next_deadline, call.tick == start_ticks + 1)
                     delay = next_deadline - time.monotonic()
                     if delay < 0:
                         MISSED_TICKS.inc()
-                        next_deadline = time.monotonic()  # do not try to catch up: stay real time
-                    else:
-                        await asyncio.sleep(delay)
+                        next_deadline = self._next_deadline(time.monotonic(), True)  # no catching up
+                    await asyncio.sleep(max(0.0, next_deadline - time.monotonic()))
                 if inbox.closed and not jitter.pending and not max_ticks:
                     break  # the caller finished sending and everything it said was heard
         finally:
@@ -259,6 +260,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             listen_reader.cancel()
             for link in links:
                 link.cancel()
+
+    def _next_deadline(self, previous: float, snap: bool) -> float:
+        """The next tick. With `align_ticks`, every call ticks on one shared 80 ms grid (after its
+        first tick, which goes at once for the lowest first-audio latency), so the ticks of all
+        calls reach the backbone together and run as one batched forward."""
+        if snap and self.settings.align_ticks:
+            return math.ceil(max(previous, time.monotonic()) / TICK_S) * TICK_S
+        return previous + TICK_S
 
     async def _open_stages(self, call: CallState, in_rate: int):
         s = self.settings
