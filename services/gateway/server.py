@@ -67,6 +67,7 @@ class CallState:
     agent_turn_start_ms: int = 0
     first_audio_s: float | None = None
     resume_token: str = ""
+    store_degraded: bool = False
 
 
 def _format(fmt: pb.AudioFormat, default_rate: int) -> tuple[Encoding, int]:
@@ -243,7 +244,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if user is not None and user.text:
                     yield pb.ConverseResponse(transcript=pb.UserTranscript(text=user.text, tick=call.tick))
                     entries.append(TranscriptEntry("user", user.text, now_ms - 80, now_ms))
-                await self._record_tick(call, entries, log_)
+                if not await self._record_tick(call, entries, log_) and not call.store_degraded:
+                    call.store_degraded = True  # say it once: the call goes on, its record does not
+                    yield pb.ConverseResponse(event=pb.Event(tick=call.tick, error=pb.Event.Error(
+                        code=grpc.StatusCode.UNAVAILABLE.value[0],
+                        message="session store unavailable: the call goes on, but it cannot be resumed "
+                                "or moved to another replica until the store is back")))
                 TICK_SECONDS.labels("gateway").observe(time.perf_counter() - tick_start)
                 call.tick += 1
                 if s.realtime:
@@ -387,13 +393,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except SessionStoreError as e:
             log_.warning("store_write_failed", error=str(e))
 
-    async def _record_tick(self, call: CallState, entries: list, log_) -> None:
+    async def _record_tick(self, call: CallState, entries: list, log_) -> bool:
+        """One atomic store update per tick; False when the store failed (the call goes on, the
+        gateway keeps its own copy of the history)."""
         try:
             await self.store.append_tick(call.session_id, [call.history[-1]], entries, call.tick, owner=call.owner)
             if call.tick % 25 == 0:
                 await self.store.renew(call.session_id, call.owner, self.settings.lease_s)
-        except SessionStoreError as e:  # degraded: the call goes on, the gateway keeps its copy
+            return True
+        except SessionStoreError as e:
             log_.warning("store_write_failed", tick=call.tick, error=str(e))
+            return False
 
 
 class CallInbox:

@@ -235,6 +235,9 @@ def test_redis_down_mid_call_degrades_without_hanging(mesh, redis_server):
     started = time.monotonic()
     result = run(call_and_stop_redis())
     assert len(result.audio) == 20 and time.monotonic() - started < 30
+    errors = [e.error for e in result.events if e.WhichOneof("event") == "error"]
+    assert len(errors) == 1 and errors[0].code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "session store unavailable" in errors[0].message
     redis_server.start()  # an empty store again, for what follows
 
 

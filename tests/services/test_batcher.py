@@ -1,0 +1,42 @@
+"""The backbone stage's scheduler: live calls' ticks run as one forward; a long text insertion is
+prefilled in chunks, and another call's tick runs between them instead of waiting for all of it."""
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from michi.config import tiny
+from michi.engine import BackboneEngine, TickInput
+from michi.model.michi import MichiModel
+from michi.services.backbone.batcher import Batcher
+
+
+def test_rounds_batch_calls_and_prefill_never_stalls_them():
+    torch.manual_seed(0)
+    engine = BackboneEngine(MichiModel(tiny()).eval(), rows=2)
+    order = []
+    tick, insert = engine.tick, engine.insert_text
+    engine.tick = lambda inputs, **kw: order.append(("tick", sorted(inputs))) or tick(inputs, **kw)
+    engine.insert_text = lambda key, tokens: order.append(("text", len(tokens))) or insert(key, tokens)
+    x = TickInput(torch.zeros(engine.model.cfg.latent_dim))
+
+    async def main():
+        batcher = Batcher(engine, ThreadPoolExecutor(1), window_s=0.5, prefill_chunk=16)
+        batcher.start()
+        await batcher.call(lambda: engine.open("a"))
+        await batcher.call(lambda: engine.open("b"))
+        first = await asyncio.gather(batcher.tick("a", x), batcher.tick("b", x))
+        document = asyncio.create_task(batcher.insert_text("a", list(range(100))))
+        await asyncio.sleep(0.01)  # the first chunk is queued
+        other = await batcher.tick("b", x)
+        await document
+        batcher.task.cancel()
+        return first, other
+
+    first, other = asyncio.run(main())
+    assert order[0] == ("tick", ["a", "b"])  # one forward for both calls
+    texts = [i for i, (kind, _) in enumerate(order) if kind == "text"]
+    assert [order[i][1] for i in texts] == [16] * 6 + [4]
+    b_tick = order.index(("tick", ["b"]))
+    assert texts[0] < b_tick < texts[-1]  # b did not wait for the whole document
+    assert engine.position("a") == 1 + 100 and engine.position("b") == 2
