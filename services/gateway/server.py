@@ -143,10 +143,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _run_call(self, call: CallState, requests, in_rate: int, out_rate: int, context, log_):
         s, cfg = self.settings, call.config
         resumed = bool(cfg.resume_token)
-        inbox = CallInbox()
-        reader = asyncio.create_task(self._read_client(requests, call, inbox, log_))
         links = await self._open_stages(call, in_rate)
         listen, backbone, vocoder = links
+        inbox = CallInbox()
+        reader = asyncio.create_task(self._read_client(requests, call, inbox, log_))
         frames: asyncio.Queue = asyncio.Queue()
         listen_reader = asyncio.create_task(self._read_listen(listen, frames))
         try:
@@ -312,8 +312,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             StageLink("vocoder", s.vocoder, self.channels, lambda ch: vocoder_pb2_grpc.VocoderStub(ch).Decode,
                       open_vocoder, call.session_id, s.stage_timeout_s),
         )
-        for link in links:
-            await link.open(rebuild=bool(call.history))
+        try:
+            for link in links:
+                await link.open(rebuild=bool(call.history))
+        except BaseException:
+            for link in links:  # no half-open call left behind on the stages
+                link.cancel()
+            raise
         return links
 
     async def _read_listen(self, link: StageLink, frames: asyncio.Queue) -> None:

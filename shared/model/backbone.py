@@ -178,9 +178,12 @@ class Backbone(nn.Module):
         offsets = torch.arange(n)
         positions = (lengths[:, None] + offsets).to(x.device)  # [B, n]
         total = int(lengths.max()) + n
-        # Query i of row b sees keys up to its own position.
-        mask = (torch.arange(total)[None, None, :] <= (lengths[:, None] + offsets)[:, :, None])
-        mask = mask[:, None].to(x.device)  # [B, 1, n, total]
+        same_length = batch == 1 or bool((lengths == lengths[0]).all())
+        mask = None  # one position at a common length sees every key so far: no mask, fast path
+        if n > 1 or not same_length:  # query i of row b sees keys up to its own position
+            mask = (torch.arange(total)[None, None, :] <= (lengths[:, None] + offsets)[:, :, None])
+            mask = mask[:, None].to(x.device)  # [B, 1, n, total]
+        start = int(lengths[0])
         cos, sin = model.rotary_emb(x, positions)
         rows = slice(None) if row is None else slice(row, row + 1)
         batch_index = torch.arange(batch, device=x.device)[:, None]
@@ -193,8 +196,12 @@ class Backbone(nn.Module):
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             cache.reserve(i, k, total)
             keys, values = cache.keys[i][rows], cache.values[i][rows]
-            keys[batch_index, :, positions] = k.transpose(1, 2)
-            values[batch_index, :, positions] = v.transpose(1, 2)
+            if same_length:  # a plain slice write
+                keys[:, :, start:start + n] = k
+                values[:, :, start:start + n] = v
+            else:  # each row at its own position
+                keys[batch_index, :, positions] = k.transpose(1, 2)
+                values[batch_index, :, positions] = v.transpose(1, 2)
             o = F.scaled_dot_product_attention(q, keys[..., :total, :], values[..., :total, :], attn_mask=mask,
                                                scale=attn.scaling, enable_gqa=True)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, n, -1))
