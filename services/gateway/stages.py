@@ -67,7 +67,7 @@ class StageLink:
                 self.index = (self.index + attempt) % len(self.addresses)
                 return
             except (grpc.aio.AioRpcError, asyncio.TimeoutError, StageUnavailable) as e:
-                errors.append(f"{address}: {getattr(e, 'details', lambda: repr(e))()}")
+                errors.append(f"{address}: {e.details() if isinstance(e, grpc.aio.AioRpcError) else repr(e)}")
                 self.cancel()
         raise StageUnavailable(f"{self.stage} stage unreachable ({'; '.join(errors)})")
 

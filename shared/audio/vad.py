@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from michi.audio.io import SUPPORTED_RATES_HZ, AudioError, as_mono_float32
+from michi.audio.io import SUPPORTED_RATES_HZ, AudioError
 from michi.audio.resample import StreamingResampler
 
 SILERO_RATE_HZ = 16_000

@@ -1,7 +1,6 @@
 """A real mesh for the service tests: every stage its own process on free loopback ports, a real
 redis-server of the test's own (so it can be killed), real audio."""
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
