@@ -101,22 +101,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         call = await self._start_session(config, in_enc, out_enc, context)
         bound = log.bind(session_id=call.session_id)
         LIVE_SESSIONS.labels("gateway").inc()
+        error = None
         try:
             async for response in self._run_call(call, requests, in_rate, out_rate, context, bound):
                 yield response
         except StageUnavailable as e:
             bound.error("call_failed", error=str(e))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            error = (grpc.StatusCode.UNAVAILABLE, str(e))
         except AudioError as e:  # garbage from the client: say what, keep what was said so far
             bound.warning("bad_client_input", error=str(e))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        finally:
+            error = (grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:  # before the status goes out: a client told the call is over may resume it at once
             LIVE_SESSIONS.labels("gateway").dec()
             try:
                 await self.store.release(call.session_id, call.owner)
             except SessionStoreError:
                 pass
             bound.info("call_ended", ticks=call.tick, agent_samples_sent=call.samples_sent)
+        if error:
+            await context.abort(*error)
 
     async def _start_session(self, config, in_enc, out_enc, context) -> CallState:
         session_id = config.session_id or uuid.uuid4().hex
@@ -174,8 +177,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             while True:
                 if inbox.ended or (max_ticks and call.tick - start_ticks >= max_ticks):
                     break
-                if reader.done() and reader.exception():
-                    raise reader.exception()
+                _raise_client_error(reader)
                 jitter.extend(inbox.take_audio())
                 pending_text += inbox.take_text()
                 for role, text in pending_text:  # text-only positions, before this tick
@@ -187,6 +189,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         yield await self._generate_text(call, backbone)
                     await inbox.wait(0.05)
                     if inbox.closed and not inbox.has_input():
+                        _raise_client_error(reader)
                         break
                     continue
                 tick_start = time.perf_counter()
@@ -260,6 +263,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         next_deadline = self._next_deadline(time.monotonic(), True)  # no catching up
                     await asyncio.sleep(max(0.0, next_deadline - time.monotonic()))
                 if inbox.closed and not jitter.pending and not max_ticks:
+                    _raise_client_error(reader)  # the stream ended on bad input, or cleanly:
                     break  # the caller finished sending and everything it said was heard
         finally:
             reader.cancel()
@@ -409,6 +413,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except SessionStoreError as e:
             log_.warning("store_write_failed", tick=call.tick, error=str(e))
             return False
+
+
+def _raise_client_error(reader: asyncio.Task) -> None:
+    """What went wrong reading the client's stream (bad audio...), if it has."""
+    if reader.done() and not reader.cancelled() and reader.exception():
+        raise reader.exception()
 
 
 class CallInbox:
