@@ -39,12 +39,12 @@ async def main() -> None:
     settings = GatewaySettings(addresses(args.listen), addresses(args.backbone), addresses(args.vocoder),
                                realtime=not args.no_realtime, align_ticks=not args.no_align_ticks)
     servicer = GatewayServicer(settings, store, load_tokenizer(cfg.backbone.tokenizer, cfg.backbone.vocab_size),
-                               StreamVocab(cfg.backbone.vocab_size), cfg.latent_dim)
+                               StreamVocab(cfg.backbone.vocab_size), cfg.latent_dim, auth_token=args.auth_token)
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
     start_metrics(args.metrics_port)
     stage = Stage("gateway", ["michi.gateway.v1.Gateway"],
                   lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
-                  args.port, args.host, auth_token=args.auth_token, tls=tls, drain_s=args.drain_s)
+                  args.port, args.host, tls=tls, drain_s=args.drain_s)
     log.info("gateway_config", store="redis" if args.redis_url else "in-process", listen=settings.listen,
              backbone=settings.backbone, vocoder=settings.vocoder)
     await stage.serve_forever(on_stop=store.close)

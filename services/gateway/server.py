@@ -80,15 +80,19 @@ def _format(fmt: pb.AudioFormat, default_rate: int) -> tuple[Encoding, int]:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, settings: GatewaySettings, store: SessionStore, tokenizer, vocab, latent_dim: int):
-        self.settings, self.store = settings, store
+    def __init__(self, settings: GatewaySettings, store: SessionStore, tokenizer, vocab, latent_dim: int,
+                 auth_token: str | None = None):
+        self.settings, self.store, self.auth_token = settings, store, auth_token
         self.tokenizer, self.vocab, self.latent_dim = tokenizer, vocab, latent_dim
         self.channels = Channels()
         self.trained = False  # what the backbone stage reports of its weights
 
     async def Converse(self, request_iterator, context):
         requests = aiter(request_iterator)
-        first = await anext(requests, None)
+        first = await anext(requests, None)  # read before any refusal: aborting a stream whose
+        # first message is still in flight can surface as INTERNAL instead of the real status
+        if self.auth_token and dict(context.invocation_metadata() or ()).get("authorization") != f"Bearer {self.auth_token}":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         if first is None or first.WhichOneof("request") != "config":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "the first message of a Converse stream must be `config`")
@@ -262,7 +266,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         MISSED_TICKS.inc()
                         next_deadline = self._next_deadline(time.monotonic(), True)  # no catching up
                     await asyncio.sleep(max(0.0, next_deadline - time.monotonic()))
-                if inbox.closed and not jitter.pending and not max_ticks:
+                if inbox.closed and not inbox.has_input() and not jitter.pending and not max_ticks:
                     _raise_client_error(reader)  # the stream ended on bad input, or cleanly:
                     break  # the caller finished sending and everything it said was heard
         finally:

@@ -28,6 +28,11 @@ class StageUnavailable(Exception):
     """Every replica of a stage failed."""
 
 
+# what a broken stream raises: an RPC error, no answer in time, or a write to an RPC that the
+# dead replica already ended (asyncio.InvalidStateError)
+STREAM_ERRORS = (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError, StageUnavailable)
+
+
 class Channels:
     """One channel per address, shared by all calls."""
 
@@ -66,7 +71,7 @@ class StageLink:
                     log.warning("stage_failover", stage=self.stage, session_id=self.session_id, address=address)
                 self.index = (self.index + attempt) % len(self.addresses)
                 return
-            except (grpc.aio.AioRpcError, asyncio.TimeoutError, StageUnavailable) as e:
+            except STREAM_ERRORS as e:
                 errors.append(f"{address}: {e.details() if isinstance(e, grpc.aio.AioRpcError) else repr(e)}")
                 self.cancel()
         raise StageUnavailable(f"{self.stage} stage unreachable ({'; '.join(errors)})")
@@ -85,7 +90,7 @@ class StageLink:
         try:
             await self.write(request)
             return await self.read()
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError, StageUnavailable) as e:
+        except STREAM_ERRORS as e:
             code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
             if code is not None and code not in BROKEN:
                 raise  # a real answer (bad request...), not a dead replica

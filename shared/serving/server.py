@@ -1,5 +1,6 @@
 """What every stage's gRPC server has: health checking, reflection, keepalive, message size
-limits, graceful drain on SIGTERM, JSON logs, Prometheus metrics, optional TLS and bearer auth."""
+limits, graceful drain on SIGTERM, JSON logs, Prometheus metrics, optional TLS. (The gateway checks
+its optional bearer token itself, see services/gateway/server.py.)"""
 from __future__ import annotations
 
 import asyncio
@@ -37,32 +38,14 @@ def configure_logging(stage: str) -> structlog.BoundLogger:
     return structlog.get_logger()
 
 
-class BearerAuth(grpc.aio.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer <token>` (health checks stay open)."""
-
-    def __init__(self, token: str):
-        self.expected = f"Bearer {token}"
-
-    async def intercept_service(self, continuation, details):
-        if details.method.startswith("/grpc.health.v1.Health/"):
-            return await continuation(details)
-        if dict(details.invocation_metadata or ()).get("authorization") == self.expected:
-            return await continuation(details)
-
-        async def deny(request_or_iterator, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-        return grpc.stream_stream_rpc_method_handler(deny)
-
-
 class Stage:
     """A running gRPC server for one stage."""
 
     def __init__(self, name: str, service_names: Iterable[str], register: Callable[[grpc.aio.Server], None],
-                 port: int, host: str = "127.0.0.1", auth_token: str | None = None,
-                 tls: tuple[bytes, bytes] | None = None, drain_s: float = 5.0):
+                 port: int, host: str = "127.0.0.1", tls: tuple[bytes, bytes] | None = None,
+                 drain_s: float = 5.0):
         self.name, self.port, self.host, self.drain_s = name, port, host, drain_s
-        interceptors = [BearerAuth(auth_token)] if auth_token else []
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -89,10 +89,14 @@ def test_bearer_token_is_required(mesh):
 
 def test_conversation_barge_in_turns_and_record(mesh, speech, redis_server):
     pcm, rate = speech  # a human prompt, 8 kHz
-    audio = np.concatenate([np.zeros(rate // 2, np.float32), pcm, np.zeros(rate * 3 // 2, np.float32)])
+    speech_s = 2.5  # 4.5 s in all: within the gateway's 5 s jitter buffer, which drops what is older
+    audio = np.concatenate([np.zeros(rate // 2, np.float32), pcm[: int(speech_s * rate)],
+                            np.zeros(rate * 3 // 2, np.float32)])
     session = "barge-in-call"
+    # sent as fast as possible: the jitter buffer plays it out in real time, with no gap a busy
+    # client could leave (a gap would be heard as silence and end the user's turn early)
     result = run(client.converse(mesh.gateway, client.config(rate_in=rate, rate_out=16_000, session_id=session),
-                                 client.audio_requests(audio, rate), timeout_s=120))
+                                 client.audio_requests(audio, rate, realtime=False), timeout_s=120))
     kinds = [(e.WhichOneof("event"), getattr(e, e.WhichOneof("event")).speaker
               if e.WhichOneof("event") in ("turn_start", "turn_end") else "") for e in result.events]
     assert ("turn_start", "agent") in kinds and ("turn_start", "user") in kinds and ("turn_end", "user") in kinds
