@@ -28,9 +28,10 @@ class StageUnavailable(Exception):
     """Every replica of a stage failed."""
 
 
-# what a broken stream raises: an RPC error, no answer in time, or a write to an RPC that the
-# dead replica already ended (asyncio.InvalidStateError)
-STREAM_ERRORS = (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError, StageUnavailable)
+# What a broken stream raises is not one type: an RPC error, no answer in time, a write to an RPC
+# the dead replica already ended (asyncio.InvalidStateError), or grpc's own ExecuteBatchError from
+# a write that raced the peer's death. All of them mean: move the call to another replica.
+STREAM_ERRORS = (Exception,)
 
 
 class Channels:
