@@ -135,8 +135,9 @@ def tiny() -> MichiConfig:
         backbone=BackboneConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                                 ffn_size=768, vocab_size=256, max_positions=4096),
         speak_head=SpeakHeadConfig(width=256, num_blocks=3, mlp_ratio=1, euler_steps=6),
+        # Two small transformer layers give the CTC text head context (words, not just sounds).
         listen=ListenConfig(channels=8, strides=(6, 5, 8, 8), residual_layers=1, max_channels=256,
-                            transformer_layers=0, transformer_dim=256, transformer_heads=4,
+                            transformer_layers=2, transformer_dim=256, transformer_heads=4,
                             text_slots=4),
         vocoder=VocoderConfig(initial_channels=128, upsample_rates=(8, 8, 5, 6),
                               upsample_kernel_sizes=(16, 16, 10, 12), resblock_kernel_sizes=(3, 7),

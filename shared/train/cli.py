@@ -1,8 +1,105 @@
-"""`michi train ...` subcommands."""
+"""`michi train ...` subcommands: the recipe (all stages or some), speaker fine-tuning, loss plots.
+
+Under torchrun every command runs one rank per process:
+    torchrun --nproc_per_node 8 -m michi.cli train recipe --preset full --corpus data/synth --out runs/full
+"""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+
+def _pairs(text: str, kind=float) -> dict:
+    """"text=2000,codec=3000" -> {"text": 2000, "codec": 3000}."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        if not value:
+            raise ValueError(f"expected stage=value, got {item!r}")
+        out[key.strip()] = kind(value)
+    return out
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from .recipe import STAGES, RecipeConfig, train_recipe
+
+    rc = RecipeConfig(corpus=args.corpus, out=args.out, preset=args.preset, init=args.init, device=args.device,
+                      seed=args.seed, tts_speakers=args.tts_speakers.split(",") if args.tts_speakers else None)
+    rc.steps.update(_pairs(args.steps, int))
+    rc.minutes.update(_pairs(args.minutes, float))
+    rc.lr.update(_pairs(args.lr, float))
+    stages = tuple(args.stages.split(",")) if args.stages else STAGES
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; the recipe's stages are {', '.join(STAGES)}")
+    rc.stages = stages
+    for key, value in _pairs(args.codec, float).items():
+        _set(rc.codec, key, value)
+    for key, value in _pairs(args.sequence, float).items():
+        _set(rc.sequence, key, value)
+    train_recipe(rc)
+    return 0
+
+
+def _set(obj, key: str, value: float) -> None:
+    if not hasattr(obj, key):
+        raise ValueError(f"{type(obj).__name__} has no setting {key!r}")
+    setattr(obj, key, type(getattr(obj, key))(value))
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    finetune(args.model, args.audio, args.out, steps=args.steps, minutes=args.minutes, device=args.device,
+             speaker=args.speaker, whisper_model=args.whisper_model, lr=args.lr)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .loop import LOG_FILE, plot_losses
+
+    logs = sorted(Path(args.run).glob(f"**/{LOG_FILE}"))
+    if not logs:
+        raise FileNotFoundError(f"{args.run}: no {LOG_FILE} below it")
+    for log in logs:
+        png = plot_losses(log, log.parent / "losses.png", title=f"{log.parent.name} stage")
+        print(png or f"{log}: nothing to plot")
+    return 0
 
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
     """Register `michi train ...` on the top-level subparsers."""
+    p = sub.add_parser("train", help="train: the staged recipe, speaker fine-tuning, loss plots")
+    tsub = p.add_subparsers(dest="train_command", required=True)
+
+    sp = tsub.add_parser("recipe", help="text -> codec -> speak -> joint, and the text-only baseline")
+    sp.add_argument("--corpus", required=True, help="corpus directory (michi data synth / audio)")
+    sp.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
+    sp.add_argument("--preset", default="tiny", help="model size: tiny (CPU) or full (GPU)")
+    sp.add_argument("--init", default=None, help="start from this Michi checkpoint instead of random init")
+    sp.add_argument("--stages", default=None, help="comma list, default: text,codec,speak,joint,baseline")
+    sp.add_argument("--steps", default="", help="per stage, e.g. text=2000,codec=3000,speak=1000,joint=3000")
+    sp.add_argument("--minutes", default="", help="wall-time cap per stage, e.g. codec=10,joint=10")
+    sp.add_argument("--lr", default="", help="per stage learning rate, e.g. joint=3e-4")
+    sp.add_argument("--codec", default="", help="codec settings, e.g. batch_size=32,adversarial_start=1000")
+    sp.add_argument("--sequence", default="", help="speak/joint settings, e.g. batch_size=32,text_ratio=0.3")
+    sp.add_argument("--tts-speakers", default=None, help="voices the speak/joint stages learn (default: all)")
+    sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_recipe)
+
+    sp = tsub.add_parser("finetune", help="fine-tune a model on one speaker from a folder of recordings")
+    sp.add_argument("--audio", required=True, help="folder of recordings (any common format and rate)")
+    sp.add_argument("--out", required=True, help="run directory; the model lands in OUT/model")
+    sp.add_argument("--model", default=None, help="model to start from (default: the shipped model)")
+    sp.add_argument("--speaker", default="target")
+    sp.add_argument("--steps", type=int, default=500)
+    sp.add_argument("--minutes", type=float, default=None)
+    sp.add_argument("--lr", type=float, default=2e-4)
+    sp.add_argument("--whisper-model", default=None, help="local CTranslate2 Whisper directory")
+    sp.add_argument("--device", default=None)
+    sp.set_defaults(func=cmd_finetune)
+
+    sp = tsub.add_parser("plot", help="(re)draw the loss curves of a run as PNG")
+    sp.add_argument("run")
+    sp.set_defaults(func=cmd_plot)

@@ -1,0 +1,149 @@
+"""Training batches: audio crops and whole utterances (codec stage), tick sequences from shards
+(speak and joint stages) and pure text (text stages). Every draw takes a torch.Generator, so each
+torchrun rank draws its own batches from its own seed."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..audio.io import read_wav
+from ..config import SAMPLE_RATE_HZ
+from ..data.shards import Utterance, iter_utterances
+
+SEGMENTS_FILE = "segments.jsonl"
+
+
+def load_segments(corpus_dir: str | Path, splits: Sequence[str] = ("train",),
+                  speakers: Sequence[str] | None = None) -> list[dict]:
+    path = Path(corpus_dir) / SEGMENTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{corpus_dir}: no {SEGMENTS_FILE}; make a corpus with `michi data synth` "
+                                f"or `michi data audio`")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["split"] in splits and (speakers is None or r["speaker"] in speakers)]
+
+
+class AudioBank:
+    """Segment audio held in memory as int16 at 24 kHz (an hour is 173 MB)."""
+
+    def __init__(self, corpus_dir: str | Path, segments: list[dict], progress=print):
+        self.segments = segments
+        self.audio: list[np.ndarray] = []
+        for i, seg in enumerate(segments):
+            pcm, _ = read_wav(Path(corpus_dir) / seg["audio"], rate_out_hz=SAMPLE_RATE_HZ)
+            self.audio.append((np.clip(pcm, -1, 1) * 32767).astype(np.int16))
+            if (i + 1) % 500 == 0:
+                progress(f"loaded {i + 1}/{len(segments)} audio segments")
+        if not self.audio:
+            raise ValueError(f"{corpus_dir}: no audio segments to train on")
+        self.seconds = sum(len(a) for a in self.audio) / SAMPLE_RATE_HZ
+
+    def crops(self, batch: int, samples: int, gen: torch.Generator) -> torch.Tensor:
+        """[batch, samples] float32 random crops (zero-padded when a segment is shorter)."""
+        out = np.zeros((batch, samples), dtype=np.float32)
+        picks = torch.randint(len(self.audio), (batch,), generator=gen).tolist()
+        for row, i in enumerate(picks):
+            a = self.audio[i]
+            start = int(torch.randint(max(1, len(a) - samples + 1), (1,), generator=gen))
+            piece = a[start:start + samples]
+            out[row, : len(piece)] = piece / 32768.0
+        return torch.from_numpy(out)
+
+    def utterances(self, batch: int, max_samples: int, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Whole segments (cut at max_samples): audio [B, T], lengths in samples [B], texts."""
+        picks = torch.randint(len(self.audio), (batch,), generator=gen).tolist()
+        pieces = [self.audio[i][:max_samples] for i in picks]
+        out = np.zeros((batch, max(len(p) for p in pieces)), dtype=np.float32)
+        for row, p in enumerate(pieces):
+            out[row, : len(p)] = p / 32768.0
+        texts = [self.segments[i]["text"] if len(self.audio[i]) <= max_samples else _words_before(
+            self.segments[i], max_samples / SAMPLE_RATE_HZ) for i in picks]
+        return torch.from_numpy(out), torch.tensor([len(p) for p in pieces]), texts
+
+
+def _words_before(segment: dict, seconds: float) -> str:
+    """The words of a cut segment that end before the cut."""
+    return " ".join(w for w, _start, end in segment.get("words", []) if end <= seconds)
+
+
+@dataclass
+class SequenceBatch:
+    tokens: torch.Tensor  # [B, n] agent text targets
+    latents: torch.Tensor  # [B, n, D] raw agent latent targets
+    prev_tokens: torch.Tensor  # [B, n] the agent text input of each tick (the target before it)
+    prev_latents: torch.Tensor  # [B, n, D] raw
+    prev_valid: torch.Tensor  # [B, n] False where there is no previous latent (first tick)
+    mask: torch.Tensor  # [B, n] real ticks
+
+
+class SequenceBank:
+    """Tick sequences from a corpus's shards (`michi data latents`)."""
+
+    def __init__(self, corpus_dir: str | Path, split: str = "train", speakers: Sequence[str] | None = None,
+                 pad_token: int = 0):
+        self.utterances: list[Utterance] = [u for u in iter_utterances(corpus_dir, split)
+                                            if speakers is None or u.speaker in speakers]
+        if not self.utterances:
+            raise ValueError(f"{corpus_dir}: no {split} utterances in its shards"
+                             + (f" for speakers {list(speakers)}" if speakers else ""))
+        self.pad = pad_token
+        self.ticks = sum(len(u.tokens) for u in self.utterances)
+
+    def latent_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        allv = np.concatenate([u.latents for u in self.utterances])
+        return allv.mean(0), allv.std(0) + 1e-5
+
+    def batch(self, batch: int, max_ticks: int, gen: torch.Generator) -> SequenceBatch:
+        picks = torch.randint(len(self.utterances), (batch,), generator=gen).tolist()
+        windows = []
+        for i in picks:
+            u = self.utterances[i]
+            start = int(torch.randint(max(1, len(u.tokens) - max_ticks + 1), (1,), generator=gen))
+            windows.append((u, start, min(len(u.tokens), start + max_ticks)))
+        n = max(b - a for _, a, b in windows)
+        dim = self.utterances[0].latents.shape[1]
+        tokens = np.full((batch, n), self.pad, np.int64)
+        prev_tokens = np.full((batch, n), self.pad, np.int64)
+        latents = np.zeros((batch, n, dim), np.float32)
+        prev_latents = np.zeros((batch, n, dim), np.float32)
+        prev_valid = np.zeros((batch, n), bool)
+        mask = np.zeros((batch, n), bool)
+        for row, (u, a, b) in enumerate(windows):
+            k = b - a
+            tokens[row, :k] = u.tokens[a:b]
+            latents[row, :k] = u.latents[a:b]
+            mask[row, :k] = True
+            first = 1 if a == 0 else 0  # tick 0 of an utterance has no tick before it
+            prev_tokens[row, first:k] = u.tokens[a - 1 + first:b - 1]
+            prev_latents[row, first:k] = u.latents[a - 1 + first:b - 1]
+            prev_valid[row, first:k] = True
+        t = torch.from_numpy
+        return SequenceBatch(t(tokens), t(latents), t(prev_tokens), t(prev_latents), t(prev_valid), t(mask))
+
+
+class TextBank:
+    """Pure text for the LM: the passages as one token stream (EOS between them) in a numpy array;
+    a sample is BOS + a random window of it."""
+
+    def __init__(self, texts: Sequence[str], tokenizer, bos: int, eos: int):
+        pieces = [np.asarray(tokenizer.encode(t) + [eos], dtype=np.int32) for t in texts if t.strip()]
+        if not pieces:
+            raise ValueError("no text to train on")
+        self.stream = np.concatenate(pieces)
+        self.bos = bos
+        self.tokens = len(self.stream)
+
+    def batch(self, batch: int, max_tokens: int, gen: torch.Generator, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, 1 + max_tokens] (BOS + window) and a mask of real positions."""
+        width = min(max_tokens, len(self.stream))
+        starts = torch.randint(len(self.stream) - width + 1, (batch,), generator=gen).tolist()
+        out = torch.full((batch, width + 1), self.bos, dtype=torch.long)
+        for row, s in enumerate(starts):
+            out[row, 1:] = torch.from_numpy(self.stream[s:s + width].astype(np.int64))
+        return out, torch.ones_like(out, dtype=torch.bool)

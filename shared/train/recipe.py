@@ -1,0 +1,179 @@
+"""The staged recipe, in one run directory:
+
+    text -> codec -> (latents) -> speak -> joint            the model
+    text ------------------------------> baseline           same budget as joint, text only
+
+Each stage lives in `<run>/<stage>/` (state.pt, losses.jsonl, losses.png) and is skipped when
+finished, so rerunning the same command resumes the recipe where it stopped. Between codec and
+speak, the corpus is encoded with the just-trained listen encoder into `<run>/latents/` (shards
+and manifest) and the latent normalisation statistics are set from the training shards. The
+results are two Michi checkpoints: `<run>/model/` (joint) and `<run>/baseline/model/`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import preset as preset_config
+from ..model.michi import MichiModel
+from ..model.tokenizer import StreamVocab, load_tokenizer
+from .batches import AudioBank, SequenceBank, TextBank, load_segments
+from .loop import Dist, StageBudget, barrier, run_stage, setup, stage_info
+from .stages import CodecConfig, CodecStage, OptimConfig, SequenceConfig, SequenceStage
+
+STAGES = ("text", "codec", "speak", "joint", "baseline")
+
+
+@dataclass
+class RecipeConfig:
+    corpus: str
+    out: str
+    preset: str = "tiny"
+    init: str | None = None  # start from this Michi checkpoint instead of the preset's random init
+    device: str | None = None
+    seed: int = 0
+    tts_speakers: list[str] | None = None  # speak/joint train on these voices (None: all)
+    steps: dict[str, int] = field(default_factory=lambda: {
+        "text": 2000, "codec": 3000, "speak": 1000, "joint": 3000})
+    minutes: dict[str, float] = field(default_factory=dict)  # optional wall-time cap per stage
+    lr: dict[str, float] = field(default_factory=lambda: {
+        "text": 1e-3, "codec": 2e-4, "speak": 1e-3, "joint": 5e-4})
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    stages: tuple[str, ...] = STAGES
+
+
+def _budget(rc: RecipeConfig, stage: str) -> StageBudget:
+    steps = rc.steps["joint"] if stage == "baseline" else rc.steps[stage]
+    minutes = rc.minutes.get(stage, rc.minutes.get("joint") if stage == "baseline" else None)
+    return StageBudget(steps=steps, minutes=minutes, save_every=max(100, steps // 10))
+
+
+def _optim(rc: RecipeConfig, stage: str) -> OptimConfig:
+    lr = rc.lr["joint" if stage == "baseline" else stage]
+    steps = rc.steps["joint" if stage == "baseline" else stage]
+    return OptimConfig(lr=lr, total_steps=steps, warmup_steps=min(100, max(1, steps // 10)))
+
+
+def text_bank(model: MichiModel, split: str = "train") -> TextBank:
+    from ..data.text import text_corpus
+
+    tok = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
+    v = StreamVocab(model.cfg.backbone.vocab_size)
+    return TextBank(text_corpus(split), tok, v.bos, v.eos)
+
+
+def encode_corpus(model: MichiModel, corpus: str | Path, out: str | Path, shard_size: int = 500,
+                  progress: Callable[[str], None] = print) -> Path:
+    """Latents + aligned tokens of every segment with this model's listen encoder -> shards."""
+    from ..audio.io import read_wav
+    from ..data.align import align_words
+    from ..data.shards import Utterance, extract_latents, write_manifest, write_shard
+
+    out = Path(out)
+    tok = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
+    vocab = StreamVocab(model.cfg.backbone.vocab_size)
+    shards: list[dict] = []
+    for split in ("train", "heldout_sentence", "heldout_voice"):
+        segments = load_segments(corpus, (split,))
+        for first in range(0, len(segments), shard_size):
+            utterances = []
+            for seg in segments[first:first + shard_size]:
+                pcm, _ = read_wav(Path(corpus) / seg["audio"], rate_out_hz=model.cfg.sample_rate_hz)
+                latents = extract_latents(model, pcm)
+                tokens = align_words(seg["words"], len(latents), tok, vocab)
+                utterances.append(Utterance(seg["id"], seg["speaker"], seg["text"], latents, tokens, split))
+            name = f"shards/{split}-{len(shards):05d}.safetensors"
+            write_shard(out / name, utterances)
+            shards.append({"path": name, "split": split, "utterances": len(utterances),
+                           "ticks": int(sum(len(u.tokens) for u in utterances))})
+            progress(f"[latents] {name}: {len(utterances)} utterances")
+    write_manifest(out, {"latent_dim": model.cfg.latent_dim, "delay_ticks": model.cfg.audio_delay_ticks,
+                         "corpus": str(corpus), "shards": shards})
+    return out
+
+
+def set_latent_stats(model: MichiModel, bank: SequenceBank) -> None:
+    mean, std = bank.latent_stats()
+    model.latent_norm.mean.copy_(torch.from_numpy(mean))
+    model.latent_norm.std.copy_(torch.from_numpy(std))
+
+
+def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> Path:
+    d = setup(rc.device)
+    out = Path(rc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = progress if d.main else (lambda *_: None)
+    if d.main:
+        (out / "recipe.json").write_text(json.dumps(asdict(rc), indent=2, default=str))
+    torch.manual_seed(rc.seed)
+    if rc.init:
+        model, _ = load_checkpoint(rc.init, device=d.device)
+    else:
+        model = MichiModel(preset_config(rc.preset)).to(d.device)
+    tokenizer = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
+    started = time.time()
+
+    texts = text_bank(model) if {"text", "joint", "baseline"} & set(rc.stages) else None
+    if "text" in rc.stages:
+        run_stage(SequenceStage("text", "text", model, d, rc.sequence, _optim(rc, "text"), text=texts,
+                                seed=rc.seed), out / "text", _budget(rc, "text"), d, progress=log)
+    text_state = copy.deepcopy(model.state_dict())
+
+    if "codec" in rc.stages:
+        log(f"[codec] loading audio from {rc.corpus}")
+        bank = AudioBank(rc.corpus, load_segments(rc.corpus), progress=log)
+        log(f"[codec] {len(bank.audio)} segments, {bank.seconds / 60:.1f} min of audio")
+        run_stage(CodecStage(model, bank, tokenizer, d, rc.codec, _optim(rc, "codec"), seed=rc.seed),
+                  out / "codec", _budget(rc, "codec"), d, progress=log)
+        del bank
+
+    speech = None
+    if {"speak", "joint"} & set(rc.stages):
+        latents_dir = out / "latents"
+        if d.main and not (latents_dir / "manifest.json").is_file():
+            model.eval()
+            encode_corpus(model, rc.corpus, latents_dir, progress=log)
+        barrier(d)
+        speech = SequenceBank(latents_dir, "train", rc.tts_speakers, pad_token=model.backbone.vocab.pad)
+        set_latent_stats(model, speech)
+        log(f"[latents] {len(speech.utterances)} utterances, {speech.ticks} ticks "
+            f"({speech.ticks * 0.08 / 60:.1f} min) for the speak and joint stages")
+    for stage, mode in (("speak", "speak"), ("joint", "joint")):
+        if stage in rc.stages:
+            run_stage(SequenceStage(stage, mode, model, d, rc.sequence, _optim(rc, stage), speech, texts,
+                                    seed=rc.seed), out / stage, _budget(rc, stage), d, progress=log)
+    info = recipe_info(rc, out, started)
+    if d.main:
+        save_checkpoint(model, out / "model", info={**info, "trained": True})
+        log(f"model written to {out / 'model'}")
+
+    if "baseline" in rc.stages:
+        baseline = MichiModel(model.cfg, load_pretrained=False).to(d.device)
+        baseline.load_state_dict(text_state)
+        run_stage(SequenceStage("baseline", "text", baseline, d, rc.sequence, _optim(rc, "baseline"),
+                                text=texts, seed=rc.seed + 1), out / "baseline", _budget(rc, "baseline"), d,
+                  progress=log)
+        if d.main:
+            save_checkpoint(baseline, out / "baseline" / "model",
+                            info={"trained": True, "what": "text-only baseline: the text stage, then "
+                                  "the joint stage's budget on pure text", "recipe": info["recipe"]})
+    barrier(d)
+    return out / "model"
+
+
+def recipe_info(rc: RecipeConfig, out: Path, started: float) -> dict[str, Any]:
+    stages = {s: stage_info(out / s) for s in rc.stages if (out / s).is_dir()}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and (rc.device or "cuda") != "cpu" else platform.processor() or platform.machine()
+    return {"what": "trained by michi's recipe (michi train recipe)", "recipe": asdict(rc) | {"stages": list(rc.stages)},
+            "stages": stages, "hardware": device, "wall_s": round(time.time() - started, 1),
+            "corpus": str(rc.corpus)}

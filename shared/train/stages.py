@@ -1,0 +1,255 @@
+"""The training stages of the recipe (see recipe.py for their order):
+
+- text: the backbone as a plain LM on pure text (at tiny size this stands in for the pretrained
+  SmolLM2 a full-size run starts from);
+- codec: listen encoder + vocoder as an autoencoder with HiFi-GAN losses (mel L1 x45, multi-period
+  and multi-scale discriminators, feature matching), plus the listen text head's CTC loss on the
+  transcripts; noise on the latents keeps the decoder tolerant of the speak head's small errors;
+- speak: the speak head (and the latent input projections) on frozen codec latents, conditioned
+  on the hidden states of the frozen backbone;
+- joint: backbone + text head + speak head on tick sequences, with pure-text batches mixed in at
+  `text_ratio` so the LM keeps what it knew; `baseline` is the same budget on text only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..model.discriminators import (MultiPeriodDiscriminator, MultiScaleDiscriminator,
+                                    codec_generator_loss, discriminator_loss)
+from ..model.michi import MichiModel
+from .batches import AudioBank, SequenceBank, TextBank
+from .loop import Dist, wrap
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    total_steps: int = 1000  # cosine decay to 10% over this many steps
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _adamw(params, oc: OptimConfig, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=oc.lr, betas=betas,
+                             weight_decay=oc.weight_decay)
+
+
+def _apply(optimizer: torch.optim.Optimizer, loss: Tensor, step: int, oc: OptimConfig) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = oc.lr_at(step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, oc.grad_clip)
+    optimizer.step()
+
+
+# ---- codec --------------------------------------------------------------------------------------
+class Discriminators(nn.ModuleList):
+    """The discriminators as one module (one DDP wrapper): audio -> [(logits, features), ...]."""
+
+    def forward(self, audio: Tensor) -> list:
+        return [disc(audio) for disc in self]
+
+
+@dataclass
+class CodecConfig:
+    batch_size: int = 16
+    crop_ticks: int = 12  # 0.96 s crops for the autoencoder and discriminators
+    ctc_batch_size: int = 8
+    ctc_max_seconds: float = 8.0
+    ctc_weight: float = 1.0
+    latent_noise: float = 0.1  # std of the noise added to latents before the vocoder
+    latent_l2: float = 0.01
+    adversarial_start: int = 500  # mel-only warm-up steps before the discriminators join
+    disc_width: float = 1.0  # discriminator channel scale (HiFi-GAN's widths at 1.0)
+
+
+class CodecGenerator(nn.Module):
+    """Encoder -> (noisy) latents -> vocoder, and the CTC head: everything the generator trains."""
+
+    def __init__(self, model: MichiModel, cc: CodecConfig, tokenizer):
+        super().__init__()
+        self.listen, self.listen_text, self.vocoder = model.listen, model.listen_text, model.vocoder
+        self.cc, self.tokenizer, self.frame = cc, tokenizer, model.cfg.frame_samples
+
+    def forward(self, crops: Tensor, utt_audio: Tensor, utt_lengths: Tensor, texts: list[str]):
+        latents = self.listen(crops).latents
+        noisy = latents + self.cc.latent_noise * torch.randn_like(latents)
+        fake = self.vocoder(noisy)[:, : crops.shape[1]]
+        utt_audio = F.pad(utt_audio, (0, -utt_audio.shape[1] % self.frame))  # whole frames only
+        features = self.listen(utt_audio).features
+        logits = self.listen_text(features)
+        ids = [self.tokenizer.encode(t) for t in texts]
+        targets = torch.tensor([i for row in ids for i in row], dtype=torch.long, device=crops.device)
+        target_lengths = torch.tensor([len(row) for row in ids], dtype=torch.long)
+        frames = (utt_lengths + self.frame - 1) // self.frame
+        ctc = self.listen_text.ctc_loss(logits, targets, target_lengths, frames.to(logits.device))
+        return fake, latents.pow(2).mean(), ctc
+
+
+class CodecStage:
+    name = "codec"
+
+    def __init__(self, model: MichiModel, bank: AudioBank, tokenizer, d: Dist, cc: CodecConfig,
+                 oc: OptimConfig, seed: int = 0):
+        self.model, self.bank, self.d, self.cc, self.oc = model, bank, d, cc, oc
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for part in (model.listen, model.listen_text, model.vocoder):
+            for p in part.parameters():
+                p.requires_grad_(True)
+        ch = tuple(max(4, int(c * cc.disc_width)) for c in (32, 128, 512, 1024, 1024))
+        self.discs = Discriminators([MultiPeriodDiscriminator(channels=ch),
+                                    MultiScaleDiscriminator(width=max(4, int(128 * cc.disc_width)))]).to(d.device)
+        self.gen = wrap(CodecGenerator(model, cc, tokenizer).to(d.device), d)
+        self.disc = wrap(self.discs, d)
+        self.modules = {"generator": self.gen, "discriminators": self.disc}
+        self.optimizers = {"generator": _adamw(self.gen.parameters(), oc, betas=(0.8, 0.99)),
+                           "discriminators": _adamw(self.discs.parameters(), oc, betas=(0.8, 0.99))}
+        self.gen_rng = torch.Generator().manual_seed(seed * 1000 + d.rank)
+
+    def step(self, step: int) -> dict[str, float]:
+        cc, dev = self.cc, self.d.device
+        crops = self.bank.crops(cc.batch_size, cc.crop_ticks * self.model.cfg.frame_samples, self.gen_rng).to(dev)
+        utt, lengths, texts = self.bank.utterances(
+            cc.ctc_batch_size, int(cc.ctc_max_seconds * self.model.cfg.sample_rate_hz), self.gen_rng)
+        fake, latent_l2, ctc = self.gen(crops, utt.to(dev), lengths, texts)
+        adversarial = step >= cc.adversarial_start
+        discs = list(self.discs) if adversarial else []
+        g = codec_generator_loss(crops, fake, discs)
+        total = g["total"] + cc.ctc_weight * ctc + cc.latent_l2 * latent_l2
+        _apply(self.optimizers["generator"], total, step, self.oc)
+        out = {"mel": g["mel"].item(), "ctc": ctc.item(), "latent_l2": latent_l2.item()}
+        if adversarial:
+            d_loss = torch.zeros((), device=dev)
+            real_out, fake_out = self.disc(crops), self.disc(fake.detach())
+            for (real_logits, _), (fake_logits, _) in zip(real_out, fake_out):
+                d_loss = d_loss + discriminator_loss(real_logits, fake_logits)
+            _apply(self.optimizers["discriminators"], d_loss, step, self.oc)
+            out.update(adversarial=g["adversarial"].item(), features=g["features"].item(), disc=d_loss.item())
+        return out
+
+
+# ---- sequences: speak, joint, text ---------------------------------------------------------------
+class SequenceLosses(nn.Module):
+    """The backbone read tick by tick (teacher forced, in parallel) or as a plain LM on text."""
+
+    def __init__(self, model: MichiModel, flow_repeats: int = 4):
+        super().__init__()
+        self.model = model
+        self.flow_repeats = flow_repeats
+        self._silence: dict[int, Tensor] = {}
+
+    def silence_latents(self, n: int, device) -> Tensor:
+        """What the listen encoder hears in a call where the user is silent: [n, D] normalised."""
+        if n not in self._silence:
+            m = self.model
+            with torch.no_grad():
+                raw = m.listen(torch.zeros(1, n * m.cfg.frame_samples, device=device)).latents[0]
+            self._silence = {n: m.latent_norm.normalize(raw).detach()}
+        return self._silence[n]
+
+    def forward(self, kind: str, **batch) -> dict[str, Tensor]:
+        return self.speech(**batch) if kind == "speech" else self.text(**batch)
+
+    def speech(self, tokens, latents, prev_tokens, prev_latents, prev_valid, mask) -> dict[str, Tensor]:
+        m = self.model
+        bb, norm = m.backbone, m.latent_norm
+        b, n = tokens.shape
+        prev = norm.normalize(prev_latents) * prev_valid[..., None]  # a call starts from zeros
+        user = self.silence_latents(n, tokens.device)[None].expand(b, n, -1)
+        no_user_text = torch.full((b * n, 1), -1, dtype=torch.long, device=tokens.device)
+        fused = bb.embed_tick(prev_tokens.reshape(-1), prev.reshape(b * n, -1), user.reshape(b * n, -1),
+                              no_user_text).view(b, n, -1)
+        hidden = bb(fused)
+        text = F.cross_entropy(bb.text_logits(hidden[mask]), tokens[mask])
+        x = norm.normalize(latents[mask])
+        cond = hidden[mask]
+        r = self.flow_repeats
+        flow = m.speak_head.loss(x.repeat(r, 1), cond.repeat(r, 1))
+        return {"text": text, "flow": flow}
+
+    def text(self, ids, mask) -> dict[str, Tensor]:
+        bb = self.model.backbone
+        hidden = bb(bb.embed_text(ids))[:, :-1]
+        keep = mask[:, 1:]
+        return {"lm": F.cross_entropy(bb.text_logits(hidden[keep]), ids[:, 1:][keep])}
+
+
+@dataclass
+class SequenceConfig:
+    batch_size: int = 16
+    max_ticks: int = 128
+    text_batch_size: int = 16
+    max_text_tokens: int = 256
+    text_ratio: float = 0.3  # fraction of joint steps that are pure text
+    text_weight: float = 1.0  # weight of the agent text loss on speech batches
+    flow_repeats: int = 4  # noise draws per target latent in the flow loss
+
+
+class SequenceStage:
+    """`mode`: "text" (LM only), "speak" (speak head on the frozen backbone), "joint"."""
+
+    def __init__(self, name: str, mode: str, model: MichiModel, d: Dist, sc: SequenceConfig,
+                 oc: OptimConfig, speech: SequenceBank | None = None, text: TextBank | None = None,
+                 seed: int = 0):
+        if mode not in ("text", "speak", "joint"):
+            raise ValueError(f"unknown sequence stage mode {mode!r}")
+        if mode != "text" and speech is None:
+            raise ValueError(f"the {name} stage needs speech shards")
+        if mode != "speak" and text is None and not (mode == "joint" and sc.text_ratio == 0):
+            raise ValueError(f"the {name} stage needs a text corpus")
+        self.name, self.mode, self.model, self.d, self.sc, self.oc = name, mode, model, d, sc, oc
+        self.speech, self.text = speech, text
+        bb = model.backbone
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if mode == "text":
+            trained = [bb]
+        elif mode == "speak":
+            trained = [model.speak_head, bb.agent_latent_in, bb.user_latent_in, bb.stream_embed]
+        else:
+            trained = [bb, model.speak_head]
+        for part in trained:
+            for p in part.parameters():
+                p.requires_grad_(True)
+        self.losses = wrap(SequenceLosses(model, sc.flow_repeats).to(d.device), d)
+        self.modules = {"model": self.losses}
+        self.optimizers = {"model": _adamw(model.parameters(), oc)}
+        self.rng = torch.Generator().manual_seed(seed * 1000 + d.rank)
+        self.vocab = bb.vocab
+
+    def _is_text_step(self, step: int) -> bool:
+        if self.mode == "text":
+            return True
+        if self.mode == "speak" or self.sc.text_ratio <= 0:
+            return False
+        # Deterministic interleaving: text steps spread evenly at the configured ratio.
+        return math.floor((step + 1) * self.sc.text_ratio) > math.floor(step * self.sc.text_ratio)
+
+    def step(self, step: int) -> dict[str, float]:
+        dev, sc = self.d.device, self.sc
+        self.model.train()
+        if self._is_text_step(step):
+            ids, mask = self.text.batch(sc.text_batch_size, sc.max_text_tokens, self.rng, self.vocab.pad)
+            losses = self.losses("text", ids=ids.to(dev), mask=mask.to(dev))
+            total = losses["lm"]
+        else:
+            b = self.speech.batch(sc.batch_size, sc.max_ticks, self.rng)
+            losses = self.losses("speech", **{k: v.to(dev) for k, v in vars(b).items()})
+            total = losses["flow"] + (0.0 if self.mode == "speak" else sc.text_weight * losses["text"])
+        _apply(self.optimizers["model"], total, step, self.oc)
+        return {k: v.item() for k, v in losses.items()}
