@@ -24,7 +24,8 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     from .recipe import STAGES, RecipeConfig, train_recipe
 
     rc = RecipeConfig(corpus=args.corpus, out=args.out, preset=args.preset, init=args.init, device=args.device,
-                      seed=args.seed, tts_speakers=args.tts_speakers.split(",") if args.tts_speakers else None)
+                      seed=args.seed, tts_speakers=args.tts_speakers.split(",") if args.tts_speakers else None,
+                      text_file=args.text)
     rc.steps.update(_pairs(args.steps, int))
     rc.minutes.update(_pairs(args.minutes, float))
     rc.lr.update(_pairs(args.lr, float))
@@ -84,6 +85,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--codec", default="", help="codec settings, e.g. batch_size=32,adversarial_start=1000")
     sp.add_argument("--sequence", default="", help="speak/joint settings, e.g. batch_size=32,text_ratio=0.3")
     sp.add_argument("--tts-speakers", default=None, help="voices the speak/joint stages learn (default: all)")
+    sp.add_argument("--text", default=None, help="pure text, one JSON string per line (default: the offline "
+                    "Debian text corpus, michi.data.text)")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_recipe)

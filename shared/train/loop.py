@@ -35,6 +35,7 @@ class Stage(Protocol):
     name: str
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
+    rng: torch.Generator  # draws the batches; saved with the state so a resumed run draws the same
 
     def step(self, step: int) -> dict[str, float]: ...
 
@@ -89,12 +90,13 @@ def barrier(d: Dist) -> None:
 
 # ---- the loop ---------------------------------------------------------------------------------
 def run_stage(stage: Stage, out_dir: str | Path, budget: StageBudget, d: Dist,
-              on_done: Callable[[], None] | None = None, progress: Callable[[str], None] = print) -> Path:
+              progress: Callable[[str], None] = print) -> Path:
     """Train `stage` into `out_dir`; resumes from `out_dir/state.pt`. Returns out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    step, elapsed, done = _resume(stage, out, d)
-    if done:
+    step, elapsed = _resume(stage, out, d)
+    timed_out = budget.minutes is not None and elapsed >= 60 * budget.minutes
+    if step >= budget.steps or timed_out:
         progress(f"[{stage.name}] already finished at step {step} ({out}); skipping")
         return out
     if step:
@@ -128,8 +130,6 @@ def run_stage(stage: Stage, out_dir: str | Path, budget: StageBudget, d: Dist,
     _save(stage, out, step, time.perf_counter() - start, True, d)
     if d.main:
         plot_losses(out / LOG_FILE, out / "losses.png", title=f"{stage.name} stage")
-        if on_done is not None:
-            on_done()
     barrier(d)
     return out
 
@@ -145,22 +145,30 @@ def _save(stage: Stage, out: Path, step: int, elapsed: float, done: bool, d: Dis
         "step": step, "elapsed_s": elapsed, "done": done,
         "modules": {k: _unwrap(m).state_dict() for k, m in stage.modules.items()},
         "optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},
+        "rng": {"batches": stage.rng.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
     tmp = out / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / STATE_FILE)
 
 
-def _resume(stage: Stage, out: Path, d: Dist) -> tuple[int, float, bool]:
+def _resume(stage: Stage, out: Path, d: Dist) -> tuple[int, float]:
     path = out / STATE_FILE
     if not path.is_file():
-        return 0, 0.0, False
+        return 0, 0.0
     state = torch.load(path, map_location=d.device, weights_only=True)
     for key, module in stage.modules.items():
         _unwrap(module).load_state_dict(state["modules"][key])
     for key, optimizer in stage.optimizers.items():
         optimizer.load_state_dict(state["optimizers"][key])
-    return int(state["step"]), float(state["elapsed_s"]), bool(state["done"])
+    rng = state.get("rng", {})
+    if "batches" in rng:  # noise draws (flow, latents) and batch draws continue where they were
+        stage.rng.set_state(rng["batches"].cpu())
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    return int(state["step"]), float(state["elapsed_s"])
 
 
 def stage_info(out_dir: str | Path) -> dict[str, Any]:
@@ -192,7 +200,7 @@ def plot_losses(log_file: str | Path, png: str | Path, title: str = "") -> Path 
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([s for s, _ in points], [v for _, v in points], lw=1)
+        ax.plot([s for s, _ in points], [v for _, v in points], lw=1, marker="." if len(points) < 30 else None)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -42,6 +42,7 @@ class RecipeConfig:
     device: str | None = None
     seed: int = 0
     tts_speakers: list[str] | None = None  # speak/joint train on these voices (None: all)
+    text_file: str | None = None  # pure text, one JSON string per line (None: michi.data.text)
     steps: dict[str, int] = field(default_factory=lambda: {
         "text": 2000, "codec": 3000, "speak": 1000, "joint": 3000})
     minutes: dict[str, float] = field(default_factory=dict)  # optional wall-time cap per stage
@@ -64,12 +65,20 @@ def _optim(rc: RecipeConfig, stage: str) -> OptimConfig:
     return OptimConfig(lr=lr, total_steps=steps, warmup_steps=min(100, max(1, steps // 10)))
 
 
-def text_bank(model: MichiModel, split: str = "train") -> TextBank:
-    from ..data.text import text_corpus
+def read_texts(text_file: str | Path | None, split: str = "train") -> list[str]:
+    """Passages from a JSON-lines file (one string per line), or the offline text corpus."""
+    if text_file is None:
+        from ..data.text import text_corpus
 
+        return text_corpus(split)
+    lines = Path(text_file).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def text_bank(model: MichiModel, text_file: str | Path | None = None) -> TextBank:
     tok = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
     v = StreamVocab(model.cfg.backbone.vocab_size)
-    return TextBank(text_corpus(split), tok, v.bos, v.eos)
+    return TextBank(read_texts(text_file), tok, v.bos, v.eos)
 
 
 def encode_corpus(model: MichiModel, corpus: str | Path, out: str | Path, shard_size: int = 500,
@@ -123,7 +132,7 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
     tokenizer = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
     started = time.time()
 
-    texts = text_bank(model) if {"text", "joint", "baseline"} & set(rc.stages) else None
+    texts = text_bank(model, rc.text_file) if {"text", "joint", "baseline"} & set(rc.stages) else None
     if "text" in rc.stages:
         run_stage(SequenceStage("text", "text", model, d, rc.sequence, _optim(rc, "text"), text=texts,
                                 seed=rc.seed), out / "text", _budget(rc, "text"), d, progress=log)

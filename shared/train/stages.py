@@ -119,13 +119,13 @@ class CodecStage:
         self.modules = {"generator": self.gen, "discriminators": self.disc}
         self.optimizers = {"generator": _adamw(self.gen.parameters(), oc, betas=(0.8, 0.99)),
                            "discriminators": _adamw(self.discs.parameters(), oc, betas=(0.8, 0.99))}
-        self.gen_rng = torch.Generator().manual_seed(seed * 1000 + d.rank)
+        self.rng = torch.Generator().manual_seed(seed * 1000 + d.rank)
 
     def step(self, step: int) -> dict[str, float]:
         cc, dev = self.cc, self.d.device
-        crops = self.bank.crops(cc.batch_size, cc.crop_ticks * self.model.cfg.frame_samples, self.gen_rng).to(dev)
+        crops = self.bank.crops(cc.batch_size, cc.crop_ticks * self.model.cfg.frame_samples, self.rng).to(dev)
         utt, lengths, texts = self.bank.utterances(
-            cc.ctc_batch_size, int(cc.ctc_max_seconds * self.model.cfg.sample_rate_hz), self.gen_rng)
+            cc.ctc_batch_size, int(cc.ctc_max_seconds * self.model.cfg.sample_rate_hz), self.rng)
         fake, latent_l2, ctc = self.gen(crops, utt.to(dev), lengths, texts)
         adversarial = step >= cc.adversarial_start
         discs = list(self.discs) if adversarial else []
