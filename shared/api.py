@@ -58,12 +58,26 @@ class Michi:
         return self.model.parameter_counts()
 
 
-def load(source: str | Path = "tiny", device: str = "cpu", backbone: str | Path | None = None,
+# The model this project trained and ships (its card: weights/michi-tiny/MODEL_CARD.md).
+DEFAULT_MODEL = Path(__file__).parent / "weights" / "michi-tiny"
+
+
+def resolve_source(source: str | Path) -> str | Path:
+    """"default" -> the shipped model's directory; anything else unchanged."""
+    if str(source) != "default":
+        return source
+    if not (DEFAULT_MODEL / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"the default model is missing from {DEFAULT_MODEL}; reinstall michi, or "
+                                f"name a preset (tiny, full) or a checkpoint directory")
+    return DEFAULT_MODEL
+
+
+def load(source: str | Path = "default", device: str = "cpu", backbone: str | Path | None = None,
          seed: int = 0) -> Michi:
-    """`source` is a preset name ("tiny", "full": random weights, seeded) or a Michi checkpoint
-    directory. `backbone` initialises the backbone (shape and weights) from a local Hugging Face
+    """`source` is "default" (the trained model shipped with michi), a preset name ("tiny",
+    "full": random weights, seeded) or a Michi checkpoint directory. `backbone` initialises the backbone (shape and weights) from a local Hugging Face
     Llama-family checkpoint directory, e.g. SmolLM2-360M; the heads stay random."""
-    path = Path(source)
+    path = Path(resolve_source(source))
     if (path / CONFIG_FILE).is_file():
         if backbone is not None:
             raise ValueError("backbone= only applies to a preset; a checkpoint carries its own backbone")

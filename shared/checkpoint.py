@@ -53,13 +53,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(model: MichiModel, path: str | Path, info: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(model: MichiModel, path: str | Path, info: dict[str, Any] | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
     """Write `path/config.json` and `path/model.safetensors`. `info` says what the weights are;
-    `info["trained"]` must be True only for weights this project's training code produced."""
+    `info["trained"]` must be True only for weights this project's training code produced.
+    `dtype` (e.g. torch.float16) stores the floating-point weights smaller; loading casts them back
+    to the model's dtype. The latent statistics always stay float32."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = path / WEIGHTS_FILE
     tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state(model).items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() and not k.startswith("latent_norm.") else v
+                   for k, v in tensors.items()}
     save_file(tensors, str(weights), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     config = model.cfg.to_dict()
     config["backbone"]["hf_path"] = None  # the weights are all here now

@@ -15,6 +15,8 @@ from .config import MichiConfig, preset
 from .model.backbone import backbone_config_from_hf
 from .model.michi import MichiModel
 
+MODEL_HELP = "default (the shipped trained model), a preset (tiny, full: random weights) or a checkpoint directory"
+
 
 def _warn_untrained(michi: Michi) -> None:
     if not michi.trained:
@@ -22,8 +24,10 @@ def _warn_untrained(michi: Michi) -> None:
 
 
 def _config_for(source: str, backbone: str | None) -> tuple[MichiConfig, dict]:
+    from .api import resolve_source
     from .checkpoint import CONFIG_FILE, read_checkpoint_config
 
+    source = str(resolve_source(source))
     if (Path(source) / CONFIG_FILE).is_file():
         return read_checkpoint_config(source)
     cfg = preset(source)
@@ -175,11 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", default="tiny", help="preset (tiny, full) or checkpoint directory")
+        sp.add_argument("--model", default="default", help=MODEL_HELP)
         sp.add_argument("--seed", type=int, default=0)
 
     sp = sub.add_parser("info", help="config and parameter count per part")
-    sp.add_argument("--model", default="tiny", help="preset (tiny, full) or checkpoint directory")
+    sp.add_argument("--model", default="default", help=MODEL_HELP)
     sp.add_argument("--backbone", default=None, help="local Hugging Face Llama checkpoint directory")
     sp.add_argument("--json", action="store_true", help="also print the config as JSON")
     sp.set_defaults(func=cmd_info)
@@ -199,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_continue)
 
     sp = sub.add_parser("up", help="start every stage (listen, backbone, vocoder, gateway) on this machine")
-    sp.add_argument("--model", default="tiny", help="preset (tiny, full) or checkpoint directory")
+    sp.add_argument("--model", default="default", help=MODEL_HELP)
     sp.add_argument("--port", type=int, default=50060, help="gateway port")
     sp.add_argument("--stage-threads", type=int, default=1, help="torch threads per stage process")
     sp.add_argument("--backbone-replicas", type=int, default=1)

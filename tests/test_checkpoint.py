@@ -19,6 +19,20 @@ def saved(tmp_path_factory):
     return model, path
 
 
+def test_half_precision_storage(saved, tmp_path):
+    model, full_path = saved
+    path = save_checkpoint(model, tmp_path / "half", dtype=torch.float16)
+    size = lambda p: (p / "model.safetensors").stat().st_size
+    assert size(path) < 0.55 * size(full_path)
+    loaded, _ = load_checkpoint(path)
+    for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert got.dtype == want.dtype, name  # back in the model's dtype
+        if name.startswith("latent_norm."):
+            assert torch.equal(got, want), name  # statistics stay exact
+        else:
+            assert torch.allclose(got, want, rtol=1e-3, atol=1e-4), name
+
+
 def _copy(src, dst):
     dst.mkdir()
     for f in src.iterdir():

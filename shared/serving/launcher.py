@@ -45,7 +45,7 @@ class Mesh:
     """A running mesh of stage processes. Extra replicas: `replicas={"backbone": 2}`. Extra flags
     per stage (every replica of it): `stage_args={"backbone": ["--metrics-port", "9102"]}`."""
 
-    model: str = "tiny"
+    model: str = "default"
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     replicas: dict[str, int] = field(default_factory=dict)
     gateway_args: list[str] = field(default_factory=list)

@@ -12,7 +12,8 @@ def stage_parser(name: str, default_port: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"michi-{name}", description=f"Michi {name} stage (gRPC)")
     p.add_argument("--host", default=env("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env(f"{name.upper()}_PORT", default_port)))
-    p.add_argument("--model", default=env("MODEL", "tiny"), help="preset or checkpoint directory")
+    p.add_argument("--model", default=env("MODEL", "default"), help="default (the shipped model), a preset or "
+                   "a checkpoint directory")
     p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="torch threads (0: all cores)")
     p.add_argument("--metrics-port", type=int, default=int(env(f"{name.upper()}_METRICS_PORT", "0")))

@@ -82,7 +82,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--steps", default="", help="per stage, e.g. text=2000,codec=3000,speak=1000,joint=3000")
     sp.add_argument("--minutes", default="", help="wall-time cap per stage, e.g. codec=10,joint=10")
     sp.add_argument("--lr", default="", help="per stage learning rate, e.g. joint=3e-4")
-    sp.add_argument("--codec", default="", help="codec settings, e.g. batch_size=32,adversarial_start=1000")
+    sp.add_argument("--codec", default="", help="codec settings, e.g. batch_size=32,adversarial_after=0.3")
     sp.add_argument("--sequence", default="", help="speak/joint settings, e.g. batch_size=32,text_ratio=0.3")
     sp.add_argument("--tts-speakers", default=None, help="voices the speak/joint stages learn (default: all)")
     sp.add_argument("--text", default=None, help="pure text, one JSON string per line (default: the offline "

@@ -21,6 +21,7 @@ from torch import nn
 
 STATE_FILE = "state.pt"
 LOG_FILE = "losses.jsonl"
+PROGRESS_FILE = "progress.json"  # step and wall time of the last save, readable without torch
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Stage(Protocol):
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     rng: torch.Generator  # draws the batches; saved with the state so a resumed run draws the same
+    progress: float  # fraction of the stage done (steps or time budget, the larger), set by the loop
 
     def step(self, step: int) -> dict[str, float]: ...
 
@@ -107,6 +109,8 @@ def run_stage(stage: Stage, out_dir: str | Path, budget: StageBudget, d: Dist,
         if budget.minutes is not None and time.perf_counter() - start > 60 * budget.minutes:
             progress(f"[{stage.name}] time budget of {budget.minutes} min reached at step {step}")
             break
+        wall = time.perf_counter() - start
+        stage.progress = max(step / budget.steps, wall / (60 * budget.minutes) if budget.minutes else 0.0)
         losses = stage.step(step)
         step += 1
         for key, value in losses.items():
@@ -151,6 +155,7 @@ def _save(stage: Stage, out: Path, step: int, elapsed: float, done: bool, d: Dis
     tmp = out / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / STATE_FILE)
+    (out / PROGRESS_FILE).write_text(json.dumps({"step": step, "wall_s": round(elapsed, 1), "done": done}))
 
 
 def _resume(stage: Stage, out: Path, d: Dist) -> tuple[int, float]:
@@ -172,12 +177,13 @@ def _resume(stage: Stage, out: Path, d: Dist) -> tuple[int, float]:
 
 
 def stage_info(out_dir: str | Path) -> dict[str, Any]:
-    """Steps and wall time of a finished (or interrupted) stage, for model cards."""
+    """Steps, wall time and last logged losses of a stage, for model cards."""
     out = Path(out_dir)
+    saved = json.loads((out / PROGRESS_FILE).read_text()) if (out / PROGRESS_FILE).is_file() else {}
     rows = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()] if (out / LOG_FILE).is_file() else []
     last = rows[-1] if rows else {}
-    return {"steps": last.get("step", 0), "wall_s": last.get("wall_s", 0.0),
-            "final_losses": {k: v for k, v in last.items() if k not in {"step", "wall_s"}}}
+    return {"steps": saved.get("step", 0), "wall_s": saved.get("wall_s", 0.0),
+            "final_losses": {k: round(v, 4) for k, v in last.items() if k not in {"step", "wall_s"}}}
 
 
 def plot_losses(log_file: str | Path, png: str | Path, title: str = "") -> Path | None:

@@ -54,15 +54,17 @@ class RecipeConfig:
 
 
 def _budget(rc: RecipeConfig, stage: str) -> StageBudget:
-    steps = rc.steps["joint"] if stage == "baseline" else rc.steps[stage]
-    minutes = rc.minutes.get(stage, rc.minutes.get("joint") if stage == "baseline" else None)
-    return StageBudget(steps=steps, minutes=minutes, save_every=max(100, steps // 10))
+    if stage == "baseline":  # exactly the steps the joint stage took (it may have hit its time cap)
+        steps = stage_info(Path(rc.out) / "joint")["steps"] or rc.steps["joint"]
+        return StageBudget(steps=steps, save_every=max(100, steps // 10))
+    steps = rc.steps[stage]
+    return StageBudget(steps=steps, minutes=rc.minutes.get(stage), save_every=max(100, steps // 10))
 
 
 def _optim(rc: RecipeConfig, stage: str) -> OptimConfig:
     lr = rc.lr["joint" if stage == "baseline" else stage]
     steps = rc.steps["joint" if stage == "baseline" else stage]
-    return OptimConfig(lr=lr, total_steps=steps, warmup_steps=min(100, max(1, steps // 10)))
+    return OptimConfig(lr=lr, warmup_steps=min(100, max(1, steps // 10)))
 
 
 def read_texts(text_file: str | Path | None, split: str = "train") -> list[str]:

@@ -32,13 +32,13 @@ class OptimConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    total_steps: int = 1000  # cosine decay to 10% over this many steps
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, progress: float) -> float:
+        """Linear warm-up over steps, then cosine decay to 10% over the stage's progress (the
+        fraction of its steps or of its time budget spent, whichever is larger)."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _adamw(params, oc: OptimConfig, betas=(0.9, 0.95)) -> torch.optim.AdamW:
@@ -46,9 +46,9 @@ def _adamw(params, oc: OptimConfig, betas=(0.9, 0.95)) -> torch.optim.AdamW:
                              weight_decay=oc.weight_decay)
 
 
-def _apply(optimizer: torch.optim.Optimizer, loss: Tensor, step: int, oc: OptimConfig) -> None:
+def _apply(optimizer: torch.optim.Optimizer, loss: Tensor, step: int, progress: float, oc: OptimConfig) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = oc.lr_at(step)
+        group["lr"] = oc.lr_at(step, progress)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -73,7 +73,7 @@ class CodecConfig:
     ctc_weight: float = 1.0
     latent_noise: float = 0.1  # std of the noise added to latents before the vocoder
     latent_l2: float = 0.01
-    adversarial_start: int = 500  # mel-only warm-up steps before the discriminators join
+    adversarial_after: float = 0.3  # mel-only warm-up (fraction of the stage) before the discriminators join
     disc_width: float = 1.0  # discriminator channel scale (HiFi-GAN's widths at 1.0)
 
 
@@ -120,6 +120,7 @@ class CodecStage:
         self.optimizers = {"generator": _adamw(self.gen.parameters(), oc, betas=(0.8, 0.99)),
                            "discriminators": _adamw(self.discs.parameters(), oc, betas=(0.8, 0.99))}
         self.rng = torch.Generator().manual_seed(seed * 1000 + d.rank)
+        self.progress = 0.0  # set by the loop before each step
 
     def step(self, step: int) -> dict[str, float]:
         cc, dev = self.cc, self.d.device
@@ -127,18 +128,18 @@ class CodecStage:
         utt, lengths, texts = self.bank.utterances(
             cc.ctc_batch_size, int(cc.ctc_max_seconds * self.model.cfg.sample_rate_hz), self.rng)
         fake, latent_l2, ctc = self.gen(crops, utt.to(dev), lengths, texts)
-        adversarial = step >= cc.adversarial_start
+        adversarial = self.progress >= cc.adversarial_after
         discs = list(self.discs) if adversarial else []
         g = codec_generator_loss(crops, fake, discs)
         total = g["total"] + cc.ctc_weight * ctc + cc.latent_l2 * latent_l2
-        _apply(self.optimizers["generator"], total, step, self.oc)
+        _apply(self.optimizers["generator"], total, step, self.progress, self.oc)
         out = {"mel": g["mel"].item(), "ctc": ctc.item(), "latent_l2": latent_l2.item()}
         if adversarial:
             d_loss = torch.zeros((), device=dev)
             real_out, fake_out = self.disc(crops), self.disc(fake.detach())
             for (real_logits, _), (fake_logits, _) in zip(real_out, fake_out):
                 d_loss = d_loss + discriminator_loss(real_logits, fake_logits)
-            _apply(self.optimizers["discriminators"], d_loss, step, self.oc)
+            _apply(self.optimizers["discriminators"], d_loss, step, self.progress, self.oc)
             out.update(adversarial=g["adversarial"].item(), features=g["features"].item(), disc=d_loss.item())
         return out
 
@@ -230,6 +231,7 @@ class SequenceStage:
         self.modules = {"model": self.losses}
         self.optimizers = {"model": _adamw(model.parameters(), oc)}
         self.rng = torch.Generator().manual_seed(seed * 1000 + d.rank)
+        self.progress = 0.0  # set by the loop before each step
         self.vocab = bb.vocab
 
     def _is_text_step(self, step: int) -> bool:
@@ -251,5 +253,5 @@ class SequenceStage:
             b = self.speech.batch(sc.batch_size, sc.max_ticks, self.rng)
             losses = self.losses("speech", **{k: v.to(dev) for k, v in vars(b).items()})
             total = losses["flow"] + (0.0 if self.mode == "speak" else sc.text_weight * losses["text"])
-        _apply(self.optimizers["model"], total, step, self.oc)
+        _apply(self.optimizers["model"], total, step, self.progress, self.oc)
         return {k: v.item() for k, v in losses.items()}

@@ -58,7 +58,7 @@ def mesh(redis_server, tmp_path_factory):
     logs = tmp_path_factory.mktemp("mesh-logs")
     ports = {s: free_port() for s in ("gateway", "listen", "backbone", "vocoder")}
     metrics_port = free_port()
-    m = Mesh(ports=ports, replicas={"backbone": 2, "vocoder": 2}, threads=1, log_dir=str(logs),
+    m = Mesh(model="tiny", ports=ports, replicas={"backbone": 2, "vocoder": 2}, threads=1, log_dir=str(logs),
              env={"REDIS_URL": redis_server.url}, gateway_args=["--metrics-port", str(metrics_port)])
     m.start(timeout_s=240)
     fast_port = free_port()

@@ -33,7 +33,7 @@ def _losses(run_dir, key):
 
 def test_text_stage_learns(tmp_path):
     model = _model()
-    stage = SequenceStage("text", "text", model, CPU, SMALL, OptimConfig(lr=3e-3, warmup_steps=5, total_steps=60),
+    stage = SequenceStage("text", "text", model, CPU, SMALL, OptimConfig(lr=3e-3, warmup_steps=5),
                           text=_text_bank(["the cat sat on the mat. " * 8]))
     run_stage(stage, tmp_path, StageBudget(steps=60, log_every=10), CPU, progress=lambda _: None)
     lm = _losses(tmp_path, "lm")
@@ -47,7 +47,7 @@ class Interrupt(Exception):
 
 def test_resume_equals_uninterrupted(tmp_path):
     text = _text_bank(["a few words to learn, again and again. " * 4])
-    oc = OptimConfig(lr=1e-3, warmup_steps=2, total_steps=6)
+    oc = OptimConfig(lr=1e-3, warmup_steps=2)
     budget = StageBudget(steps=6, log_every=1, save_every=3)
 
     whole = _model()
@@ -70,10 +70,10 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_codec_then_speak_stages_learn(tmp_path, mini_corpus):
     model = _model()
-    cc = CodecConfig(batch_size=4, crop_ticks=4, ctc_batch_size=2, adversarial_start=20, disc_width=0.0625)
+    cc = CodecConfig(batch_size=4, crop_ticks=4, ctc_batch_size=2, adversarial_after=0.8, disc_width=0.0625)
     bank = AudioBank(mini_corpus, load_segments(mini_corpus), progress=lambda _: None)
     tok = ByteTokenizer()
-    run_stage(CodecStage(model, bank, tok, CPU, cc, OptimConfig(lr=2e-3, warmup_steps=5, total_steps=24)),
+    run_stage(CodecStage(model, bank, tok, CPU, cc, OptimConfig(lr=2e-3, warmup_steps=5)),
               tmp_path / "codec", StageBudget(steps=24, log_every=4), CPU, progress=lambda _: None)
     mel = _losses(tmp_path / "codec", "mel")
     assert mel[-1] < mel[0], mel
@@ -84,8 +84,7 @@ def test_codec_then_speak_stages_learn(tmp_path, mini_corpus):
     speech = SequenceBank(tmp_path / "latents", pad_token=StreamVocab(256).pad)
     assert len(speech.utterances) == 10  # the heldout_sentence ones are kept apart
     set_latent_stats(model, speech)
-    run_stage(SequenceStage("speak", "speak", model, CPU, SMALL, OptimConfig(lr=2e-3, warmup_steps=5,
-                                                                             total_steps=40), speech),
+    run_stage(SequenceStage("speak", "speak", model, CPU, SMALL, OptimConfig(lr=2e-3, warmup_steps=5), speech),
               tmp_path / "speak", StageBudget(steps=40, log_every=8), CPU, progress=lambda _: None)
     flow = _losses(tmp_path / "speak", "flow")
     assert flow[-1] < flow[0], flow
