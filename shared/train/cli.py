@@ -1,7 +1,7 @@
 """`michi train ...` subcommands: the recipe (all stages or some), speaker fine-tuning, loss plots.
 
 Under torchrun every command runs one rank per process:
-    torchrun --nproc_per_node 8 -m michi.cli train recipe --preset full --corpus data/synth --out runs/full
+    torchrun --nproc_per_node 8 -m michi.train recipe --preset full --corpus data/synth --out runs/full
 """
 from __future__ import annotations
 
@@ -106,3 +106,18 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     sp = tsub.add_parser("plot", help="(re)draw the loss curves of a run as PNG")
     sp.add_argument("run")
     sp.set_defaults(func=cmd_plot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m michi.train ...` (e.g. under torchrun): the train commands alone, without the
+    serving and data-pipeline imports of the full CLI."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m michi.train")
+    add_train_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -26,7 +26,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import preset as preset_config
 from ..model.michi import MichiModel
 from ..model.tokenizer import StreamVocab, load_tokenizer
-from .batches import AudioBank, SequenceBank, TextBank, load_segments
+from .batches import AudioBank, SequenceBank, TextBank, load_segments, read_audio
 from .loop import Dist, StageBudget, barrier, run_stage, setup, stage_info
 from .stages import CodecConfig, CodecStage, OptimConfig, SequenceConfig, SequenceStage
 
@@ -86,7 +86,6 @@ def text_bank(model: MichiModel, text_file: str | Path | None = None) -> TextBan
 def encode_corpus(model: MichiModel, corpus: str | Path, out: str | Path, shard_size: int = 500,
                   progress: Callable[[str], None] = print) -> Path:
     """Latents + aligned tokens of every segment with this model's listen encoder -> shards."""
-    from ..audio.io import read_wav
     from ..data.align import align_words
     from ..data.shards import Utterance, extract_latents, write_manifest, write_shard
 
@@ -98,9 +97,9 @@ def encode_corpus(model: MichiModel, corpus: str | Path, out: str | Path, shard_
         segments = load_segments(corpus, (split,))
         for first in range(0, len(segments), shard_size):
             utterances = []
-            for seg in segments[first:first + shard_size]:
-                pcm, _ = read_wav(Path(corpus) / seg["audio"], rate_out_hz=model.cfg.sample_rate_hz)
-                latents = extract_latents(model, pcm)
+            chunk = segments[first:first + shard_size]
+            for seg, pcm in zip(chunk, read_audio(corpus, chunk)):
+                latents = extract_latents(model, pcm.astype(np.float32) / 32768.0)
                 tokens = align_words(seg["words"], len(latents), tok, vocab)
                 utterances.append(Utterance(seg["id"], seg["speaker"], seg["text"], latents, tokens, split))
             name = f"shards/{split}-{len(shards):05d}.safetensors"
@@ -142,7 +141,7 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
 
     if "codec" in rc.stages:
         log(f"[codec] loading audio from {rc.corpus}")
-        bank = AudioBank(rc.corpus, load_segments(rc.corpus), progress=log)
+        bank = AudioBank(rc.corpus, load_segments(rc.corpus))
         log(f"[codec] {len(bank.audio)} segments, {bank.seconds / 60:.1f} min of audio")
         run_stage(CodecStage(model, bank, tokenizer, d, rc.codec, _optim(rc, "codec"), seed=rc.seed),
                   out / "codec", _budget(rc, "codec"), d, progress=log)

@@ -71,7 +71,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_codec_then_speak_stages_learn(tmp_path, mini_corpus):
     model = _model()
     cc = CodecConfig(batch_size=4, crop_ticks=4, ctc_batch_size=2, adversarial_after=0.8, disc_width=0.0625)
-    bank = AudioBank(mini_corpus, load_segments(mini_corpus), progress=lambda _: None)
+    bank = AudioBank(mini_corpus, load_segments(mini_corpus))
     tok = ByteTokenizer()
     run_stage(CodecStage(model, bank, tok, CPU, cc, OptimConfig(lr=2e-3, warmup_steps=5)),
               tmp_path / "codec", StageBudget(steps=24, log_every=4), CPU, progress=lambda _: None)

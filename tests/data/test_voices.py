@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from michi.data import voices
+from michi.data.text import bytes_of
+
+TEXT = "The old barn stood near the quiet river bend."
+
+
+@pytest.mark.parametrize("voice_id", sorted(voices.VOICES))
+def test_every_voice_speaks_slowly_enough(voice_id):
+    pcm = voices.synthesize(voice_id, TEXT)
+    assert pcm.dtype == np.float32 and pcm.ndim == 1 and np.all(np.isfinite(pcm))
+    assert 0.85 < np.abs(pcm).max() <= 0.9 + 1e-6
+    trimmed, _ = voices.trim_silence(pcm)
+    bps = bytes_of(TEXT) / (len(trimmed) / 24000)
+    assert 6.0 < bps < 12.5, f"{voice_id}: {bps:.1f} text bytes/s"
+    faster, _ = voices.trim_silence(voices.synthesize(voice_id, TEXT, rate=1.5))
+    assert len(faster) < 0.85 * len(trimmed)
+
+
+def test_defaults_and_batch():
+    assert voices.DEFAULT_TTS_VOICE in voices.DEFAULT_TRAIN_VOICES
+    held = voices.VOICES[voices.DEFAULT_HELDOUT_VOICE]
+    assert held.engine != "espeak"
+    assert all(voices.VOICES[v].speaker != held.speaker for v in voices.DEFAULT_TRAIN_VOICES)
+    out = voices.synthesize_batch("festival-kal", ["Hello there my friend.", "Good night to you all."])
+    assert all(isinstance(x, np.ndarray) and len(x) > 24000 for x in out)
+    with pytest.raises(ValueError, match="unknown voice"):
+        voices.synthesize("nobody", "hi")
+
+
+def test_trim_silence_keeps_point_two_seconds():
+    sr = 24000
+    tone = 0.5 * np.sin(np.arange(sr) * 2 * np.pi * 220 / sr).astype(np.float32)
+    pcm = np.concatenate([np.zeros(sr), tone, np.zeros(2 * sr)]).astype(np.float32)
+    out, cut = voices.trim_silence(pcm, sr, keep_s=0.2)
+    assert abs(len(out) / sr - 1.4) < 0.03 and abs(cut - 0.8) < 0.02
+    out2, cut2 = voices.trim_silence(tone, sr, keep_s=0.2)  # no silence: padded
+    assert abs(len(out2) / sr - 1.4) < 0.03 and abs(cut2 + 0.2) < 0.02
