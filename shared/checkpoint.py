@@ -45,7 +45,7 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -81,7 +81,7 @@ def save_checkpoint(model: MichiModel, path: str | Path, info: dict[str, Any] | 
         "format_version": FORMAT_VERSION,
         "config": config,
         "info": {"trained": False, **(info or {})},
-        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights)},
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights)},
     }
     (path / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
     return path
@@ -123,7 +123,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{path}: missing {WEIGHTS_FILE}")
-    if verify_hash and info.get("sha256") and _sha256(weights) != info["sha256"]:
+    if verify_hash and info.get("sha256") and sha256_file(weights) != info["sha256"]:
         raise CheckpointError(f"{weights}: SHA-256 does not match {CONFIG_FILE}; the file is corrupt, "
                               f"truncated or from another checkpoint")
     try:

@@ -41,8 +41,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # count parameters without allocating them
         counts = MichiModel(cfg, load_pretrained=False).parameter_counts()
     b = cfg.backbone
-    print(f"model: {args.model} (preset {cfg.preset}); weights: {'trained' if info.get('trained') else 'UNTRAINED'}"
-          f" ({info.get('weights', info.get('note', ''))})")
+    from .api import resolve_source
+
+    about = info.get("weights") or info.get("what") or info.get("note", "")
+    print(f"model: {resolve_source(args.model)} (preset {cfg.preset}); weights: "
+          f"{'trained' if info.get('trained') else 'UNTRAINED'} ({about})")
     print(f"backbone: hidden {b.hidden_size}, {b.num_layers} layers, {b.num_heads}/{b.num_kv_heads} heads, "
           f"FFN {b.ffn_size}, vocab {b.vocab_size} (+stream tokens), tokenizer {b.tokenizer}")
     print(f"audio: {cfg.sample_rate_hz} Hz, {cfg.frame_samples} samples per 80 ms tick, latent dim {cfg.latent_dim}")

@@ -12,11 +12,11 @@
 """
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
-from .pipeline import read_jsonl
 
 TICK_SAMPLES = 1920  # 80 ms at 24 kHz
 
@@ -40,6 +40,11 @@ def text_fit_padding(words: list, num_samples: int) -> int:
     st: dict = {}
     align_words([tuple(w) for w in words], n, ByteTokenizer(256), StreamVocab(256), st)
     return st["dropped"] * TICK_SAMPLES + (-num_samples) % TICK_SAMPLES if st["dropped"] else 0
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def load_segments(corpus_dir: str | Path, split: str | None = None) -> list[dict]:

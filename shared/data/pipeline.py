@@ -57,11 +57,6 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def write_flac_atomic(path: str | Path, pcm, rate_hz: int) -> None:
     """16-bit mono FLAC, atomically."""
     import numpy as np

@@ -16,6 +16,7 @@ with the same Debian packages.
 from __future__ import annotations
 
 import hashlib
+import json
 import html
 import re
 from functools import lru_cache
@@ -215,3 +216,29 @@ def text_corpus(split: str = "train") -> list[str]:
     """Passages (fortunes, WordNet glosses, Python docs prose) for text-only LM training;
     split "train", "heldout" (stable ~5 %) or "all". Order: by source, then file order."""
     return _select(list(_all_passages()), split)
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Documents from a file: JSONL (one {"text": ...} per line), a directory (every *.txt file is one
+    document, in name order), or plain text (documents separated by blank lines)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.txt files")
+        return [f.read_text(encoding="utf-8") for f in files]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix in (".jsonl", ".json"):
+        texts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+            texts.append(doc["text"] if isinstance(doc, dict) else str(doc))
+        return texts
+    return [t.strip("\n") for t in raw.split("\n\n") if t.strip()]

@@ -99,7 +99,9 @@ def _run_speech(tasks: tuple[str, ...], args: argparse.Namespace, eval_sub: Any 
     t0 = time.perf_counter()
     if args.corpus:
         sets = speech.load_segments(args.corpus, limit=limit)
-        sentences: list = list({it.text: it for it in sets.get("heldout_sentence", [])}.values())
+        # TTS speaks distinct held-out sentences (every training voice reads each of them).
+        every = speech.load_segments(args.corpus, splits=("heldout_sentence",))["heldout_sentence"]
+        sentences: list = speech.spread(list({it.text: it for it in every}.values()), limit)
         voice_sets = {k: v for k, v in sets.items() if v}
         report["items"] = {"source": str(Path(args.corpus).resolve()),
                            **{k: len(v) for k, v in sets.items()}}

@@ -3,7 +3,6 @@ row, wall time) and PNG figures beside it (per-item WER bars, log-mel spectrogra
 reference voice, model TTS, held-out original, codec resynthesis)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,18 +18,10 @@ REPORT_FORMAT = "michi-eval-report"
 REPORT_VERSION = 1
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def describe_model(source: str, michi) -> dict[str, Any]:
     """Where the model came from, whether it is trained, and the SHA-256 of its weights file (the
     one `config.json` records, checked when the checkpoint was loaded; computed if absent)."""
-    from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE
+    from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, sha256_file
 
     path = Path(source)
     out: dict[str, Any] = {"source": str(source), "preset": michi.cfg.preset, "trained": michi.trained,
@@ -39,7 +30,7 @@ def describe_model(source: str, michi) -> dict[str, Any]:
         out["path"] = str(path.resolve())
         out["sha256"] = michi.info.get("sha256")
         if not out["sha256"] and (path / WEIGHTS_FILE).is_file():
-            out["sha256"] = _sha256(path / WEIGHTS_FILE)
+            out["sha256"] = sha256_file(path / WEIGHTS_FILE)
     out["info"] = {k: v for k, v in michi.info.items() if k != "sha256"}
     return out
 

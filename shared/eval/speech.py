@@ -17,6 +17,7 @@ corpus directory (`segments.jsonl`, see `load_segments`), from the Asterisk prom
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import time
@@ -108,7 +109,10 @@ def load_segments(corpus: str | Path, splits: Iterable[str] = HELDOUT_SPLITS,
             sets[seg["split"]].append(SpeechItem(
                 id=str(seg["id"]), text=seg["text"], path=corpus / seg["audio"], split=seg["split"],
                 speaker=str(seg.get("speaker", "")), source=str(seg.get("source", ""))))
-    return {s: spread(sorted(items, key=lambda it: it.id), limit) for s, items in sets.items()}
+    # A stable shuffle before spreading: sorted ids group a voice's sentences together, and every
+    # voice reads the same held-out sentences, so an even spread over them would keep few texts.
+    shuffled = lambda items: sorted(items, key=lambda it: hashlib.sha1(it.id.encode()).hexdigest())
+    return {s: spread(shuffled(items), limit) for s, items in sets.items()}
 
 
 def asterisk_prompts(limit: int | None = None, root: Path = ASTERISK_DIR,

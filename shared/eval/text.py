@@ -318,14 +318,15 @@ class HFTextLM(TextLM):
 
 def load_text_lm(source: str | Path | TextLM, device: str | torch.device = "cpu", dtype: str | None = None,
                  max_length: int | None = None, seed: int = 0) -> TextLM:
-    """A Michi checkpoint directory, a Michi preset name (random weights, seeded) or a local Hugging
-    Face causal-LM directory -> TextLM."""
+    """"default" (the shipped model), a Michi checkpoint directory, a Michi preset name (random
+    weights, seeded) or a local Hugging Face causal-LM directory -> TextLM."""
     if isinstance(source, TextLM):
         return source
+    from ..api import resolve_source
     from ..checkpoint import CONFIG_FILE, FORMAT
     from ..config import PRESETS
 
-    path = Path(source)
+    path = Path(resolve_source(source))
     cfg_file = path / CONFIG_FILE
     if cfg_file.is_file():
         try:

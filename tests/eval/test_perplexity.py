@@ -10,18 +10,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import michi
 from michi.eval.text import (HFTextLM, MichiTextLM, TextLM, compare_perplexity, limit_bytes, load_text_lm,
                              perplexity, select_indices)
-from michi.eval.text_cli import add_text_eval_commands, heldout_texts, read_texts
+from michi.data.text import read_texts
+from michi.eval.text_cli import add_text_eval_commands, heldout_texts
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ SENTENCES = [f"{n} likes {f}." for n, f in LIKES.items()]
 CHOICES = [f" {f}." for f in FRUITS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def memorised_items(wrong_gold=False):
