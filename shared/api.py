@@ -72,6 +72,16 @@ def resolve_source(source: str | Path) -> str | Path:
     return DEFAULT_MODEL
 
 
+def config_of(source: str | Path = "default") -> tuple[MichiConfig, dict[str, Any]]:
+    """The config and info of a source ("default", a preset or a checkpoint) without its weights."""
+    from .checkpoint import read_checkpoint_config
+
+    path = Path(resolve_source(source))
+    if (path / CONFIG_FILE).is_file():
+        return read_checkpoint_config(path)
+    return preset(str(source)), {"trained": False, "weights": "random init"}
+
+
 def load(source: str | Path = "default", device: str = "cpu", backbone: str | Path | None = None,
          seed: int = 0) -> Michi:
     """`source` is "default" (the trained model shipped with michi), a preset name ("tiny",

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .api import UNTRAINED_WARNING, Michi, load
-from .config import MichiConfig, preset
+from .config import MichiConfig
 from .model.backbone import backbone_config_from_hf
 from .model.michi import MichiModel
 
@@ -24,16 +24,12 @@ def _warn_untrained(michi: Michi) -> None:
 
 
 def _config_for(source: str, backbone: str | None) -> tuple[MichiConfig, dict]:
-    from .api import resolve_source
-    from .checkpoint import CONFIG_FILE, read_checkpoint_config
+    from .api import config_of
 
-    source = str(resolve_source(source))
-    if (Path(source) / CONFIG_FILE).is_file():
-        return read_checkpoint_config(source)
-    cfg = preset(source)
-    if backbone:
+    cfg, info = config_of(source)
+    if backbone:  # size the model with this Hugging Face backbone
         cfg.backbone = backbone_config_from_hf(backbone)
-    return cfg, {"trained": False, "weights": "random init"}
+    return cfg, info
 
 
 def cmd_info(args: argparse.Namespace) -> int:

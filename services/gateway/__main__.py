@@ -3,8 +3,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from michi.checkpoint import CONFIG_FILE, read_checkpoint_config
-from michi.config import preset
+from michi.api import config_of
 from michi.model.tokenizer import StreamVocab, load_tokenizer
 from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.serving.server import Stage, configure_logging, start_metrics
@@ -33,7 +32,7 @@ async def main() -> None:
                         help="let each call tick on its own phase (default: one shared 80 ms grid)")
     args = parser.parse_args()
     log = configure_logging("gateway")
-    cfg = read_checkpoint_config(args.model)[0] if (Path(args.model) / CONFIG_FILE).is_file() else preset(args.model)
+    cfg, _ = config_of(args.model)
     store = open_store(args.redis_url)
     await store.ping()  # fail fast, with a clear message, if REDIS_URL is set and unreachable
     settings = GatewaySettings(addresses(args.listen), addresses(args.backbone), addresses(args.vocoder),

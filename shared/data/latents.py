@@ -107,13 +107,11 @@ class LatentShard(luigi.Task):
 
         from ..api import load
         from ..audio.io import read_wav
-        from .align import align_words, ticks_for_samples
-        from .shards import Utterance, extract_latents, write_shard
+        from .shards import encode_segment, write_shard
 
         torch.set_num_threads(max(1, self.threads))
         michi = load(self.model, device=self.device)
-        model, cfg = michi.model, michi.cfg
-        delay = cfg.audio_delay_ticks
+        model = michi.model
         corpus = Path(self.corpus)
         wanted = set(self.ids)
         segs = {s["id"]: s for s in load_segments(corpus) if s["id"] in wanted}
@@ -128,18 +126,13 @@ class LatentShard(luigi.Task):
                 pcm, rate = read_wav(corpus / seg["audio"])
                 if rate != SAMPLE_RATE_HZ:
                     raise ValueError(f"audio is {rate} Hz, the corpus contract is {SAMPLE_RATE_HZ} Hz")
-                latents = extract_latents(model, pcm)
-                n = ticks_for_samples(len(pcm), delay)
-                if latents.shape != (n, cfg.latent_dim):
-                    raise RuntimeError(f"encoder gave {latents.shape}, expected ({n}, {cfg.latent_dim})")
-                a = {}
-                tokens = align_words([tuple(w) for w in seg["words"]], n, michi.tokenizer, michi.vocab, a)
+                utt, a = encode_segment(model, michi.tokenizer, michi.vocab, seg, pcm)
             except Exception as e:  # noqa: BLE001 - one bad segment must not stop the shard
                 bad.append({"input": str(corpus / (seg or {}).get("audio", seg_id)), "id": seg_id,
                             "reason": f"latents: {type(e).__name__}: {e}"})
                 continue
-            utts.append(Utterance(seg_id, seg["speaker"], seg["text"], latents.astype(np.float32),
-                                  tokens, seg["split"]))
+            utts.append(utt)
+            n = len(utt.tokens)
             secs = len(pcm) / SAMPLE_RATE_HZ
             nbytes = len(seg["text"].encode("utf-8"))
             st["ticks"] += n

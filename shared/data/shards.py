@@ -113,3 +113,19 @@ def extract_latents(model, pcm24k: np.ndarray) -> np.ndarray:
     device = next(model.parameters()).device
     latents = model.listen(torch.from_numpy(audio)[None].to(device)).latents[0]
     return latents.float().cpu().numpy()
+
+
+def encode_segment(model, tokenizer, vocab, segment: dict, pcm24k: np.ndarray) -> tuple[Utterance, dict]:
+    """One corpus segment (its record and 24 kHz audio) -> Utterance, and the alignment stats
+    (`align_words`): the one place where audio becomes latents and words become ticks."""
+    from .align import align_words, ticks_for_samples
+
+    cfg = model.cfg
+    n = ticks_for_samples(len(pcm24k), cfg.audio_delay_ticks)
+    latents = extract_latents(model, pcm24k)
+    if latents.shape != (n, cfg.latent_dim):
+        raise RuntimeError(f"encoder gave {latents.shape}, expected ({n}, {cfg.latent_dim})")
+    stats: dict = {}
+    tokens = align_words([tuple(w) for w in segment["words"]], n, tokenizer, vocab, stats)
+    return Utterance(segment["id"], segment["speaker"], segment["text"], latents.astype(np.float32), tokens,
+                     segment["split"]), stats

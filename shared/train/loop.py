@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -235,7 +235,3 @@ def plot_losses(log_files: dict[str, Path] | str | Path, png: str | Path, title:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return Path(png)
-
-
-def budget_dict(budget: StageBudget) -> dict[str, Any]:
-    return asdict(budget)

@@ -27,7 +27,7 @@ from ..config import preset as preset_config
 from ..model.michi import MichiModel
 from ..model.tokenizer import StreamVocab, load_tokenizer
 from .batches import AudioBank, SequenceBank, TextBank, load_segments, read_audio
-from .loop import Dist, StageBudget, barrier, run_stage, setup, stage_info
+from .loop import StageBudget, barrier, run_stage, setup, stage_info
 from .stages import CodecConfig, CodecStage, OptimConfig, SequenceConfig, SequenceStage
 
 STAGES = ("text", "codec", "speak", "joint", "baseline")
@@ -79,8 +79,7 @@ def text_bank(model: MichiModel, text_file: str | Path | None = None) -> TextBan
 def encode_corpus(model: MichiModel, corpus: str | Path, out: str | Path, shard_size: int = 500,
                   progress: Callable[[str], None] = print) -> Path:
     """Latents + aligned tokens of every segment with this model's listen encoder -> shards."""
-    from ..data.align import align_words
-    from ..data.shards import Utterance, extract_latents, write_manifest, write_shard
+    from ..data.shards import encode_segment, write_manifest, write_shard
 
     out = Path(out)
     tok = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
@@ -89,12 +88,9 @@ def encode_corpus(model: MichiModel, corpus: str | Path, out: str | Path, shard_
     for split in ("train", "heldout_sentence", "heldout_voice"):
         segments = load_segments(corpus, (split,))
         for first in range(0, len(segments), shard_size):
-            utterances = []
             chunk = segments[first:first + shard_size]
-            for seg, pcm in zip(chunk, read_audio(corpus, chunk)):
-                latents = extract_latents(model, pcm.astype(np.float32) / 32768.0)
-                tokens = align_words(seg["words"], len(latents), tok, vocab)
-                utterances.append(Utterance(seg["id"], seg["speaker"], seg["text"], latents, tokens, split))
+            utterances = [encode_segment(model, tok, vocab, seg, pcm.astype(np.float32) / 32768.0)[0]
+                          for seg, pcm in zip(chunk, read_audio(corpus, chunk))]
             name = f"shards/{split}-{len(shards):05d}.safetensors"
             write_shard(out / name, utterances)
             shards.append({"path": name, "split": split, "utterances": len(utterances),
@@ -130,6 +126,7 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
     if "text" in rc.stages:
         run_stage(SequenceStage("text", "text", model, d, rc.sequence, _optim(rc, "text"), text=texts,
                                 seed=rc.seed), out / "text", _budget(rc, "text"), d, progress=log)
+    # The baseline starts here: after the text stage (or from the initial weights without it).
     text_state = copy.deepcopy(model.state_dict())
 
     if "codec" in rc.stages:
