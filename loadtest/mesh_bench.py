@@ -29,13 +29,11 @@ import os
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 import michi
 from michi.audio.io import read_wav
@@ -45,15 +43,10 @@ from michi.serving import client
 from michi.serving.launcher import Mesh, free_port, wait_healthy
 from michi.serving.server import CHANNEL_OPTIONS
 
+from loadtest.common import MAX_FIRST_AUDIO_MS, MAX_MISSED, T0, delta, say, scrape
+
 SPEECH = Path("/usr/share/asterisk/sounds/en/demo-congrats.wav")
 LEVELS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-MAX_MISSED = 0.01
-MAX_FIRST_AUDIO_MS = 200.0
-T0 = time.perf_counter()
-
-
-def say(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", flush=True)
 
 
 def stats(values) -> dict[str, float]:
@@ -105,21 +98,6 @@ def bench_in_process(args, pcm: np.ndarray, rate: int) -> dict:
 
 
 # ---- 2./3. the mesh ----------------------------------------------------------------------------
-def scrape(port: int) -> dict[str, float]:
-    """Prometheus text -> {"name{label=value,...}": value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
-
-
-def delta(before: dict, after: dict, key: str) -> float:
-    return after.get(key, 0.0) - before.get(key, 0.0)
-
-
 async def tick_intervals(address: str, ticks: int) -> list[float]:
     """One call of `ticks` ticks (no audio sent: the caller's frames are silence); the intervals
     between consecutive AgentAudio arrivals, ms."""

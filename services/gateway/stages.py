@@ -1,10 +1,18 @@
 """The gateway's streams to the stages, with failover: each stage has a list of replica
 addresses; when a stream breaks, the call moves to the next replica and the caller rebuilds
-the stage's state there (the `opener` gets the replica's fresh stream and sends what it needs)."""
+the stage's state there (the `opener` gets the replica's fresh stream and sends what it needs).
+
+Which replica a call uses is session-affine: the replicas are ranked by rendezvous (highest
+random weight) hashing of the session id with each address, the call starts on the first and
+fails over down that ranking. Every gateway ranks the same way, and adding or removing one
+replica moves only the calls that ranked it first. An address `dns:///NAME:PORT` (a Kubernetes
+headless Service) is resolved to all its ready pods' addresses, each a replica of its own."""
 from __future__ import annotations
 
 import asyncio
-import zlib
+import hashlib
+import socket
+import time
 from typing import Awaitable, Callable
 
 import grpc
@@ -18,10 +26,60 @@ BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCod
           grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
 
 
+DNS_PREFIX = "dns:///"
+DNS_TTL_S = 5.0  # how long a headless Service's resolved pod addresses are reused
+
+
+def rendezvous_score(session_id: str, address: str) -> int:
+    digest = hashlib.blake2b(f"{address}\x00{session_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def rendezvous_order(session_id: str, addresses: list[str]) -> list[str]:
+    """The replicas in the order a call tries them: highest rendezvous score first (ties, which
+    a 64-bit hash makes unlikely, by address), duplicates dropped. Pure and stable across
+    processes, so every gateway puts a call on the same replica."""
+    unique = list(dict.fromkeys(addresses))
+    return sorted(unique, key=lambda a: (-rendezvous_score(session_id, a), a))
+
+
 def replica_index(session_id: str, replicas: int) -> int:
-    """The replica a call starts on: a stable hash of its id, so calls spread over replicas and a
-    call lands on the same replica from any gateway."""
-    return zlib.crc32(session_id.encode()) % replicas
+    """The index (in a list of `replicas` addresses named 0..n-1) a call starts on (kept for callers
+    of the former crc32 scheme; StageLink ranks the addresses themselves)."""
+    return int(rendezvous_order(session_id, [str(i) for i in range(replicas)])[0])
+
+
+def split_dns(address: str) -> tuple[str, int]:
+    host, _, port = address[len(DNS_PREFIX):].rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def resolve(addresses: list[str], cache: dict | None = None) -> list[str]:
+    """Static addresses as they are; each `dns:///NAME:PORT` expanded to `IP:PORT` for every
+    address NAME resolves to (a headless Service: one per ready pod). A name that does not
+    resolve is kept as it is (its stream then fails like a dead replica's)."""
+    out = []
+    loop = asyncio.get_running_loop()
+    for address in addresses:
+        if not address.startswith(DNS_PREFIX):
+            out.append(address)
+            continue
+        hit = cache.get(address) if cache is not None else None
+        if hit and time.monotonic() - hit[0] < DNS_TTL_S:
+            out.extend(hit[1])
+            continue
+        host, port = split_dns(address)
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            ips = sorted({info[4][0] for info in infos})
+            found = [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips]
+        except OSError as e:
+            log.warning("stage_dns_failed", address=address, error=str(e))
+            found = []
+        if cache is not None and found:
+            cache[address] = (time.monotonic(), found)
+        out.extend(found or [address[len(DNS_PREFIX):]])
+    return out
 
 
 class StageUnavailable(Exception):
@@ -39,6 +97,7 @@ class Channels:
 
     def __init__(self):
         self.channels: dict[str, grpc.aio.Channel] = {}
+        self.dns: dict[str, tuple[float, list[str]]] = {}  # dns:///NAME:PORT -> (resolved at, addresses)
 
     def get(self, address: str) -> grpc.aio.Channel:
         if address not in self.channels:
@@ -57,23 +116,30 @@ class StageLink:
                  timeout_s: float = 5.0):
         self.stage, self.addresses, self.channels = stage, addresses, channels
         self.method, self.opener, self.session_id, self.timeout_s = method, opener, session_id, timeout_s
-        self.index = replica_index(session_id, len(addresses))
+        self.address: str | None = None  # the replica this call's stream is on
+        self.failed: set[str] = set()  # replicas whose stream broke during this call: tried last
         self.call = None
+
+    async def candidates(self) -> list[str]:
+        """The replicas in the order this call tries them: rendezvous order, those that already
+        failed this call last (they may be back: a restarted container keeps its address)."""
+        order = rendezvous_order(self.session_id, await resolve(self.addresses, getattr(self.channels, "dns", None)))
+        return [a for a in order if a not in self.failed] + [a for a in order if a in self.failed]
 
     async def open(self, rebuild: bool = False) -> None:
         errors = []
-        for attempt in range(len(self.addresses)):
-            address = self.addresses[(self.index + attempt) % len(self.addresses)]
+        for attempt, address in enumerate(await self.candidates()):
             try:
                 self.call = self.method(self.channels.get(address))(wait_for_ready=False)
                 await asyncio.wait_for(self.opener(self, rebuild or attempt > 0), self.timeout_s)
                 if attempt:
                     FAILOVERS.labels(self.stage).inc()
                     log.warning("stage_failover", stage=self.stage, session_id=self.session_id, address=address)
-                self.index = (self.index + attempt) % len(self.addresses)
+                self.address = address
                 return
             except STREAM_ERRORS as e:
                 errors.append(f"{address}: {e.details() if isinstance(e, grpc.aio.AioRpcError) else repr(e)}")
+                self.failed.add(address)
                 self.cancel()
         raise StageUnavailable(f"{self.stage} stage unreachable ({'; '.join(errors)})")
 
@@ -97,7 +163,8 @@ class StageLink:
                 raise  # a real answer (bad request...), not a dead replica
             log.warning("stage_stream_broken", stage=self.stage, session_id=self.session_id, error=str(e)[:200])
             self.cancel()
-            self.index = (self.index + 1) % len(self.addresses)
+            if self.address is not None:
+                self.failed.add(self.address)
             await self.open(rebuild=True)
             await self.write(request)
             return await self.read()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import platform
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -120,7 +119,6 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
     else:
         model = MichiModel(preset_config(rc.preset)).to(d.device)
     tokenizer = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
-    started = time.time()
 
     texts = text_bank(model, rc.text_file) if {"text", "joint", "baseline"} & set(rc.stages) else None
     if "text" in rc.stages:
@@ -152,7 +150,7 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
         if stage in rc.stages:
             run_stage(SequenceStage(stage, mode, model, d, rc.sequence, _optim(rc, stage), speech, texts,
                                     seed=rc.seed), out / stage, _budget(rc, stage), d, progress=log)
-    info = recipe_info(rc, out, started)
+    info = recipe_info(rc, out)
     if d.main:
         save_checkpoint(model, out / "model", info={**info, "trained": True})
         log(f"model written to {out / 'model'}")
@@ -171,9 +169,12 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
     return out / "model"
 
 
-def recipe_info(rc: RecipeConfig, out: Path, started: float) -> dict[str, Any]:
-    stages = {s: stage_info(out / s) for s in rc.stages if (out / s).is_dir()}
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and (rc.device or "cuda") != "cpu" else platform.processor() or platform.machine()
-    return {"what": "trained by michi's recipe (michi train recipe)", "recipe": asdict(rc) | {"stages": list(rc.stages)},
-            "stages": stages, "hardware": device, "wall_s": round(time.time() - started, 1),
+def recipe_info(rc: RecipeConfig, out: Path) -> dict[str, Any]:
+    """What the model card needs: settings, steps, wall time and last losses of the model's stages
+    (the baseline is its own checkpoint), hardware."""
+    stages = {s: stage_info(out / s) for s in rc.stages if s != "baseline" and (out / s).is_dir()}
+    on_gpu = torch.cuda.is_available() and (rc.device or "cuda") != "cpu"
+    hardware = torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine()
+    return {"what": "trained by michi's recipe (michi train recipe)", "recipe": asdict(rc), "stages": stages,
+            "hardware": hardware, "training_wall_s": round(sum(s["wall_s"] for s in stages.values()), 1),
             "corpus": str(rc.corpus)}

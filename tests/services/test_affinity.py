@@ -1,0 +1,73 @@
+"""Session-affine replica choice in the gateway (services/gateway/stages.py): rendezvous hashing
+of the session id over the replica addresses. Pure functions, no sockets."""
+import asyncio
+from collections import Counter
+
+from michi.services.gateway.stages import Channels, StageLink, rendezvous_order, replica_index, resolve
+
+REPLICAS = [f"10.0.0.{i}:50062" for i in range(1, 5)]
+SESSIONS = [f"session-{i}" for i in range(2000)]
+
+
+def first(session, addresses):
+    return rendezvous_order(session, addresses)[0]
+
+
+def test_order_is_a_stable_permutation():
+    for s in SESSIONS[:50]:
+        order = rendezvous_order(s, REPLICAS)
+        assert sorted(order) == sorted(REPLICAS)
+        assert order == rendezvous_order(s, list(reversed(REPLICAS)))  # the list's order does not matter
+    assert rendezvous_order("a", REPLICAS + REPLICAS[:1]) == rendezvous_order("a", REPLICAS)  # duplicates dropped
+    assert rendezvous_order("a", []) == []
+
+
+def test_known_values_do_not_drift():
+    # the same session lands on the same replica from any gateway, any process, any release
+    assert rendezvous_order("call-42", ["a:1", "b:1", "c:1"]) == rendezvous_order("call-42", ["c:1", "b:1", "a:1"])
+    assert 0 <= replica_index("call-42", 3) < 3
+    assert replica_index("call-42", 1) == 0
+
+
+def test_calls_spread_evenly():
+    counts = Counter(first(s, REPLICAS) for s in SESSIONS)
+    assert set(counts) == set(REPLICAS)
+    assert max(counts.values()) < 1.25 * len(SESSIONS) / len(REPLICAS)
+
+
+def test_removing_a_replica_moves_only_its_calls_to_their_second_choice():
+    dead = REPLICAS[2]
+    alive = [a for a in REPLICAS if a != dead]
+    for s in SESSIONS:
+        before = rendezvous_order(s, REPLICAS)
+        after = first(s, alive)
+        if before[0] != dead:
+            assert after == before[0]  # untouched
+        else:
+            assert after == before[1]  # failover target == where every gateway now puts it
+
+
+def test_adding_a_replica_moves_about_one_in_n():
+    grown = REPLICAS + ["10.0.0.9:50062"]
+    moved = [s for s in SESSIONS if first(s, grown) != first(s, REPLICAS)]
+    assert all(first(s, grown) == "10.0.0.9:50062" for s in moved)
+    assert 0.1 < len(moved) / len(SESSIONS) < 0.3  # ~1/5
+
+
+def test_failed_replicas_are_tried_last():
+    link = StageLink("backbone", REPLICAS, Channels(), method=None, opener=None, session_id="s-1")
+    order = asyncio.run(link.candidates())
+    assert order == rendezvous_order("s-1", REPLICAS)
+    link.failed.add(order[0])
+    again = asyncio.run(link.candidates())
+    assert again == order[1:] + order[:1]
+
+
+def test_dns_addresses_expand_and_static_ones_stay():
+    cache = {}
+    out = asyncio.run(resolve(["127.0.0.1:1", "dns:///localhost:50062"], cache))
+    assert out[0] == "127.0.0.1:1"
+    assert any(a in ("127.0.0.1:50062", "[::1]:50062") for a in out[1:])
+    assert "dns:///localhost:50062" in cache
+    # a name that does not resolve is kept (its stream then fails over like a dead replica)
+    assert asyncio.run(resolve(["dns:///no-such-host.invalid:7"])) == ["no-such-host.invalid:7"]
