@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import SAMPLE_RATE_HZ
-from .corpus import BAD_FILES_FILE, SEGMENTS_FILE, format_stats, stats, text_fit_padding
-from .corpus import read_jsonl
+from .corpus import BAD_FILES_FILE, SEGMENTS_FILE, format_stats, read_jsonl, stats, text_fit_padding
 from .pipeline import Progress, luigi, write_flac_atomic, write_json_atomic, write_jsonl_atomic
 from .text import sentences
 from .voices import (DEFAULT_HELDOUT_VOICE, DEFAULT_TRAIN_VOICES, DEFAULT_TTS_VOICE, VOICES, get_voice,
