@@ -16,7 +16,8 @@ Per call (client clock; the gateway's events say when turns end and barge-ins ha
   onset -> BargeIn event (both include the 600 ms of speech that confirms a barge-in)
 - interrupt stop: INTERRUPT_AGENT sent -> last agent sample played (text_inject)
 - text reply: USER text sent -> AgentText (text_only); insert stall: the longest gap between
-  consecutive ticks' audio within 1.5 s after a CONTEXT document is sent (80 ms = no stall)
+  consecutive ticks' audio within 1.5 s after a CONTEXT document is sent (80 ms = no stall);
+  insert baseline: the same over the 1.5 s before it
 - realtime ratio: agent ticks received x 80 ms / wall time they took (1.0 = real time)
 Per level: missed tick deadlines and ticks (the gateway's Prometheus metrics, before/after),
 compute RTF = gateway tick time / 80 ms and backbone forward / 80 ms, CPU of each stage process
@@ -49,7 +50,7 @@ from loadtest.scenarios import AUDIO_SCENARIOS, SCENARIOS, Plan, load_speech, pl
 OUT_RATE = 24_000
 CHUNK_MS = 20
 LATENCIES = ("first_audio_ms", "first_text_ms", "response_ms", "eot_ms", "barge_in_stop_ms", "barge_in_event_ms",
-             "interrupt_stop_ms", "text_reply_ms", "insert_stall_ms", "realtime_ratio")
+             "interrupt_stop_ms", "text_reply_ms", "insert_stall_ms", "insert_baseline_ms", "realtime_ratio")
 SCENARIO_KEY = {"answer": "response_ms", "barge_in": "barge_in_stop_ms", "text_inject": "response_ms",
                 "text_only": "text_reply_ms"}
 
@@ -91,6 +92,7 @@ class CallRecord:
     interrupt_stop_ms: list = field(default_factory=list)
     text_reply_ms: list = field(default_factory=list)
     insert_stall_ms: list = field(default_factory=list)
+    insert_baseline_ms: list = field(default_factory=list)  # the longest tick gap in the 1.5 s before it
     realtime_ratio: float | None = None
     turns: int = 0  # user speech segments sent
     turns_without_end: int = 0  # no TurnEnd(user) seen (the VAD did not hold 600 ms of speech)
@@ -182,10 +184,12 @@ def analyse(record: CallRecord, marks: Marks, msgs: list[Msg], rate: int = OUT_R
             if reply is not None:
                 record.text_reply_ms.append(1e3 * (reply.t - sent))
         elif kind == "text:CONTEXT":
-            window = [a for a in audio if sent <= a.t <= sent + 1.5]
-            gaps = [b.t - a.t for a, b in zip(window, window[1:]) if b.tick == a.tick + 1]
-            if gaps:
-                record.insert_stall_ms.append(1e3 * max(gaps))
+            for lo, hi, out in ((sent, sent + 1.5, record.insert_stall_ms),  # after the document
+                                (sent - 1.5, sent, record.insert_baseline_ms)):  # the same, before it
+                window = [a for a in audio if lo <= a.t < hi]
+                gaps = [b.t - a.t for a, b in zip(window, window[1:]) if b.tick == a.tick + 1]
+                if gaps:
+                    out.append(1e3 * max(gaps))
     return record
 
 
@@ -372,11 +376,13 @@ def run_ramp(args, address: str, metrics: dict, pids: dict[str, int]) -> dict:
     warm = asyncio.run(level(address, [plan_of(s, i, 3.0) for i, s in enumerate(SCENARIOS)], 0, 0.2, 10_000))
     say("warm-up: " + ", ".join(f"{r.scenario} {'ok' if not r.error else r.error}" for r in warm))
     rows, records, k = [], [], 0
-    for n, scenarios in zip(levels, schedule(levels)):
+    mix = tuple(args.scenarios.split(","))
+    for n, scenarios in zip(levels, schedule(levels, mix)):
         plans = [plan_of(s, k + i, args.call_s) for i, s in enumerate(scenarios)]
         g0 = scrape(metrics["gateway"]) if metrics.get("gateway") else {}
         b0 = scrape(metrics["backbone"]) if metrics.get("backbone") else {}
         c0 = cpu_snapshot(pids) if pids else None
+        load = os.getloadavg()[0]  # the machine may be shared: how busy it was going in
         t = time.perf_counter()
         with GpuSampler() as gpu:
             rs = asyncio.run(level(address, plans, n, args.spread_s, k))
@@ -386,6 +392,7 @@ def run_ramp(args, address: str, metrics: dict, pids: dict[str, int]) -> dict:
         cpu = cpu_use(c0, cpu_snapshot(pids)) if pids else None
         row = level_row(n, rs, gateway_deltas(g0, g1), backbone_deltas(b0, b1) if b0 else None, cpu,
                         gpu.summary(), wall)
+        row["loadavg_1min_before"] = load
         rows.append(row)
         records += rs
         k += n
@@ -446,7 +453,7 @@ def plot(report: dict, path: Path) -> None:
     left.set(xlabel="latency (ms)", ylabel="fraction", title="Latency CDF per scenario (all levels)")
     left.set_xscale("log")
     left.grid(alpha=0.3, which="both")
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=2)
 
     rows = report["levels"]
     n = [r["calls"] for r in rows]
@@ -471,7 +478,7 @@ def plot(report: dict, path: Path) -> None:
     fig.suptitle(f"Michi load test, {report['model']}, {m['cpu']} ({m['cpu_count']} cores)"
                  + (f", {m['gpu']}" if m.get("gpu") else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -491,7 +498,7 @@ def summary(report: dict) -> str:
     for s, agg in report["overall"]["scenarios"].items():
         parts = []
         for k in ("first_audio_ms", "first_text_ms", "response_ms", "eot_ms", "barge_in_stop_ms",
-                  "barge_in_event_ms", "interrupt_stop_ms", "text_reply_ms", "insert_stall_ms"):
+                  "barge_in_event_ms", "interrupt_stop_ms", "text_reply_ms", "insert_stall_ms", "insert_baseline_ms"):
             if agg[k] and not (k == "first_text_ms" and s != "text_only"):
                 parts.append(f"{k[:-3]} {agg[k]['p50']:.0f}/{agg[k]['p95']:.0f}/{agg[k]['p99']:.0f}")
         lines.append(f"  {s} ({agg['calls']} calls): " + ", ".join(parts))
@@ -503,17 +510,20 @@ def main(argv: list[str] | None = None) -> int:
     from michi.bench import machine_info
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=michi.DEFAULT_MODEL, help="the shipped model by default; tiny: random weights")
+    p.add_argument("--model", default=str(michi.DEFAULT_MODEL), help="the shipped model by default; tiny: random weights")
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage process (own mesh)")
     p.add_argument("--levels", default="1,2,3,4,6,8,12,16,24,32", help="concurrent calls per level")
     p.add_argument("--call-s", type=float, default=15.0, help="length of each call")
     p.add_argument("--spread-s", type=float, default=1.0, help="a level's calls start evenly over this long")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="the mix, round-robin (default: all four)")
     p.add_argument("--keep-going", action="store_true", help="run every level, even after one fails")
     p.add_argument("--gateway", help="host:port of a running gateway (default: start a mesh here)")
     p.add_argument("--gateway-metrics", help="host:port of that gateway's Prometheus metrics")
     p.add_argument("--backbone-metrics", help="host:port of the backbone's Prometheus metrics")
     p.add_argument("--json", type=Path, default=Path("loadtest/results/loadtest-cpu.json"))
     args = p.parse_args(argv)
+    if not set(args.scenarios.split(",")) <= set(SCENARIOS):
+        p.error(f"--scenarios: from {','.join(SCENARIOS)}")
     os.environ.pop("REDIS_URL", None)  # own mesh: the in-process session store
     device = "cuda" if shutil.which("nvidia-smi") else "cpu"
     report = {"command": "python -m loadtest.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -116,23 +116,26 @@ class BackboneEngine:
         backbone = self.model.backbone
         return backbone.cached_forward(backbone.embed_text(ids), self.cache, row=self.index[key])[:, -1]
 
-    @torch.inference_mode()
     def generate_text(self, key: str, prompt: Sequence[int], max_tokens: int) -> list[int]:
         """The backbone as a plain LM on text-only positions, until EOS."""
+        return list(self.text_stream(key, prompt, max_tokens))
+
+    @torch.inference_mode()
+    def text_stream(self, key: str, prompt: Sequence[int], max_tokens: int) -> Iterator[int]:
+        """`generate_text` one token per `next()` (one forward pass each), so that a scheduler can
+        run the other calls' ticks between tokens."""
         r = self.rows[self.index[key]]
         v, backbone = self.vocab, self.model.backbone
         not_eos = torch.arange(v.base, v.size, device=self.device) != v.eos
         hidden = self.insert_text(key, list(prompt) or [v.bos])
-        out: list[int] = []
         for _ in range(max_tokens):
             logits = backbone.text_logits(hidden)
             logits[:, v.base:] = logits[:, v.base:].masked_fill(not_eos, float("-inf"))  # text or end
             token = int(sample_token(logits, r.text_temperature, r.top_k, r.generator)[0])
             if token == v.eos:
-                break
-            out.append(token)
+                return
+            yield token
             hidden = self.insert_text(key, [token])
-        return out
 
     # ---- ticks ----------------------------------------------------------------------------------
     @torch.inference_mode()

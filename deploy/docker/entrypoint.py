@@ -1,10 +1,7 @@
 """Container entrypoint: `python /opt/michi/entrypoint.py STAGE [flags...]` runs
 `python -m michi.services.STAGE [flags...]` (STAGE: listen, backbone, vocoder, gateway; or the
 MICHI_STAGE environment variable when no argument is given).
-
-One thing it changes: michi.serving.server.start_metrics binds the Prometheus endpoint to
-127.0.0.1, which nothing outside the container can scrape. Here it binds MICHI_METRICS_HOST
-(default 0.0.0.0, set in the image). Drop the shim once start_metrics takes a host itself."""
+The Prometheus endpoint binds MICHI_METRICS_HOST (0.0.0.0 in the image, so the cluster can scrape it)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +10,7 @@ import sys
 
 STAGES = ("listen", "backbone", "vocoder", "gateway")
 DEFAULT_PORTS = {"gateway": 50060, "listen": 50061, "backbone": 50062, "vocoder": 50063}  # = michi.serving.launcher
-HEALTH_TARGET = "/tmp/michi-health-target"  # where healthcheck.py finds this stage's port
+HEALTH_TARGET = os.environ.get("MICHI_HEALTH_TARGET", "/tmp/michi-health-target")  # read by healthcheck.py
 
 
 def stage_from(argv: list[str], environ=os.environ) -> tuple[str, list[str]]:
@@ -36,18 +33,6 @@ def port_of(stage: str, args: list[str], environ=os.environ) -> int:
     return int(environ.get(f"MICHI_{stage.upper()}_PORT", DEFAULT_PORTS[stage]))
 
 
-def patch_metrics_host(host: str) -> None:
-    import michi.serving.server as server
-
-    def start_metrics(port: int | None) -> None:
-        if port:
-            from prometheus_client import start_http_server
-
-            start_http_server(port, addr=host)
-
-    server.start_metrics = start_metrics
-
-
 def main() -> None:
     stage, rest = stage_from(sys.argv[1:])
     try:
@@ -55,7 +40,7 @@ def main() -> None:
             f.write(f"127.0.0.1:{port_of(stage, rest)}\n")
     except OSError:
         pass  # a read-only /tmp: healthcheck.py falls back on MICHI_STAGE
-    patch_metrics_host(os.environ.get("MICHI_METRICS_HOST", "0.0.0.0"))
+    os.environ.setdefault("MICHI_METRICS_HOST", "0.0.0.0")
     sys.argv = [f"michi-{stage}", *rest]
     runpy.run_module(f"michi.services.{stage}", run_name="__main__", alter_sys=True)
 

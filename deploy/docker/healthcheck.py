@@ -13,7 +13,7 @@ import os
 import sys
 
 DEFAULT_PORTS = {"gateway": 50060, "listen": 50061, "backbone": 50062, "vocoder": 50063}  # = michi.serving.launcher
-HEALTH_TARGET = "/tmp/michi-health-target"  # written by entrypoint.py
+HEALTH_TARGET = os.environ.get("MICHI_HEALTH_TARGET", "/tmp/michi-health-target")  # written by entrypoint.py
 
 
 def target(argv: list[str], environ=os.environ, recorded: str = HEALTH_TARGET) -> str:

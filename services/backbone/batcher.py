@@ -3,11 +3,13 @@ one model thread; the ticks of all live calls that arrive together run as ONE fo
 
 A round waits until every live call has sent its tick or `window_s` has passed since the first,
 whichever is first, so a slow call never holds the others past the window. Text insertions are
-prefilled in chunks of at most `prefill_chunk` tokens between rounds: a long document delays the
-other calls by one chunk at most, not by the whole document."""
+prefilled in chunks of at most `prefill_chunk` tokens between rounds, and text-only replies are
+generated `text_chunk` tokens at a time: a long document or a long reply delays the other calls
+by one chunk at most, not by the whole of it."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any, Callable
 
@@ -16,9 +18,10 @@ from michi.serving.metrics import BATCH_SIZE, TICK_SECONDS
 
 
 class Batcher:
-    def __init__(self, engine: BackboneEngine, executor, window_s: float = 0.004, prefill_chunk: int = 64):
+    def __init__(self, engine: BackboneEngine, executor, window_s: float = 0.004, prefill_chunk: int = 64,
+                 text_chunk: int = 4):
         self.engine, self.executor = engine, executor
-        self.window_s, self.prefill_chunk = window_s, prefill_chunk
+        self.window_s, self.prefill_chunk, self.text_chunk = window_s, prefill_chunk, text_chunk
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
 
@@ -35,6 +38,17 @@ class Batcher:
         for i in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[i:i + self.prefill_chunk]
             await self.call(lambda chunk=chunk: self.engine.insert_text(key, chunk))
+
+    async def generate_text(self, key: str, max_tokens: int) -> list[int]:
+        """A text-only reply, `text_chunk` tokens per queued job (the ticks of other calls run in
+        between), until EOS or `max_tokens`."""
+        stream = self.engine.text_stream(key, [], max_tokens)
+        tokens: list[int] = []
+        while True:
+            part = await self.call(lambda: list(itertools.islice(stream, self.text_chunk)))
+            tokens += part
+            if len(part) < self.text_chunk:
+                return tokens
 
     async def tick(self, key: str, x: TickInput) -> TickOutput:
         future = asyncio.get_running_loop().create_future()

@@ -85,7 +85,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
                     await self.batcher.insert_text(key, list(request.text.tokens))
                 elif kind == "generate":
                     n = max(1, min(request.generate.max_tokens or 64, 1024))
-                    tokens = await self.batcher.call(lambda n=n: self.engine.generate_text(key, [], n))
+                    tokens = await self.batcher.generate_text(key, n)
                     yield backbone_pb2.StepResponse(generated=backbone_pb2.GeneratedText(tokens=tokens),
                                                     agent_text=self._decode(tokens))
                 else:

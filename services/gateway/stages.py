@@ -43,12 +43,6 @@ def rendezvous_order(session_id: str, addresses: list[str]) -> list[str]:
     return sorted(unique, key=lambda a: (-rendezvous_score(session_id, a), a))
 
 
-def replica_index(session_id: str, replicas: int) -> int:
-    """The index (in a list of `replicas` addresses named 0..n-1) a call starts on (kept for callers
-    of the former crc32 scheme; StageLink ranks the addresses themselves)."""
-    return int(rendezvous_order(session_id, [str(i) for i in range(replicas)])[0])
-
-
 def split_dns(address: str) -> tuple[str, int]:
     host, _, port = address[len(DNS_PREFIX):].rpartition(":")
     return host.strip("[]"), int(port)

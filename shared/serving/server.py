@@ -90,8 +90,10 @@ def model_executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
 
-def start_metrics(port: int | None) -> None:
+def start_metrics(port: int | None, host: str | None = None) -> None:
+    """Prometheus endpoint on `host` (default MICHI_METRICS_HOST, else 127.0.0.1: in a container
+    set it to 0.0.0.0 so the cluster's Prometheus can scrape it)."""
     if port:
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=host or os.environ.get("MICHI_METRICS_HOST", "127.0.0.1"))

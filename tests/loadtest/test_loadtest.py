@@ -142,7 +142,7 @@ def test_analyse_text_actions():
             Msg(12.0, "barge_in", 20, played=20 * 1920), Msg(13.0, "agent_text", 21)]
     marks = Marks(9.9, [], [(10.5, "text:CONTEXT"), (11.5, "interrupt"), (11.5, "text:USER")])
     rec = analyse(CallRecord("text_inject", "t", 1), marks, msgs)
-    assert rec.insert_stall_ms == pytest.approx([380.0])
+    assert rec.insert_stall_ms == pytest.approx([380.0]) and rec.insert_baseline_ms == pytest.approx([80.0])
     assert rec.interrupt_stop_ms == pytest.approx([1e3 * (10.3 + 20 * 0.08 - 11.5)])
     assert rec.text_reply_ms == []  # only text_only calls wait for a text reply
     text = analyse(CallRecord("text_only", "text", 1), Marks(9.9, [], [(10.0, "text:USER")]),

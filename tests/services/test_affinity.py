@@ -3,7 +3,7 @@ of the session id over the replica addresses. Pure functions, no sockets."""
 import asyncio
 from collections import Counter
 
-from michi.services.gateway.stages import Channels, StageLink, rendezvous_order, replica_index, resolve
+from michi.services.gateway.stages import Channels, StageLink, rendezvous_order, resolve
 
 REPLICAS = [f"10.0.0.{i}:50062" for i in range(1, 5)]
 SESSIONS = [f"session-{i}" for i in range(2000)]
@@ -25,8 +25,7 @@ def test_order_is_a_stable_permutation():
 def test_known_values_do_not_drift():
     # the same session lands on the same replica from any gateway, any process, any release
     assert rendezvous_order("call-42", ["a:1", "b:1", "c:1"]) == rendezvous_order("call-42", ["c:1", "b:1", "a:1"])
-    assert 0 <= replica_index("call-42", 3) < 3
-    assert replica_index("call-42", 1) == 0
+    assert rendezvous_order("call-42", ["only:1"]) == ["only:1"]
 
 
 def test_calls_spread_evenly():
@@ -63,11 +62,58 @@ def test_failed_replicas_are_tried_last():
     assert again == order[1:] + order[:1]
 
 
-def test_dns_addresses_expand_and_static_ones_stay():
+def test_dns_addresses_expand_and_static_ones_stay(monkeypatch):
     cache = {}
     out = asyncio.run(resolve(["127.0.0.1:1", "dns:///localhost:50062"], cache))
     assert out[0] == "127.0.0.1:1"
     assert any(a in ("127.0.0.1:50062", "[::1]:50062") for a in out[1:])
     assert "dns:///localhost:50062" in cache
-    # a name that does not resolve is kept (its stream then fails over like a dead replica)
-    assert asyncio.run(resolve(["dns:///no-such-host.invalid:7"])) == ["no-such-host.invalid:7"]
+
+    async def fails(*args, **kwargs):  # no real DNS lookup: a sandbox without network may hang on one
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fails)
+    # a name that does not resolve is kept (its stream then fails over like a dead replica) ...
+    assert asyncio.run(resolve(["dns:///michi-backbone-headless:7"])) == ["michi-backbone-headless:7"]
+    # ... and a cached answer is reused for DNS_TTL_S, without asking again
+    assert asyncio.run(resolve(["dns:///localhost:50062"], cache)) == out[1:]
+
+
+class FakeChannels:
+    def __init__(self):
+        self.dns = {}
+
+    def get(self, address):
+        return address
+
+
+class FakeCall:
+    def __init__(self, address):
+        self.address = address
+
+    def cancel(self):
+        pass
+
+def test_open_fails_over_down_the_ranking():
+    dead = set()
+    opened = []
+
+    async def opener(link, rebuild):
+        if link.call.address in dead:
+            raise ConnectionError("replica down")
+        opened.append((link.call.address, rebuild))
+
+    def link():
+        return StageLink("vocoder", REPLICAS, FakeChannels(), lambda ch: (lambda wait_for_ready: FakeCall(ch)),
+                         opener, session_id="s-7")
+
+    order = rendezvous_order("s-7", REPLICAS)
+    first_link = link()
+    asyncio.run(first_link.open())
+    assert first_link.address == order[0] and opened[-1] == (order[0], False)
+
+    dead.add(order[0])  # the preferred replica is down: the next in the ranking, told to rebuild
+    second = link()
+    asyncio.run(second.open())
+    assert second.address == order[1] and opened[-1] == (order[1], True)
+    assert second.failed == {order[0]}

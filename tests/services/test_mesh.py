@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 import time
-import zlib
 
 import grpc
 import numpy as np
@@ -15,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import michi
 from michi.generate import tts
+from michi.services.gateway.stages import rendezvous_order
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.serving import client
@@ -41,9 +41,12 @@ def _status(call) -> grpc.aio.AioRpcError:
     return info.value
 
 
-def _session_on(replica: int, prefix: str) -> str:
-    """A session id whose calls start on the given replica (of two)."""
-    return next(f"{prefix}-{i}" for i in range(100) if zlib.crc32(f"{prefix}-{i}".encode()) % 2 == replica)
+def _session_on(mesh, replica: int, prefix: str) -> str:
+    """A session id whose calls start on the given replica of both backbone and vocoder (the gateway
+    ranks replicas by rendezvous hashing of the session id: services/gateway/stages.py)."""
+    return next(f"{prefix}-{i}" for i in range(1000)
+                if all(rendezvous_order(f"{prefix}-{i}", mesh.addresses[s])[0] == mesh.addresses[s][replica]
+                       for s in ("backbone", "vocoder")))
 
 
 async def _load(url: str, session_id: str):
@@ -210,7 +213,7 @@ def test_gateway_metrics(mesh):
 
 
 def test_stage_killed_mid_call_the_call_goes_on(mesh, redis_server):
-    session = _session_on(1, "failover")  # starts on replica 1 of backbone and vocoder
+    session = _session_on(mesh, 1, "failover")  # starts on replica 1 of backbone and vocoder
 
     async def call_and_kill():
         task = asyncio.create_task(client.converse(
