@@ -99,3 +99,16 @@ def cpu_use(before: dict, after: dict) -> dict[str, float]:
             out[name] = 100 * (a - b) / wall
     out["total"] = sum(out.values())
     return out
+
+
+def write_report(report: dict, path, plot, summary) -> None:
+    """The JSON report, its PNG beside it (`plot(report, png)`), and the summary table printed."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    png = path.with_suffix(".png")
+    plot(report, png)
+    print()
+    print(summary(report))
+    say(f"wrote {path} and {png}")

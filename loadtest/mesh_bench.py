@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from michi.serving import client
 from michi.serving.launcher import Mesh, free_port, wait_healthy
 from michi.serving.server import CHANNEL_OPTIONS
 
-from loadtest.common import MAX_FIRST_AUDIO_MS, MAX_MISSED, T0, delta, say, scrape
+from loadtest.common import MAX_FIRST_AUDIO_MS, MAX_MISSED, T0, delta, say, scrape, write_report
 
 SPEECH = Path("/usr/share/asterisk/sounds/en/demo-congrats.wav")
 LEVELS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -303,13 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     report["mesh"] = bench_mesh(args, pcm, rate)
     report["mesh_overhead_ms_per_tick"] = report["mesh"]["tick"]["median_ms"] - report["in_process"]["tick"]["median_ms"]
     report["wall_s"] = time.perf_counter() - T0
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    png = args.json.with_suffix(".png")
-    plot(report, png)
-    print()
-    print(summary(report))
-    say(f"wrote {args.json} and {png}")
+    write_report(report, args.json, plot, summary)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import shlex
@@ -44,7 +43,7 @@ import grpc
 import numpy as np
 
 from loadtest.common import (MAX_FIRST_AUDIO_MS, MAX_MISSED, backbone_deltas, cpu_snapshot, cpu_use,
-                             gateway_deltas, objective, percentiles, say, scrape)
+                             gateway_deltas, objective, percentiles, say, scrape, write_report)
 from loadtest.scenarios import AUDIO_SCENARIOS, SCENARIOS, Plan, load_speech, plan_call, schedule
 
 OUT_RATE = 24_000
@@ -540,13 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             say(f"mesh: stopped (exit codes {mesh.stop()})")
     report["wall_s"] = time.perf_counter() - t
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    png = args.json.with_suffix(".png")
-    plot(report, png)
-    print()
-    print(summary(report))
-    say(f"wrote {args.json} and {png}")
+    write_report(report, args.json, plot, summary)
     return 0
 
 
