@@ -236,12 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", default="bench.json")
     sp.set_defaults(func=cmd_bench)
 
-    # michi data ... / train ... / eval ...: each package registers its own subcommands.
+    # michi data ... / train ... / eval ... / triton ...: each package registers its own subcommands.
     from .data.cli import add_data_commands
     from .eval.cli import add_eval_commands
+    from .serving.triton.cli import add_triton_commands
     from .train.cli import add_train_commands
 
-    for add_commands in (add_data_commands, add_train_commands, add_eval_commands):
+    for add_commands in (add_data_commands, add_train_commands, add_eval_commands, add_triton_commands):
         add_commands(sub)
     return p
 

@@ -3,6 +3,7 @@ and the user text tokens. One stream per call; encoder and text-head caches per 
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -13,6 +14,8 @@ from michi.api import Michi
 from michi.audio.io import AudioError
 from michi.audio.pcm import Encoding, check_format, decode
 from michi.audio.resample import StreamingResampler
+from michi.serving.execution import EncoderStream, TorchEncoderStream
+from michi.serving.triton.client import TritonError
 from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
 from michi.serving.metrics import LIVE_SESSIONS
 
@@ -20,33 +23,32 @@ log = structlog.get_logger()
 
 
 class ListenStream:
-    """One call's listen state: resampler, encoder and CTC text head caches."""
+    """One call's listen state: resampler, encoder stream (in-process or on Triton), CTC text head."""
 
-    def __init__(self, michi: Michi, rate_hz: int):
+    def __init__(self, michi: Michi, rate_hz: int, encoder: EncoderStream):
         m = michi.model
-        self.michi, self.device = michi, michi.device
+        self.michi, self.device, self.encoder = michi, michi.device, encoder
         self.resampler = StreamingResampler(rate_hz, michi.cfg.sample_rate_hz)
         with torch.inference_mode():
-            self.encoder = m.listen.init_state(1, device=self.device)
             self.text = m.listen_text.init_state(1, device=self.device)
         self.last = m.listen_text.initial_last_token(1, device=self.device)
 
     @torch.inference_mode()
     def push(self, pcm: np.ndarray) -> list[tuple[np.ndarray, list[int]]]:
         m = self.michi.model
-        audio = torch.from_numpy(self.resampler.push(pcm)).to(self.device)[None]
-        (latents, features), self.encoder = m.listen.step(audio, self.encoder)
+        latents, features = self.encoder.encode(self.resampler.push(pcm))
         frames = []
-        for i in range(latents.shape[1]):
-            logits, self.text = m.listen_text.step(features[:, i:i + 1], self.text)
+        for i in range(latents.shape[0]):
+            logits, self.text = m.listen_text.step(features[None, i:i + 1], self.text)
             tokens, self.last = m.listen_text.greedy_step(logits[:, 0], self.last)
-            frames.append((latents[0, i].float().cpu().numpy(), [int(t) for t in tokens[0] if t >= 0]))
+            frames.append((latents[i].float().cpu().numpy(), [int(t) for t in tokens[0] if t >= 0]))
         return frames
 
 
 class ListenServicer(listen_pb2_grpc.ListenServicer):
-    def __init__(self, michi: Michi, executor):
+    def __init__(self, michi: Michi, executor, encoder_streams: Callable[[], EncoderStream] | None = None):
         self.michi, self.executor = michi, executor
+        self.encoder_streams = encoder_streams or (lambda: TorchEncoderStream(michi))
 
     async def Encode(self, request_iterator, context):
         loop = asyncio.get_running_loop()
@@ -57,7 +59,7 @@ class ListenServicer(listen_pb2_grpc.ListenServicer):
             check_format(Encoding.LINEAR16, first.start.sample_rate_hz)
         except AudioError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        stream = ListenStream(self.michi, first.start.sample_rate_hz)
+        stream = ListenStream(self.michi, first.start.sample_rate_hz, self.encoder_streams())
         session = first.start.session_id
         LIVE_SESSIONS.labels("listen").inc()
         frame = 0
@@ -69,7 +71,11 @@ class ListenServicer(listen_pb2_grpc.ListenServicer):
                     pcm = decode(request.pcm, Encoding.LINEAR16)
                 except AudioError as e:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                for latent, tokens in await loop.run_in_executor(self.executor, stream.push, pcm):
+                try:
+                    frames = await loop.run_in_executor(self.executor, stream.push, pcm)
+                except TritonError as e:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+                for latent, tokens in frames:
                     yield listen_pb2.EncodeResponse(frame=frame, latent=latent.tolist(), tokens=tokens,
                                                     text=self.michi.tokenizer.decode(tokens))
                     frame += 1

@@ -2,28 +2,25 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 import grpc
 import numpy as np
 import structlog
-import torch
 
 from michi.api import Michi
 from michi.proto.vocoder.v1 import vocoder_pb2, vocoder_pb2_grpc
+from michi.serving.execution import TorchVocoderStream, VocoderStream
+from michi.serving.triton.client import TritonError
 from michi.serving.metrics import LIVE_SESSIONS
 
 log = structlog.get_logger()
 
 
 class VocoderServicer(vocoder_pb2_grpc.VocoderServicer):
-    def __init__(self, michi: Michi, executor):
+    def __init__(self, michi: Michi, executor, vocoder_streams: Callable[[], VocoderStream] | None = None):
         self.michi, self.executor = michi, executor
-
-    @torch.inference_mode()
-    def _decode(self, latents: list[list[float]], state):
-        x = torch.tensor(latents, dtype=torch.float32, device=self.michi.device)[None]
-        audio, state = self.michi.model.vocoder.step(x, state)
-        return audio[0].float().cpu().numpy(), state
+        self.vocoder_streams = vocoder_streams or (lambda: TorchVocoderStream(michi))
 
     async def Decode(self, request_iterator, context):
         loop = asyncio.get_running_loop()
@@ -31,20 +28,22 @@ class VocoderServicer(vocoder_pb2_grpc.VocoderServicer):
         if first is None or first.WhichOneof("request") != "start":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `start`")
         dim = self.michi.cfg.latent_dim
-        with torch.inference_mode():
-            state = self.michi.model.vocoder.init_state(1, device=self.michi.device)
+        stream = self.vocoder_streams()
         warmup = [list(latent.values) for latent in first.start.warmup]
         if any(len(w) != dim for w in warmup):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"warm-up latents must have {dim} values")
         if warmup:  # rebuild the conv caches of a call moved here from a lost replica
-            _, state = await loop.run_in_executor(self.executor, self._decode, warmup, state)
+            await loop.run_in_executor(self.executor, stream.decode, warmup)
         LIVE_SESSIONS.labels("vocoder").inc()
         try:
             async for request in request_iterator:
                 latent = request.latent
                 if request.WhichOneof("request") != "latent" or len(latent.values) != dim:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected a latent of {dim} values")
-                audio, state = await loop.run_in_executor(self.executor, self._decode, [list(latent.values)], state)
+                try:
+                    audio = await loop.run_in_executor(self.executor, stream.decode, [list(latent.values)])
+                except TritonError as e:  # the gateway moves the call to another replica
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
                 yield vocoder_pb2.DecodeResponse(tick=latent.tick, pcm=audio.astype("<f4").tobytes())
         finally:
             LIVE_SESSIONS.labels("vocoder").dec()

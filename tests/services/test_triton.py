@@ -1,0 +1,202 @@
+"""NVIDIA Triton execution of the listen encoder and vocoder steps, against a real Triton server:
+the one the nvidia-pytriton wheel bundles (CPU, Python backend only), running the exported ONNX
+graphs through ONNX Runtime inside its Python backend. It lives in its own environment
+(.venv-triton, see README), as it would in its own container. The default (trained) model."""
+import asyncio
+import os
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import michi
+from michi.generate import tts
+from michi.proto.gateway.v1 import gateway_pb2 as pb
+from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
+from michi.proto.vocoder.v1 import vocoder_pb2, vocoder_pb2_grpc
+from michi.serving import client
+from michi.serving.execution import TritonEncoderStream, TritonVocoderStream, encoder_streams
+from michi.serving.launcher import Mesh, free_port, wait_healthy
+from michi.serving.triton.client import TritonError, TritonStep
+from michi.serving.triton.export import ONNX_FILE, initial_state, step_spec, write_repository
+from michi.serving.triton.server import DEFAULT_ENV, SETUP_HINT, TritonServer
+
+ROOT = Path(__file__).resolve().parents[2]
+FRAME = 1920
+
+
+@pytest.fixture(scope="module")
+def model():
+    return michi.load("default")
+
+
+@pytest.fixture(scope="module")
+def repository(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton-repo")
+    write_repository(model, out, backend="python", max_batch_size=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def triton(repository, tmp_path_factory):
+    env = DEFAULT_ENV if DEFAULT_ENV.is_absolute() else ROOT / DEFAULT_ENV
+    if not env.exists():
+        pytest.fail(f"no Triton server environment at {env}; make it with: {SETUP_HINT}")
+    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
+    with TritonServer(repository, free_port(), env, log_path=log) as server:
+        yield server
+
+
+def _offline(model, stage: str, x: torch.Tensor):
+    with torch.no_grad():
+        if stage == "vocoder":
+            return model.model.vocoder(x)
+        return model.model.listen(x)
+
+
+def test_exported_graphs_stream_as_the_model_does_offline(model, repository):
+    """ONNX Runtime, three independent streams in one batch, state carried frame to frame, equals
+    the PyTorch model on each whole input."""
+    rng = np.random.default_rng(0)
+    frames = 5
+    inputs = {"vocoder": rng.standard_normal((3, frames, model.cfg.latent_dim)).astype(np.float32),
+              "listen": (0.1 * rng.standard_normal((3, frames * FRAME))).astype(np.float32)}
+    for stage, name in (("vocoder", "michi_vocoder"), ("listen", "michi_listen")):
+        spec = step_spec(model, stage)
+        session = ort.InferenceSession(str(repository / name / "1" / ONNX_FILE))
+        state = [t.numpy() for t in initial_state(model, stage, 3)]
+        outs = []
+        for i in range(frames):
+            x = inputs[stage][:, i] if stage == "vocoder" else inputs[stage][:, i * FRAME:(i + 1) * FRAME]
+            result = session.run(None, {spec.inputs[0].name: x,
+                                        **{t.name: s for t, s in zip(spec.inputs[1:], state, strict=True)}})
+            n_data = len(spec.outputs) - len(state)
+            outs.append(result[:n_data])
+            state = result[n_data:]
+        want = _offline(model, stage, torch.from_numpy(inputs[stage]))
+        if stage == "vocoder":
+            np.testing.assert_allclose(np.concatenate([o[0] for o in outs], 1), want.numpy(), atol=1e-5)
+        else:
+            np.testing.assert_allclose(np.stack([o[0] for o in outs], 1), want.latents.numpy(), atol=1e-4)
+            np.testing.assert_allclose(np.stack([o[1] for o in outs], 1), want.features.numpy(), atol=1e-4)
+
+
+def test_steps_on_the_triton_server_equal_in_process(model, triton):
+    """Through tritonclient and a real Triton server, chunked at odd sizes, as the stages call it."""
+    rng = np.random.default_rng(1)
+    latents = rng.standard_normal((6, model.cfg.latent_dim)).astype(np.float32)
+    vocoder = TritonVocoderStream(TritonStep(triton.url, "michi_vocoder"))
+    audio = np.concatenate([vocoder.decode(latents[:2]), vocoder.decode(latents[2:2]), vocoder.decode(latents[2:])])
+    np.testing.assert_allclose(audio, _offline(model, "vocoder", torch.from_numpy(latents)[None])[0].numpy(), atol=1e-5)
+
+    speech = (0.1 * rng.standard_normal(7 * FRAME + 300)).astype(np.float32)
+    encoder = TritonEncoderStream(model, TritonStep(triton.url, "michi_listen"))
+    parts = [encoder.encode(speech[:1000]), encoder.encode(speech[1000:1001]), encoder.encode(speech[1001:])]
+    want = _offline(model, "listen", torch.from_numpy(speech)[None])
+    assert sum(len(p[0]) for p in parts) == 7 == want.latents.shape[1]
+    np.testing.assert_allclose(torch.cat([p[0] for p in parts]).numpy(), want.latents[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(torch.cat([p[1] for p in parts]).numpy(), want.features[0].numpy(), atol=1e-4)
+
+
+def test_bad_requests_and_missing_models_are_clear_errors(model, triton):
+    with pytest.raises(TritonError, match="no ready model 'michi_nothing'"):
+        TritonStep(triton.url, "michi_nothing")
+    step = TritonStep(triton.url, "michi_vocoder")
+    with pytest.raises(ValueError, match=r"michi_vocoder.latent: expected \[batch, \[32\]\]"):
+        step({"latent": np.zeros((1, 7), np.float32)}, step.init_state())
+    with pytest.raises(ValueError, match="execution triton needs a Triton server address"):
+        encoder_streams(model, "triton", None)
+
+
+@pytest.fixture(scope="module")
+def triton_mesh(triton, tmp_path_factory):
+    """The mesh with its vocoder on Triton and a fast gateway (no real-time pacing), plus a listen
+    stage on Triton beside it. (The mesh's own listen stage stays in-process: in TTS mode it hears
+    silence, and ONNX Runtime's last-bit differences there would steer the sampled speech.)"""
+    logs = tmp_path_factory.mktemp("triton-mesh-logs")
+    on_triton = ["--execution", "triton", "--triton-url", triton.url]
+    ports = {s: free_port() for s in ("gateway", "listen", "backbone", "vocoder")}
+    mesh = Mesh(model="default", ports=ports, threads=1, log_dir=str(logs), gateway_args=["--no-realtime"],
+                stage_args={"vocoder": on_triton})
+    mesh.start(timeout_s=240)
+    listen_port = free_port()
+    process = mesh._spawn("listen-triton", "listen", listen_port, on_triton)
+    wait_healthy(f"127.0.0.1:{listen_port}", 120, process)
+    mesh.listen_on_triton = f"127.0.0.1:{listen_port}"
+    yield mesh
+    mesh.stop()
+
+
+def test_mesh_on_triton_speaks_as_in_process(model, triton_mesh):
+    """TTS through gateway, backbone and a vocoder stage that runs on Triton: the in-process audio."""
+    result = asyncio.run(client.converse(triton_mesh.gateway, client.config(
+        mode=pb.TTS, text="hello", rate_in=24_000, rate_out=24_000), timeout_s=120))
+    ticks = len(result.pcm) // FRAME
+    assert ticks >= 3 * len("hello")
+    local = tts(model, "hello", continue_ticks=ticks, seed=0)
+    want = np.concatenate([t.agent_audio for t in local.ticks[:ticks]])
+    np.testing.assert_allclose(result.pcm, want, atol=2e-4)  # LINEAR16 on the wire: 3e-5 steps
+
+
+async def _encode(address: str, pcm: np.ndarray, rate: int, chunk: int) -> list:
+    async def requests():
+        yield listen_pb2.EncodeRequest(start=listen_pb2.EncodeStart(session_id="t", sample_rate_hz=rate))
+        for i in range(0, len(pcm), chunk):
+            yield listen_pb2.EncodeRequest(pcm=(np.clip(pcm[i:i + chunk], -1, 1) * 32767).astype("<i2").tobytes())
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        return [r async for r in listen_pb2_grpc.ListenStub(channel).Encode(requests())]
+
+
+def test_listen_stage_on_triton_hears_as_in_process(model, triton_mesh, speech):
+    """Real human speech (8 kHz) into the listen stage: the same latents and text as in-process."""
+    from michi.services.listen.server import ListenStream
+    from michi.serving.execution import TorchEncoderStream
+
+    pcm, rate = speech
+    pcm = pcm[: 2 * rate]
+    frames = asyncio.run(_encode(triton_mesh.listen_on_triton, pcm, rate, chunk=rate // 10))
+    local = ListenStream(model, rate, TorchEncoderStream(model))
+    want = []
+    for i in range(0, len(pcm), rate // 10):
+        want += local.push((np.clip(pcm[i:i + rate // 10], -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32768)
+    assert len(frames) == len(want) > 20
+    np.testing.assert_allclose(np.array([f.latent for f in frames]), np.stack([w[0] for w in want]), atol=1e-4)
+    assert [list(f.tokens) for f in frames] == [w[1] for w in want]
+
+
+def test_triton_gone_is_unavailable_not_a_hang(model, repository, tmp_path):
+    """A vocoder stage whose Triton server dies mid-call ends the call's stream with UNAVAILABLE."""
+    env = DEFAULT_ENV if DEFAULT_ENV.is_absolute() else ROOT / DEFAULT_ENV
+    server = TritonServer(repository, free_port(), env).start()
+    port = free_port()
+    mesh = Mesh(model="default", ports={"vocoder": port}, threads=1, log_dir=str(tmp_path),
+                stage_args={"vocoder": ["--execution", "triton", "--triton-url", server.url]})
+    process = mesh._spawn("vocoder", "vocoder", port, mesh.stage_args["vocoder"])
+    try:
+        wait_healthy(f"127.0.0.1:{port}", 120, process)
+
+        async def call():
+            async def requests():
+                yield vocoder_pb2.DecodeRequest(start=vocoder_pb2.DecodeStart(session_id="gone"))
+                for tick in range(20):
+                    if tick == 2:
+                        server.stop()
+                    yield vocoder_pb2.DecodeRequest(latent=vocoder_pb2.Latent(
+                        tick=tick, values=[0.0] * model.cfg.latent_dim))
+                    await asyncio.sleep(0.05)
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                return [r async for r in vocoder_pb2_grpc.VocoderStub(channel).Decode(requests(), timeout=60)]
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            asyncio.run(call())
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Triton at" in info.value.details()
+    finally:
+        server.stop()
+        process.terminate()
+        process.wait(timeout=30)
