@@ -225,6 +225,7 @@ async def run_call(address: str, plan: Plan, level: int, seed: int = 0, delay_s:
     source = plan.speech.source if plan.speech else "text"
     record, marks, msgs = CallRecord(plan.scenario, source, level), Marks(), []
     actions = sorted(plan.actions)
+    user_turn_ended = asyncio.Event()
 
     async def requests():
         yield _config(plan, seed)
@@ -242,7 +243,10 @@ async def run_call(address: str, plan: Plan, level: int, seed: int = 0, delay_s:
             bounds = [(int(a * rate), int(b * rate)) for a, b in plan.segments]
             sent_at = {}
             for i in range(0, len(plan.pcm), step):
-                while pending and pending[0][0] <= i / rate:
+                # A document goes in once the user's first turn has ended (the agent holds the
+                # floor again), not at a fixed time: a loaded mesh ends that turn late.
+                while pending and pending[0][0] <= i / rate and (
+                        pending[0][1] != "text:CONTEXT" or user_turn_ended.is_set()):
                     _, kind, text = pending.pop(0)
                     marks.actions.append((time.perf_counter(), kind))
                     yield _action(kind, text)
@@ -280,6 +284,8 @@ async def run_call(address: str, plan: Plan, level: int, seed: int = 0, delay_s:
                                         cut=e.barge_in.agent_samples_cut))
                     elif which in ("turn_start", "turn_end"):
                         msgs.append(Msg(now, which, e.tick, speaker=getattr(e, which).speaker))
+                        if which == "turn_end" and e.turn_end.speaker == "user":
+                            user_turn_ended.set()
                     elif which == "error":
                         msgs.append(Msg(now, "error", e.tick))
                 else:

@@ -117,8 +117,9 @@ def plan_call(scenario: str, speech: Speech | None, call_s: float) -> Plan:
         plan.segments.append((t, t + length))
         t += length + gap
         if scenario == "text_inject" and not plan.actions:
-            # while the agent talks again after the first turn: a document, then the user types
-            # (an INTERRUPT_AGENT control, then the text), then more turns when they fit
+            # while the agent talks again after the first turn: a document (held back by the
+            # client until the gateway has ended the user's turn), then the user types (an
+            # INTERRUPT_AGENT control, then the text), then more turns when they fit
             t_doc = plan.segments[0][1] + 1.5
             plan.actions += [(t_doc, "text:CONTEXT", DOCUMENT), (t_doc + 2.0, "interrupt", ""),
                              (t_doc + 2.0, "text:USER", USER_TEXTS[0])]

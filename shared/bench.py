@@ -72,6 +72,38 @@ def bench_preset(name: str, ticks: int, warmup: int, device: str = "cpu", progre
     }
 
 
+def bench_batch(name: str, batches: list[int], ticks: int, warmup: int, device: str = "cpu",
+                context: int = 0, progress=print) -> dict[str, Any]:
+    """One batched engine tick (backbone + text head + speak head, all Euler steps) for B live
+    calls, as the backbone stage runs it: median and p95 ms per tick, per B. `context` positions
+    of text are prefilled into every call first (the KV cache a tick then reads)."""
+    from .engine import BackboneEngine, TickInput
+
+    michi = load(name, device=device)
+    dim, sync = michi.cfg.latent_dim, (torch.cuda.synchronize if device.startswith("cuda") else lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for batch in batches:
+        engine = BackboneEngine(michi.model, rows=batch)
+        for i in range(batch):
+            engine.open(f"call{i}", seed=i)
+            for start in range(0, context, 64):
+                engine.insert_text(f"call{i}", list(range(97, 97 + min(64, context - start))))
+        times = []
+        for t in range(warmup + ticks):
+            inputs = {f"call{i}": TickInput(torch.randn(dim, generator=gen), [98] if (i + t) % 4 == 0 else [])
+                      for i in range(batch)}
+            sync()
+            t0 = time.perf_counter()
+            engine.tick(inputs)
+            sync()
+            if t >= warmup:
+                times.append(1e3 * (time.perf_counter() - t0))
+        out[str(batch)] = {**_stats(times), "calls": batch, "context_positions": context + warmup + ticks}
+        progress(f"  {name}: {batch} calls, tick median {out[str(batch)]['median_ms']:.2f} ms")
+    return {"preset": name, "ticks": ticks, "warmup": warmup, "batches": out, "trained_weights": michi.trained}
+
+
 def run_bench(presets: list[str], ticks: dict[str, int], warmup: int, device: str, out: Path | None,
               progress=print) -> dict[str, Any]:
     report = {"machine": machine_info(device), "tick_budget_ms": TICK_BUDGET_MS, "presets": {}}

@@ -89,7 +89,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_bench
 
     presets = args.presets.split(",")
+    if args.floor:  # computed, not timed: no model runs
+        from .config import preset
+        from .floor import floor_report, format_floor
+
+        reports = {name: floor_report(preset(name)) for name in presets}
+        print("\n\n".join(format_floor(r) for r in reports.values()))
+        Path(args.json).write_text(json.dumps(reports, indent=2))
+        print(f"report: {args.json}")
+        return 0
     ticks = {name: args.ticks if args.ticks else (100 if name == "tiny" else 30) for name in presets}
+    if args.batch:  # batched engine ticks, as the backbone stage runs them
+        from .bench import bench_batch, machine_info
+
+        batches = [int(b) for b in args.batch.split(",")]
+        report = {"machine": machine_info(args.device), "what": "one batched engine tick (backbone, text head, "
+                  "speak head with all Euler steps) for B live calls", "presets": {
+                      name: bench_batch(name, batches, ticks[name], args.warmup, args.device, args.context)
+                      for name in presets}}
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        for name, r in report["presets"].items():
+            for b in r["batches"].values():
+                print(f"{name}: {b['calls']:>4} calls  median {b['median_ms']:8.2f} ms  p95 {b['p95_ms']:8.2f} ms")
+        print(f"report: {args.json}")
+        return 0
     report = run_bench(presets, ticks, args.warmup, args.device, Path(args.json))
     print(format_report(report))
     print(f"report: {args.json}")
@@ -234,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--warmup", type=int, default=5)
     sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sp.add_argument("--json", default="bench.json")
+    sp.add_argument("--batch", default=None, help="e.g. 1,16,64: time one batched engine tick for that many calls")
+    sp.add_argument("--context", type=int, default=0, help="with --batch: text positions prefilled per call first")
+    sp.add_argument("--floor", action="store_true", help="the bandwidth and FLOP floor of a tick on common GPUs "
+                    "(computed from the config, nothing timed)")
     sp.set_defaults(func=cmd_bench)
 
     # michi data ... / train ... / eval ... / triton ...: each package registers its own subcommands.

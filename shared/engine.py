@@ -43,9 +43,11 @@ class HistoryTick:
 
 @dataclass
 class _Row:
+    """A call's sampling settings and queues; its last agent token and latent live in the engine's
+    row tensors. Its random numbers come from its own CPU generator, so a call samples the same
+    whatever else shares its batch, and no device generator is called once per row."""
+
     generator: torch.Generator
-    agent_token: int
-    agent_latent: torch.Tensor  # [D] normalised
     text_temperature: float
     top_k: int
     audio_temperature: float
@@ -63,6 +65,10 @@ class BackboneEngine:
         self.device = next(model.parameters()).device
         self.cache = model.backbone.init_state(rows).cache
         self.rows: list[_Row | None] = [None] * rows
+        # each row's last agent token and (normalised) latent: the agent half of its next input
+        self.agent_tokens = torch.full((rows,), self.vocab.pad, dtype=torch.long)
+        self.agent_latents = torch.zeros(rows, model.cfg.latent_dim, device=self.device,
+                                         dtype=next(model.parameters()).dtype)
         self.index: dict[str, int] = {}
         self.flow = dict(steps=euler_steps, cfg_scale=cfg_scale)
 
@@ -72,14 +78,17 @@ class BackboneEngine:
         if key in self.index:
             raise KeyError(f"call {key!r} is already open")
         if None not in self.rows:
-            self.cache.add_rows(len(self.rows))
-            self.rows += [None] * len(self.rows)
+            grow = len(self.rows)
+            self.cache.add_rows(grow)
+            self.rows += [None] * grow
+            self.agent_tokens = torch.cat([self.agent_tokens, self.agent_tokens.new_zeros(grow)])
+            self.agent_latents = torch.cat([self.agent_latents, self.agent_latents.new_zeros(grow, self.agent_latents.shape[1])])
         row = self.rows.index(None)
         self.cache.reset_row(row)
+        self.agent_tokens[row] = self.vocab.pad
+        self.agent_latents[row] = 0.0
         temp = self.model.cfg.speak_head.temperature if audio_temperature is None else audio_temperature
-        self.rows[row] = _Row(torch.Generator(device=self.device).manual_seed(seed), self.vocab.pad,
-                              torch.zeros(self.model.cfg.latent_dim, device=self.device),
-                              text_temperature, top_k, temp, max_pad_ticks)
+        self.rows[row] = _Row(torch.Generator().manual_seed(seed), text_temperature, top_k, temp, max_pad_ticks)
         self.index[key] = row
         return row
 
@@ -131,7 +140,7 @@ class BackboneEngine:
         for _ in range(max_tokens):
             logits = backbone.text_logits(hidden)
             logits[:, v.base:] = logits[:, v.base:].masked_fill(not_eos, float("-inf"))  # text or end
-            token = int(sample_token(logits, r.text_temperature, r.top_k, r.generator)[0])
+            token = int(sample_tokens(logits, [r.text_temperature], [r.top_k], [r.generator])[0])
             if token == v.eos:
                 return
             yield token
@@ -145,47 +154,51 @@ class BackboneEngine:
         m, v = self.model, self.vocab
         n_rows, dim = len(self.rows), m.cfg.latent_dim
         active = [self.index[key] for key in inputs]
-        slots = max([1] + [len(x.user_tokens) for x in inputs.values()])
-        agent_text = torch.full((n_rows,), v.pad, dtype=torch.long)
-        agent_latent = torch.zeros(n_rows, dim, device=self.device)
-        user_latent = torch.zeros(n_rows, dim, device=self.device)
-        user_text = torch.full((n_rows, slots), -1, dtype=torch.long)
-        for row, x in zip(active, inputs.values()):
-            state = self.rows[row]
-            agent_text[row] = state.agent_token
-            agent_latent[row] = state.agent_latent
-            user_latent[row] = x.user_latent.to(self.device)
-            user_text[row, : len(x.user_tokens)] = torch.as_tensor(list(x.user_tokens), dtype=torch.long)
-        advance = torch.zeros(n_rows, dtype=torch.bool)
-        advance[active] = True
-        fused = m.backbone.embed_tick(agent_text.to(self.device), agent_latent,
-                                      m.latent_norm.normalize(user_latent), user_text.to(self.device))
-        hidden = m.backbone.cached_forward(fused, self.cache, advance=advance)[active, -1]
+        rows = [self.rows[row] for row in active]
+        xs = list(inputs.values())
+        # Every row's input in a few whole-batch ops: no per-row writes into device tensors.
+        slots = max([1] + [len(x.user_tokens) for x in xs])
+        user_text = torch.tensor([list(x.user_tokens) + [-1] * (slots - len(x.user_tokens)) for x in xs],
+                                 dtype=torch.long)
+        user_latent = torch.stack([x.user_latent.float().cpu() for x in xs])
+        everyone = active == list(range(n_rows))  # the usual round: every row is a live call that ticks
+        index = slice(None) if everyone else torch.tensor(active, dtype=torch.long)
+        advance = None
+        if not everyone:  # idle and free rows are computed and forgotten
+            user_text = torch.full((n_rows, slots), -1, dtype=torch.long).index_copy_(0, index, user_text)
+            user_latent = torch.zeros(n_rows, dim).index_copy_(0, index, user_latent)
+            advance = torch.zeros(n_rows, dtype=torch.bool).index_fill_(0, index, True)
+        device_index = index if everyone else index.to(self.device)
+        fused = m.backbone.embed_tick(self.agent_tokens.to(self.device), self.agent_latents,
+                                      m.latent_norm.normalize(user_latent.to(self.device)), user_text.to(self.device))
+        hidden = m.backbone.cached_forward(fused, self.cache, advance=advance)[device_index, -1]
         lap("backbone")
-        logits = m.backbone.text_logits(hidden)
-        tokens = [self._next_token(self.rows[row], logits[i:i + 1]) for i, row in enumerate(active)]
+        sampled = sample_tokens(m.backbone.text_logits(hidden), [r.text_temperature for r in rows],
+                                [r.top_k for r in rows], [r.generator for r in rows]).tolist()
+        tokens = [self._forced_text(r, token) for r, token in zip(rows, sampled)]
         lap("text_head")
-        noise = torch.stack([self.rows[row].audio_temperature * torch.randn(
-            dim, generator=self.rows[row].generator, device=self.device) for row in active])
-        latents = m.speak_head.sample(hidden, noise=noise, **self.flow)
-        outputs = {}
-        for i, (key, x) in enumerate(inputs.items()):
-            state = self.rows[active[i]]
-            latent = latents[i]
+        noise = torch.stack([torch.randn(dim, generator=r.generator) for r in rows])
+        temps = [r.audio_temperature for r in rows]
+        noise = noise * (temps[0] if len(set(temps)) == 1 else torch.tensor(temps)[:, None])
+        latents = m.speak_head.sample(hidden, noise=noise.to(self.device), **self.flow)
+        for i, (r, x) in enumerate(zip(rows, xs)):  # teacher-forced audio, where a call has some
             if x.forced_latent is not None:
-                latent = m.latent_norm.normalize(x.forced_latent.to(self.device))
-            elif state.prompt_latents:
-                latent = state.prompt_latents.popleft()
-            state.agent_token, state.agent_latent = tokens[i], latent
-            outputs[key] = TickOutput(tokens[i], m.latent_norm.denormalize(latent))
+                latents[i] = m.latent_norm.normalize(x.forced_latent.to(self.device))
+            elif r.prompt_latents:
+                latents[i] = r.prompt_latents.popleft()
+        self.agent_tokens[index] = torch.tensor(tokens, dtype=torch.long)
+        self.agent_latents[device_index] = latents
+        raw = m.latent_norm.denormalize(latents)
+        outputs = {key: TickOutput(token, latent) for key, token, latent in zip(inputs, tokens, raw)}
         lap("speak_head")
         return outputs
 
-    def _next_token(self, r: _Row, logits: torch.Tensor) -> int:
+    def _forced_text(self, r: _Row, token: int) -> int:
+        """The sampled token, or the call's next forced text token when the model asks for text (or
+        waited long enough)."""
         v = self.vocab
-        token = int(sample_token(logits, r.text_temperature, r.top_k, r.generator)[0])
         if r.forced_text and (v.is_text(token) or token == v.epad or r.pad_run >= r.max_pad_ticks):
-            token = r.forced_text.popleft()  # the model asks for text (or waited long enough)
+            token = r.forced_text.popleft()
         r.pad_run = r.pad_run + 1 if token == v.pad else 0
         return token
 
@@ -195,16 +208,16 @@ class BackboneEngine:
         """Rebuild a call's row from its history (ticks and text insertions, in order) in one
         prefill: each tick is re-read with the agent outputs it really had. Returns ticks replayed."""
         m = self.model
-        r = self.rows[self.index[key]]
+        row = self.index[key]
         positions, ticks = [], 0
         for item in history:
             if isinstance(item, HistoryTick):
                 user_tokens = torch.tensor([list(item.user_tokens) or [-1]], device=self.device)
                 positions.append(m.backbone.embed_tick(
-                    torch.tensor([r.agent_token], device=self.device), r.agent_latent[None],
+                    self.agent_tokens[row:row + 1].to(self.device), self.agent_latents[row:row + 1],
                     m.latent_norm.normalize(item.user_latent.to(self.device))[None], user_tokens))
-                r.agent_token = item.agent_token
-                r.agent_latent = m.latent_norm.normalize(item.agent_latent.to(self.device))
+                self.agent_tokens[row] = item.agent_token
+                self.agent_latents[row] = m.latent_norm.normalize(item.agent_latent.to(self.device))
                 ticks += 1
             else:
                 positions.append(m.backbone.embed_text(torch.tensor([list(item)], device=self.device)))
@@ -213,12 +226,27 @@ class BackboneEngine:
         return ticks
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)[:, 0]
+def sample_tokens(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Sequence[int],
+                  generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """logits [B, V] -> token ids [B], each row with its own temperature (0: greedy), top-k (0: all)
+    and CPU generator. One uniform number per row from its generator, then inverse-CDF sampling
+    for the whole batch at once."""
+    vocab = logits.shape[-1]
+    uniform = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)
+    scaled = logits.float()
+    if len(set(temperatures)) == 1:  # one temperature for all rows: a scalar, the usual case
+        scaled = scaled / max(temperatures[0], 1e-6)
+    else:
+        scaled = scaled / torch.tensor(temperatures, dtype=torch.float32).clamp(min=1e-6).to(logits.device)[:, None]
+    ks = [k if 0 < k < vocab else vocab for k in top_ks]
+    if min(ks) < vocab:  # keep each row's k best
+        best = torch.topk(scaled, max(ks), dim=-1).values
+        kth = best[:, -1:] if len(set(ks)) == 1 else best.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    cdf = torch.softmax(scaled, -1).cumsum(-1)
+    u = uniform[:, None] * cdf[:, -1:]  # strictly below the total: never past the last token
+    sampled = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=vocab - 1)
+    greedy = [t <= 0 for t in temperatures]
+    if any(greedy):
+        sampled = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(-1), sampled)
+    return sampled

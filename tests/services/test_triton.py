@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import michi
-from michi.generate import tts
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
 from michi.proto.vocoder.v1 import vocoder_pb2, vocoder_pb2_grpc
@@ -130,15 +129,38 @@ def triton_mesh(triton, tmp_path_factory):
     mesh.stop()
 
 
-def test_mesh_on_triton_speaks_as_in_process(model, triton_mesh):
-    """TTS through gateway, backbone and a vocoder stage that runs on Triton: the in-process audio."""
+def test_mesh_on_triton_speaks(model, triton_mesh):
+    """TTS through gateway, backbone and a vocoder stage on Triton. (Not compared sample for sample
+    with in-process: with trained weights the latent fed back every tick amplifies the last-bit
+    differences of a batched backbone over a single-row one, so two runs part after a second or
+    so. The stage's own output is compared exactly below.)"""
     result = asyncio.run(client.converse(triton_mesh.gateway, client.config(
         mode=pb.TTS, text="hello", rate_in=24_000, rate_out=24_000), timeout_s=120))
-    ticks = len(result.pcm) // FRAME
-    assert ticks >= 3 * len("hello")
-    local = tts(model, "hello", continue_ticks=ticks, seed=0)
-    want = np.concatenate([t.agent_audio for t in local.ticks[:ticks]])
-    np.testing.assert_allclose(result.pcm, want, atol=2e-4)  # LINEAR16 on the wire: 3e-5 steps
+    assert result.agent_text.startswith("hello")
+    assert len(result.pcm) >= 3 * len("hello") * FRAME and np.isfinite(result.pcm).all()
+    assert np.sqrt(np.mean(result.pcm ** 2)) > 1e-3  # it is not silence
+
+
+async def _decode(address: str, latents: np.ndarray, warmup: np.ndarray) -> np.ndarray:
+    async def requests():
+        yield vocoder_pb2.DecodeRequest(start=vocoder_pb2.DecodeStart(
+            session_id="t", warmup=[vocoder_pb2.Latent(values=w.tolist()) for w in warmup]))
+        for tick, latent in enumerate(latents):
+            yield vocoder_pb2.DecodeRequest(latent=vocoder_pb2.Latent(tick=tick, values=latent.tolist()))
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        replies = [r async for r in vocoder_pb2_grpc.VocoderStub(channel).Decode(requests())]
+    return np.concatenate([np.frombuffer(r.pcm, "<f4") for r in replies])
+
+
+def test_vocoder_stage_on_triton_decodes_as_in_process(model, triton_mesh):
+    """Latents into the vocoder stage (warm-up latents first, as after a failover): the PyTorch
+    vocoder's audio for the whole sequence, minus the warm-up's."""
+    rng = np.random.default_rng(2)
+    latents = rng.standard_normal((10, model.cfg.latent_dim)).astype(np.float32)
+    audio = asyncio.run(_decode(triton_mesh.addresses["vocoder"][0], latents[3:], latents[:3]))
+    want = _offline(model, "vocoder", torch.from_numpy(latents)[None])[0].numpy()[3 * FRAME:]
+    np.testing.assert_allclose(audio, want, atol=1e-5)
 
 
 async def _encode(address: str, pcm: np.ndarray, rate: int, chunk: int) -> list:
