@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     pcm, rate, source = user_audio()
     say(f"mesh bench: {args.model} on CPU, user audio {source} ({rate} Hz)")
     report = {"machine": machine_info("cpu"), "model": args.model, "threads_per_process": args.threads,
+              "execution": os.environ.get("MICHI_EXECUTION", "torch"),  # where listen and vocoder ran
               "user_audio": source, "settings": vars(args) | {"json": str(args.json)},
               "criteria": {"max_missed_ticks": MAX_MISSED, "max_p95_first_audio_ms": MAX_FIRST_AUDIO_MS}}
     report["in_process"] = bench_in_process(args, pcm, rate)

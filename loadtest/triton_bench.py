@@ -6,7 +6,8 @@
 Per stage and execution, S concurrent streams (threads), each stepping one 80 ms frame at a time
 and carrying its state, as the stages do:
 - torch: the stage's in-process step (`michi.serving.execution.Torch*Stream`);
-- onnxruntime: the exported step graph in this process (what Triton runs, without the server);
+- onnxruntime: the exported step graph in this process (`--execution onnxruntime`; what Triton
+  runs, without the server);
 - triton: `tritonclient` gRPC to the Triton server that nvidia-pytriton bundles (Python backend
   running the same ONNX graph; dynamic batching across streams), as `--execution triton` does.
 Reports per-frame latency (p50/p95/p99) and frames/s, and the bytes of state each frame carries
@@ -22,15 +23,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 import michi
 from michi.bench import machine_info
-from michi.serving.execution import TorchEncoderStream, TorchVocoderStream, TritonEncoderStream, TritonVocoderStream
+from michi.serving.execution import (
+    GraphEncoderStream,
+    GraphVocoderStream,
+    OnnxStep,
+    TorchEncoderStream,
+    TorchVocoderStream,
+)
 from michi.serving.launcher import free_port
 from michi.serving.triton.client import TritonStep
-from michi.serving.triton.export import MODELS, ONNX_FILE, initial_state, step_spec, write_repository
+from michi.serving.triton.export import MODELS, ONNX_FILE, write_repository
 from michi.serving.triton.server import DEFAULT_ENV, TritonServer
 
 from .common import percentiles, say, write_report
@@ -39,28 +45,13 @@ STAGES = ("listen", "vocoder")
 EXECUTIONS = ("torch", "onnxruntime", "triton")
 
 
-class OrtStream:
-    """The exported graph in this process, one frame per run, state carried."""
-
-    def __init__(self, session: ort.InferenceSession, michi_model, stage: str):
-        self.session, self.stage = session, stage
-        self.spec = step_spec(michi_model, stage)
-        self.state = [t.numpy() for t in initial_state(michi_model, stage)]
-
-    def step(self, x: np.ndarray) -> None:
-        feed = {self.spec.inputs[0].name: x[None]}
-        feed.update({t.name: s for t, s in zip(self.spec.inputs[1:], self.state)})
-        out = self.session.run(None, feed)
-        self.state = out[len(out) - len(self.state):]
-
-
-def make_stream(execution: str, stage: str, model, sessions, steps):
+def make_stream(execution: str, stage: str, model, steps):
+    """One stream's step function, as the stage runs it for `execution`."""
     if execution == "torch":
         s = TorchEncoderStream(model) if stage == "listen" else TorchVocoderStream(model)
-    elif execution == "onnxruntime":
-        return OrtStream(sessions[stage], model, stage).step
     else:
-        s = TritonEncoderStream(model, steps[stage]) if stage == "listen" else TritonVocoderStream(steps[stage])
+        step = steps[execution][stage]
+        s = GraphEncoderStream(model, step) if stage == "listen" else GraphVocoderStream(step)
     return s.encode if stage == "listen" else (lambda x: s.decode(x[None]))
 
 
@@ -142,17 +133,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as repo:
         say("exporting the step graphs")
         specs = write_repository(model, repo, backend="python", max_batch_size=max(levels))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        sessions = {s: ort.InferenceSession(str(Path(repo) / MODELS[s] / "1" / ONNX_FILE), options) for s in STAGES}
+        onnx = {s: OnnxStep(Path(repo) / MODELS[s] / "1" / ONNX_FILE, specs[s], args.threads) for s in STAGES}
         os.environ["MICHI_TRITON_THREADS"] = str(args.threads)
         with TritonServer(repo, free_port(), args.env) as server:
-            steps = {s: TritonStep(server.url, MODELS[s]) for s in STAGES}
+            steps = {"onnxruntime": onnx, "triton": {s: TritonStep(server.url, MODELS[s]) for s in STAGES}}
             results = {s: {e: [] for e in EXECUTIONS} for s in STAGES}
             for stage in STAGES:
                 for execution in EXECUTIONS:
                     for n in levels:
-                        r = run_level(lambda: make_stream(execution, stage, model, sessions, steps),
+                        r = run_level(lambda: make_stream(execution, stage, model, steps),
                                       args.frames, n, inputs[stage])
                         results[stage][execution].append(r)
                         say(f"{stage} {execution} x{n}: p50 {r['frame_ms']['p50']:.2f} ms, "

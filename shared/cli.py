@@ -128,7 +128,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .serving.launcher import DEFAULT_PORTS, Mesh
 
     ports = dict(DEFAULT_PORTS, gateway=args.port)
-    mesh = Mesh(model=args.model, ports=ports, threads=args.stage_threads, log_dir=args.log_dir,
+    execution = {"MICHI_EXECUTION": args.execution, **({"MICHI_TRITON_URL": args.triton_url} if args.triton_url else {})}
+    mesh = Mesh(model=args.model, ports=ports, threads=args.stage_threads, log_dir=args.log_dir, env=execution,
                 replicas={"backbone": args.backbone_replicas, "vocoder": args.vocoder_replicas})
     print(f"starting listen, backbone, vocoder, gateway (model {args.model}) ...", flush=True)
     mesh.start()
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backbone-replicas", type=int, default=1)
     sp.add_argument("--vocoder-replicas", type=int, default=1)
     sp.add_argument("--log-dir", default=None, help="one JSON log file per stage (default: this terminal)")
+    sp.add_argument("--execution", default=os.environ.get("MICHI_EXECUTION", "torch"), choices=["torch", "onnxruntime", "triton"],
+                    help="where the listen encoder and vocoder steps run (onnxruntime: exported at start)")
+    sp.add_argument("--triton-url", default=None, help="with --execution triton: the Triton gRPC address")
     sp.set_defaults(func=cmd_up)
 
     def gateway_args(sp: argparse.ArgumentParser) -> None:

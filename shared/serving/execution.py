@@ -1,10 +1,20 @@
-"""Where the listen encoder and vocoder steps run: in this process (torch) or on an NVIDIA Triton
-server (`tritonclient`, explicit state tensors in and out). Chosen per stage by `--execution`
-(MICHI_EXECUTION) and `--triton-url` (MICHI_TRITON_URL). Either way one stream per call, and the
-same numbers out: chunked streaming equals whole-input decoding on both.
+"""Where the listen encoder and vocoder steps run, chosen per stage by `--execution`
+(MICHI_EXECUTION):
+- torch: the PyTorch modules in this process;
+- onnxruntime: the exported step graphs (`michi triton export`) through ONNX Runtime in this
+  process; on CPU 2-3x faster per frame than torch (loadtest/results/triton-bench-cpu.json);
+  `--onnx-dir` (MICHI_ONNX_DIR) names an exported repository, else the stage exports at start;
+- triton: the same graphs on an NVIDIA Triton server (`--triton-url`, MICHI_TRITON_URL).
+The graph executions pass the stream state in and out explicitly. Every execution keeps one
+stream per call and gives the same numbers up to float rounding: chunked streaming equals
+whole-input decoding on each.
 """
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -12,7 +22,7 @@ import torch
 
 from ..api import Michi
 
-EXECUTIONS = ("torch", "triton")
+EXECUTIONS = ("torch", "onnxruntime", "triton")
 
 
 def add_execution_args(parser) -> None:
@@ -20,9 +30,11 @@ def add_execution_args(parser) -> None:
     import os
 
     parser.add_argument("--execution", choices=EXECUTIONS, default=os.environ.get("MICHI_EXECUTION", "torch"),
-                        help="torch: in this process; triton: on a Triton server (michi triton export)")
+                        help="torch or onnxruntime: in this process; triton: on a Triton server")
     parser.add_argument("--triton-url", default=os.environ.get("MICHI_TRITON_URL"),
                         help="Triton gRPC address, host:port")
+    parser.add_argument("--onnx-dir", default=os.environ.get("MICHI_ONNX_DIR"),
+                        help="onnxruntime: a `michi triton export` repository (default: export at start)")
 
 
 class EncoderStream(Protocol):
@@ -59,8 +71,9 @@ class TorchVocoderStream:
         return audio[0].float().cpu().numpy()
 
 
-class TritonEncoderStream:
-    """Buffers audio to whole 80 ms frames and sends one frame per request."""
+class GraphEncoderStream:
+    """Runs a listen step graph (ONNX Runtime or Triton): buffers audio to whole 80 ms frames, one
+    frame per step, the state carried from step to step."""
 
     def __init__(self, michi: Michi, step):
         self.michi, self.step = michi, step
@@ -83,7 +96,9 @@ class TritonEncoderStream:
                 torch.from_numpy(np.stack(features)).to(self.michi.device))
 
 
-class TritonVocoderStream:
+class GraphVocoderStream:
+    """Runs a vocoder step graph (ONNX Runtime or Triton), one latent per step."""
+
     def __init__(self, step):
         self.step = step
         self.state = step.init_state()
@@ -96,10 +111,48 @@ class TritonVocoderStream:
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def _triton_step(stage: str, execution: str, triton_url: str | None):
-    """The Triton model of `stage`, or None for in-process execution."""
+class OnnxStep:
+    """A step graph in this process through ONNX Runtime; called like `TritonStep`."""
+
+    def __init__(self, path: str | Path, spec, threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.first = spec.inputs[0].name
+        self.state_specs = [t for t in spec.inputs if t.name.startswith("state_in_")]
+        self.n_data = len(spec.outputs) - len(self.state_specs)
+
+    def init_state(self, batch_size: int = 1) -> list[np.ndarray]:
+        return [np.zeros((batch_size, *t.dims), torch.empty(0, dtype=t.dtype).numpy().dtype) for t in self.state_specs]
+
+    def __call__(self, inputs: dict[str, np.ndarray], state: list[np.ndarray]
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        feed = {self.first: np.ascontiguousarray(inputs[self.first], np.float32)}
+        feed.update((t.name, s) for t, s in zip(self.state_specs, state, strict=True))
+        out = self.session.run(None, feed)
+        return out[:self.n_data], out[self.n_data:]
+
+
+def _graph_step(stage: str, michi: Michi, execution: str, triton_url: str | None, onnx_dir: str | None,
+                threads: int):
+    """The step graph of `stage` for a graph execution, or None for torch."""
     if execution == "torch":
         return None
+    if execution == "onnxruntime":
+        from .triton.export import MODELS, ONNX_FILE, export_onnx, step_spec
+
+        if onnx_dir:
+            path = Path(onnx_dir) / MODELS[stage] / "1" / ONNX_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} missing: write it with `michi triton export --out {onnx_dir}`")
+        else:  # export this model's graph now, into a folder removed at exit
+            folder = tempfile.mkdtemp(prefix="michi-onnx-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            path = Path(folder) / ONNX_FILE
+            export_onnx(michi, stage, path)
+        return OnnxStep(path, step_spec(michi, stage), threads)
     if execution != "triton":
         raise ValueError(f"execution must be one of {EXECUTIONS}, not {execution!r}")
     if not triton_url:
@@ -110,15 +163,15 @@ def _triton_step(stage: str, execution: str, triton_url: str | None):
     return TritonStep(triton_url, MODELS[stage])
 
 
-def encoder_streams(michi: Michi, execution: str = "torch", triton_url: str | None = None
-                    ) -> Callable[[], EncoderStream]:
+def encoder_streams(michi: Michi, execution: str = "torch", triton_url: str | None = None,
+                    onnx_dir: str | None = None, threads: int = 1) -> Callable[[], EncoderStream]:
     """A factory of listen encoder streams, one per call."""
-    step = _triton_step("listen", execution, triton_url)
-    return (lambda: TorchEncoderStream(michi)) if step is None else (lambda: TritonEncoderStream(michi, step))
+    step = _graph_step("listen", michi, execution, triton_url, onnx_dir, threads)
+    return (lambda: TorchEncoderStream(michi)) if step is None else (lambda: GraphEncoderStream(michi, step))
 
 
-def vocoder_streams(michi: Michi, execution: str = "torch", triton_url: str | None = None
-                    ) -> Callable[[], VocoderStream]:
+def vocoder_streams(michi: Michi, execution: str = "torch", triton_url: str | None = None,
+                    onnx_dir: str | None = None, threads: int = 1) -> Callable[[], VocoderStream]:
     """A factory of vocoder streams, one per call."""
-    step = _triton_step("vocoder", execution, triton_url)
-    return (lambda: TorchVocoderStream(michi)) if step is None else (lambda: TritonVocoderStream(step))
+    step = _graph_step("vocoder", michi, execution, triton_url, onnx_dir, threads)
+    return (lambda: TorchVocoderStream(michi)) if step is None else (lambda: GraphVocoderStream(step))

@@ -1,7 +1,8 @@
-"""NVIDIA Triton execution of the listen encoder and vocoder steps, against a real Triton server:
-the one the nvidia-pytriton wheel bundles (CPU, Python backend only), running the exported ONNX
-graphs through ONNX Runtime inside its Python backend. It lives in its own environment
-(.venv-triton, see README), as it would in its own container. The default (trained) model."""
+"""Graph executions of the listen encoder and vocoder steps: ONNX Runtime in-process, and NVIDIA
+Triton against a real Triton server, the one the nvidia-pytriton wheel bundles (CPU, Python
+backend only) running the exported ONNX graphs through ONNX Runtime inside its Python backend. It
+lives in its own environment (.venv-triton, see README), as it would in its own container. The
+default (trained) model."""
 import asyncio
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
 from michi.proto.vocoder.v1 import vocoder_pb2, vocoder_pb2_grpc
 from michi.serving import client
-from michi.serving.execution import TritonEncoderStream, TritonVocoderStream, encoder_streams
+from michi.serving.execution import GraphEncoderStream, GraphVocoderStream, encoder_streams, vocoder_streams
 from michi.serving.launcher import Mesh, free_port, wait_healthy
 from michi.serving.triton.client import TritonError, TritonStep
 from michi.serving.triton.export import ONNX_FILE, initial_state, step_spec, write_repository
@@ -83,16 +84,36 @@ def test_exported_graphs_stream_as_the_model_does_offline(model, repository):
             np.testing.assert_allclose(np.stack([o[1] for o in outs], 1), want.features.numpy(), atol=1e-4)
 
 
+def test_onnxruntime_execution_streams_as_the_model_does_offline(model, repository):
+    """`--execution onnxruntime`: the stage's encoder and vocoder streams on the exported graphs
+    in-process, chunked at odd sizes, equal the PyTorch model on the whole input; without
+    `--onnx-dir` the stage exports the graph itself."""
+    rng = np.random.default_rng(3)
+    latents = rng.standard_normal((5, model.cfg.latent_dim)).astype(np.float32)
+    want = _offline(model, "vocoder", torch.from_numpy(latents)[None])[0].numpy()
+    for onnx_dir in (str(repository), None):
+        vocoder = vocoder_streams(model, "onnxruntime", onnx_dir=onnx_dir)()
+        audio = np.concatenate([vocoder.decode(latents[:1]), vocoder.decode(latents[1:])])
+        np.testing.assert_allclose(audio, want, atol=1e-5)
+    speech = (0.1 * rng.standard_normal(4 * FRAME + 77)).astype(np.float32)
+    encoder = encoder_streams(model, "onnxruntime", onnx_dir=str(repository))()
+    parts = [encoder.encode(speech[:3000]), encoder.encode(speech[3000:])]
+    offline = _offline(model, "listen", torch.from_numpy(speech)[None])
+    np.testing.assert_allclose(torch.cat([p[0] for p in parts]).numpy(), offline.latents[0].numpy(), atol=1e-4)
+    with pytest.raises(FileNotFoundError, match="michi triton export"):
+        encoder_streams(model, "onnxruntime", onnx_dir=str(repository / "nothing-here"))
+
+
 def test_steps_on_the_triton_server_equal_in_process(model, triton):
     """Through tritonclient and a real Triton server, chunked at odd sizes, as the stages call it."""
     rng = np.random.default_rng(1)
     latents = rng.standard_normal((6, model.cfg.latent_dim)).astype(np.float32)
-    vocoder = TritonVocoderStream(TritonStep(triton.url, "michi_vocoder"))
+    vocoder = GraphVocoderStream(TritonStep(triton.url, "michi_vocoder"))
     audio = np.concatenate([vocoder.decode(latents[:2]), vocoder.decode(latents[2:2]), vocoder.decode(latents[2:])])
     np.testing.assert_allclose(audio, _offline(model, "vocoder", torch.from_numpy(latents)[None])[0].numpy(), atol=1e-5)
 
     speech = (0.1 * rng.standard_normal(7 * FRAME + 300)).astype(np.float32)
-    encoder = TritonEncoderStream(model, TritonStep(triton.url, "michi_listen"))
+    encoder = GraphEncoderStream(model, TritonStep(triton.url, "michi_listen"))
     parts = [encoder.encode(speech[:1000]), encoder.encode(speech[1000:1001]), encoder.encode(speech[1001:])]
     want = _offline(model, "listen", torch.from_numpy(speech)[None])
     assert sum(len(p[0]) for p in parts) == 7 == want.latents.shape[1]
