@@ -11,7 +11,9 @@ def test_default_model_is_trained_and_loads():
     assert m.trained and m.cfg.preset == "tiny"
     _, info = read_checkpoint_config(michi.DEFAULT_MODEL)
     assert info["what"].startswith("trained by michi's recipe")
-    assert set(info["stages"]) == {"text", "codec", "speak", "joint"}
+    assert list(info["stages"]) == ["text", "codec", "vocoder", "speak", "joint"]
+    # The shipped vocoder is the tiny preset's design (the iSTFT head), trained on the shipped encoder.
+    assert m.cfg.vocoder == michi.config.tiny().vocoder
 
 
 def test_model_card_names_the_shipped_weights():

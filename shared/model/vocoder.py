@@ -3,6 +3,12 @@
 Every conv pads on the left only and every transposed conv drops its right overhang, so the
 generator has no look-ahead: one latent frame in gives its 1920 samples out at once, and chunked
 decoding (`step`) equals whole-utterance decoding (`forward`).
+
+Two output heads (`VocoderConfig.istft_n_fft`): HiFi-GAN's, where the upsampling reaches 24 kHz
+and the last conv writes samples, or iSTFTNet's, where the upsampling stops at an STFT frame rate
+and the last conv writes a log-magnitude and a phase per frequency bin. The inverse STFT is a
+fixed transposed conv (`ISTFT`), so it streams like the others: each frame's windowed waveform
+starts at its own hop and its tail is carried into the next step, which adds no delay.
 """
 from __future__ import annotations
 
@@ -57,11 +63,60 @@ class ResBlock(nn.Module):
         return self._run(x, state), state
 
 
+def istft_basis(n_fft: int, hop: int) -> Tensor:
+    """[2 * bins, 1, n_fft]: real and imaginary parts of each bin -> its windowed inverse real DFT.
+
+    Rows 0..bins-1 take the real parts, rows bins.. the imaginary parts; a frame [re; im] times
+    this basis is irfft(re + i im, n_fft) * window. The Hann window is scaled so that windows one
+    hop apart sum to 1.
+    """
+    bins = n_fft // 2 + 1
+    n = torch.arange(n_fft, dtype=torch.float64)
+    k = torch.arange(bins, dtype=torch.float64)
+    angle = 2 * math.pi * k[:, None] * n[None, :] / n_fft
+    weight = torch.full((bins, 1), 2.0, dtype=torch.float64)
+    weight[0] = 1.0
+    if n_fft % 2 == 0:
+        weight[-1] = 1.0  # the Nyquist bin has no mirror image
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64) * (2 * hop / n_fft)
+    basis = torch.cat([weight * torch.cos(angle), -weight * torch.sin(angle)]) / n_fft * window
+    return basis[:, None, :].float()
+
+
+class ISTFT(StreamingConvTranspose1d):
+    """Inverse STFT with overlap-add, causal: spectra [B, 2 * bins, T] -> samples [B, 1, T * hop].
+
+    Frame t's windowed waveform covers samples t * hop .. t * hop + n_fft; what reaches past the
+    frames given so far is the overhang the streaming state carries. Its weights are fixed (a
+    buffer, not saved in checkpoints).
+    """
+
+    def __init__(self, n_fft: int, hop: int):
+        if n_fft < hop:
+            raise ValueError(f"istft_n_fft {n_fft} is shorter than the hop {hop}")
+        super().__init__(2 * (n_fft // 2 + 1), 1, n_fft, hop, bias=False)
+        del self.weight
+        self.register_buffer("weight", istft_basis(n_fft, hop), persistent=False)
+
+
+def spectra(x: Tensor, bins: int) -> Tensor:
+    """Log-magnitudes and phases [B, 2 * bins, T] -> real and imaginary parts (Vocos' head; the
+    magnitude is capped so an early step cannot overflow)."""
+    magnitude = torch.exp(x[:, :bins]).clamp(max=100.0)
+    phase = x[:, bins:]
+    return torch.cat([magnitude * torch.cos(phase), magnitude * torch.sin(phase)], dim=1)
+
+
 class Vocoder(nn.Module):
     def __init__(self, cfg: MichiConfig):
         super().__init__()
         vc = cfg.vocoder
-        if math.prod(vc.upsample_rates) != cfg.frame_samples:
+        upsampling = math.prod(vc.upsample_rates)
+        if vc.istft_n_fft:
+            if cfg.frame_samples % upsampling:
+                raise ValueError(f"upsample_rates {vc.upsample_rates} must multiply to a divisor of "
+                                 f"{cfg.frame_samples} (the iSTFT hop is the rest)")
+        elif upsampling != cfg.frame_samples:
             raise ValueError(f"upsample_rates {vc.upsample_rates} must multiply to {cfg.frame_samples}")
         if len(vc.upsample_kernel_sizes) != len(vc.upsample_rates):
             raise ValueError("one upsample kernel size per upsample rate")
@@ -79,7 +134,14 @@ class Vocoder(nn.Module):
                 ResBlock(out, k, tuple(d), vc.resblock_type)
                 for k, d in zip(vc.resblock_kernel_sizes, vc.resblock_dilations)))
             channels = out
-        self.conv_post = StreamingConv1d(channels, 1, 7)
+        self.bins = vc.istft_n_fft // 2 + 1
+        if vc.istft_n_fft:
+            # Vocos' head: a pointwise projection to log-magnitudes and phases.
+            self.conv_post = StreamingConv1d(channels, 2 * self.bins, 1)
+            self.istft = ISTFT(vc.istft_n_fft, cfg.frame_samples // upsampling)
+        else:
+            self.conv_post = StreamingConv1d(channels, 1, 7)
+            self.istft = None
         self.frame_samples = cfg.frame_samples
 
     def _run(self, latents: Tensor, state: StateList | None) -> Tensor:
@@ -99,7 +161,9 @@ class Vocoder(nn.Module):
             x = total / len(blocks)
         # HiFi-GAN's last activation uses the default slope (0.01), not LRELU_SLOPE.
         x = run(self.conv_post, F.leaky_relu(x), child(index))
-        return torch.tanh(x)[:, 0]
+        if self.istft is None:
+            return torch.tanh(x)[:, 0]
+        return run(self.istft, spectra(x, self.bins), child(index + 1))[:, 0]
 
     def forward(self, latents: Tensor) -> Tensor:
         return self._run(latents, None)
@@ -112,6 +176,8 @@ class Vocoder(nn.Module):
             states.append(up.init_state(batch_size, device, dtype))
             states.extend(block.init_state(batch_size, device, dtype) for block in blocks)
         states.append(self.conv_post.init_state(batch_size, device, dtype))
+        if self.istft is not None:
+            states.append(self.istft.init_state(batch_size, device, dtype))
         return states
 
     def step(self, latents: Tensor, state: StateList) -> tuple[Tensor, StateList]:

@@ -23,7 +23,8 @@ def _pairs(text: str, kind=float) -> dict:
 def cmd_recipe(args: argparse.Namespace) -> int:
     from .recipe import STAGES, RecipeConfig, train_recipe
 
-    rc = RecipeConfig(corpus=args.corpus, out=args.out, preset=args.preset, init=args.init, device=args.device,
+    rc = RecipeConfig(corpus=args.corpus, out=args.out, preset=args.preset, init=args.init,
+                      new_vocoder=args.new_vocoder, device=args.device,
                       seed=args.seed, tts_speakers=args.tts_speakers.split(",") if args.tts_speakers else None,
                       text_file=args.text)
     rc.steps.update(_pairs(args.steps, int))
@@ -83,8 +84,10 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
     sp.add_argument("--preset", default="tiny", help="model size: tiny (CPU) or full (GPU)")
     sp.add_argument("--init", default=None, help="start from this Michi checkpoint instead of random init")
-    sp.add_argument("--stages", default=None, help="comma list, default: text,codec,speak,joint,baseline")
-    sp.add_argument("--steps", default="", help="per stage, e.g. text=2000,codec=3000,speak=1000,joint=3000")
+    sp.add_argument("--new-vocoder", action="store_true", help="with --init: replace its vocoder by a new "
+                    "one of the preset's design (train it with --stages vocoder)")
+    sp.add_argument("--stages", default=None, help="comma list, default: text,codec,vocoder,speak,joint,baseline")
+    sp.add_argument("--steps", default="", help="per stage, e.g. text=2000,codec=3000,vocoder=1000,speak=1000,joint=3000")
     sp.add_argument("--minutes", default="", help="wall-time cap per stage, e.g. codec=10,joint=10")
     sp.add_argument("--lr", default="", help="per stage learning rate, e.g. joint=3e-4")
     sp.add_argument("--codec", default="", help="codec settings, e.g. batch_size=32,adversarial_after=0.3")

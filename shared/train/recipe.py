@@ -1,7 +1,10 @@
 """The staged recipe, in one run directory:
 
-    text -> codec -> (latents) -> speak -> joint            the model
-    text ------------------------------> baseline           same budget as joint, text only
+    text -> codec -> vocoder -> (latents) -> speak -> joint    the model
+    text -------------------------------------------> baseline    same budget as joint, text only
+
+The vocoder stage trains the vocoder alone on the frozen listen encoder's latents (with
+`new_vocoder`, a fresh vocoder of the preset's design in place of the init model's).
 
 Each stage lives in `<run>/<stage>/` (state.pt, losses.jsonl, losses.png) and is skipped when
 finished, so rerunning the same command resumes the recipe where it stopped. Between codec and
@@ -25,11 +28,12 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import preset as preset_config
 from ..model.michi import MichiModel
 from ..model.tokenizer import StreamVocab, load_tokenizer
+from ..model.vocoder import Vocoder
 from .batches import AudioBank, SequenceBank, TextBank, load_segments, read_audio
 from .loop import StageBudget, barrier, run_stage, setup, stage_info
 from .stages import CodecConfig, CodecStage, OptimConfig, SequenceConfig, SequenceStage
 
-STAGES = ("text", "codec", "speak", "joint", "baseline")
+STAGES = ("text", "codec", "vocoder", "speak", "joint", "baseline")
 
 
 @dataclass
@@ -38,15 +42,18 @@ class RecipeConfig:
     out: str
     preset: str = "tiny"
     init: str | None = None  # start from this Michi checkpoint instead of the preset's random init
+    # With init: replace its vocoder by a new one of the preset's design (then train the vocoder
+    # stage; the listen encoder's latents, and so what the speak head learned, stay valid).
+    new_vocoder: bool = False
     device: str | None = None
     seed: int = 0
     tts_speakers: list[str] | None = None  # speak/joint train on these voices (None: all)
     text_file: str | None = None  # pure text (michi.data.text.read_texts; None: the offline corpus)
     steps: dict[str, int] = field(default_factory=lambda: {
-        "text": 2000, "codec": 3000, "speak": 1000, "joint": 3000})
+        "text": 2000, "codec": 3000, "vocoder": 1000, "speak": 1000, "joint": 3000})
     minutes: dict[str, float] = field(default_factory=dict)  # optional wall-time cap per stage
     lr: dict[str, float] = field(default_factory=lambda: {
-        "text": 1e-3, "codec": 2e-4, "speak": 1e-3, "joint": 5e-4})
+        "text": 1e-3, "codec": 2e-4, "vocoder": 2e-4, "speak": 1e-3, "joint": 5e-4})
     codec: CodecConfig = field(default_factory=CodecConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     stages: tuple[str, ...] = STAGES
@@ -116,6 +123,12 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
     torch.manual_seed(rc.seed)
     if rc.init:
         model, _ = load_checkpoint(rc.init, device=d.device)
+        if rc.new_vocoder:
+            model.cfg.vocoder = preset_config(rc.preset).vocoder
+            model.vocoder = Vocoder(model.cfg).to(d.device)
+            log(f"[init] new vocoder ({rc.preset} preset): {sum(p.numel() for p in model.vocoder.parameters())} parameters")
+    elif rc.new_vocoder:
+        raise ValueError("new_vocoder replaces the vocoder of --init; without --init every part is new")
     else:
         model = MichiModel(preset_config(rc.preset)).to(d.device)
     tokenizer = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
@@ -127,12 +140,14 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
     # The baseline starts here: after the text stage (or from the initial weights without it).
     text_state = copy.deepcopy(model.state_dict())
 
-    if "codec" in rc.stages:
-        log(f"[codec] loading audio from {rc.corpus}")
+    codec_stages = [s for s in ("codec", "vocoder") if s in rc.stages]
+    if codec_stages:
+        log(f"[{codec_stages[0]}] loading audio from {rc.corpus}")
         bank = AudioBank(rc.corpus, load_segments(rc.corpus))
-        log(f"[codec] {len(bank.audio)} segments, {bank.seconds / 60:.1f} min of audio")
-        run_stage(CodecStage(model, bank, tokenizer, d, rc.codec, _optim(rc, "codec"), seed=rc.seed),
-                  out / "codec", _budget(rc, "codec"), d, progress=log)
+        log(f"[{codec_stages[0]}] {len(bank.audio)} segments, {bank.seconds / 60:.1f} min of audio")
+        for stage in codec_stages:
+            run_stage(CodecStage(model, bank, tokenizer, d, rc.codec, _optim(rc, stage), seed=rc.seed, name=stage),
+                      out / stage, _budget(rc, stage), d, progress=log)
         del bank
 
     speech = None

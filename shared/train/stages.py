@@ -5,6 +5,8 @@
 - codec: listen encoder + vocoder as an autoencoder with HiFi-GAN losses (mel L1 x45, multi-period
   and multi-scale discriminators, feature matching), plus the listen text head's CTC loss on the
   transcripts; noise on the latents keeps the decoder tolerant of the speak head's small errors;
+- vocoder: the same losses for the vocoder alone, on the latents of the frozen listen encoder
+  (decoder refinement; also how a model gets a new vocoder without changing its latent space);
 - speak: the speak head (and the latent input projections) on frozen codec latents, conditioned
   on the hidden states of the frozen backbone;
 - joint: backbone + text head + speak head on tick sequences, with pure-text batches mixed in at
@@ -78,17 +80,22 @@ class CodecConfig:
 
 
 class CodecGenerator(nn.Module):
-    """Encoder -> (noisy) latents -> vocoder, and the CTC head: everything the generator trains."""
+    """Encoder -> (noisy) latents -> vocoder, and the CTC head: everything the generator trains.
+    Without utterances (the vocoder stage) the encoder only encodes and there is no CTC loss."""
 
     def __init__(self, model: MichiModel, cc: CodecConfig, tokenizer):
         super().__init__()
         self.listen, self.listen_text, self.vocoder = model.listen, model.listen_text, model.vocoder
         self.cc, self.tokenizer, self.frame = cc, tokenizer, model.cfg.frame_samples
 
-    def forward(self, crops: Tensor, utt_audio: Tensor, utt_lengths: Tensor, texts: list[str]):
-        latents = self.listen(crops).latents
+    def forward(self, crops: Tensor, utt_audio: Tensor | None = None, utt_lengths: Tensor | None = None,
+                texts: list[str] | None = None):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and utt_audio is not None):
+            latents = self.listen(crops).latents
         noisy = latents + self.cc.latent_noise * torch.randn_like(latents)
         fake = self.vocoder(noisy)[:, : crops.shape[1]]
+        if utt_audio is None:
+            return fake, latents.pow(2).mean(), latents.new_zeros(())
         utt_audio = F.pad(utt_audio, (0, -utt_audio.shape[1] % self.frame))  # whole frames only
         features = self.listen(utt_audio).features
         logits = self.listen_text(features)
@@ -101,14 +108,18 @@ class CodecGenerator(nn.Module):
 
 
 class CodecStage:
-    name = "codec"
+    """`name` "codec" trains encoder, text head and vocoder; "vocoder" the vocoder alone."""
 
     def __init__(self, model: MichiModel, bank: AudioBank, tokenizer, d: Dist, cc: CodecConfig,
-                 oc: OptimConfig, seed: int = 0):
+                 oc: OptimConfig, seed: int = 0, name: str = "codec"):
+        if name not in ("codec", "vocoder"):
+            raise ValueError(f"a codec stage is 'codec' or 'vocoder', not {name!r}")
+        self.name = name
         self.model, self.bank, self.d, self.cc, self.oc = model, bank, d, cc, oc
         for p in model.parameters():
             p.requires_grad_(False)
-        for part in (model.listen, model.listen_text, model.vocoder):
+        trained = (model.vocoder,) if name == "vocoder" else (model.listen, model.listen_text, model.vocoder)
+        for part in trained:
             for p in part.parameters():
                 p.requires_grad_(True)
         ch = tuple(max(4, int(c * cc.disc_width)) for c in (32, 128, 512, 1024, 1024))
@@ -125,15 +136,20 @@ class CodecStage:
     def step(self, step: int) -> dict[str, float]:
         cc, dev = self.cc, self.d.device
         crops = self.bank.crops(cc.batch_size, cc.crop_ticks * self.model.cfg.frame_samples, self.rng).to(dev)
-        utt, lengths, texts = self.bank.utterances(
-            cc.ctc_batch_size, int(cc.ctc_max_seconds * self.model.cfg.sample_rate_hz), self.rng)
-        fake, latent_l2, ctc = self.gen(crops, utt.to(dev), lengths, texts)
+        if self.name == "vocoder":
+            fake, latent_l2, ctc = self.gen(crops)
+        else:
+            utt, lengths, texts = self.bank.utterances(
+                cc.ctc_batch_size, int(cc.ctc_max_seconds * self.model.cfg.sample_rate_hz), self.rng)
+            fake, latent_l2, ctc = self.gen(crops, utt.to(dev), lengths, texts)
         adversarial = self.progress >= cc.adversarial_after
         discs = list(self.discs) if adversarial else []
         g = codec_generator_loss(crops, fake, discs)
         total = g["total"] + cc.ctc_weight * ctc + cc.latent_l2 * latent_l2
         _apply(self.optimizers["generator"], total, step, self.progress, self.oc)
-        out = {"mel": g["mel"].item(), "ctc": ctc.item(), "latent_l2": latent_l2.item()}
+        out = {"mel": g["mel"].item()}
+        if self.name == "codec":
+            out.update(ctc=ctc.item(), latent_l2=latent_l2.item())
         if adversarial:
             d_loss = torch.zeros((), device=dev)
             real_out, fake_out = self.disc(crops), self.disc(fake.detach())

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import michi
 from michi.cli import main
 from michi.generate import tts
 
-TINY_STEPS = ["--steps", "text=4,codec=4,speak=3,joint=5", "--codec", "batch_size=2,ctc_batch_size=2,disc_width=0.0625,"
+TINY_STEPS = ["--steps", "text=4,codec=4,vocoder=2,speak=3,joint=5", "--codec", "batch_size=2,ctc_batch_size=2,disc_width=0.0625,"
               "adversarial_after=0.5", "--sequence", "batch_size=4,text_batch_size=4,max_text_tokens=48"]
 
 
@@ -28,9 +29,9 @@ def test_recipe_end_to_end_and_resume(mini_corpus, text_file, tmp_path, capsys):
     model = michi.load(out / "model")
     assert model.trained
     stages = model.info["stages"]
-    assert [stages[s]["steps"] for s in ("text", "codec", "speak", "joint")] == [4, 4, 3, 5]
+    assert [stages[s]["steps"] for s in ("text", "codec", "vocoder", "speak", "joint")] == [4, 4, 2, 3, 5]
     assert "disc" in stages["codec"]["final_losses"]  # the adversarial half ran
-    for stage in ("text", "codec", "speak", "joint", "baseline"):
+    for stage in ("text", "codec", "vocoder", "speak", "joint", "baseline"):
         assert (out / stage / "losses.png").is_file(), stage
     baseline = michi.load(out / "baseline" / "model")
     assert baseline.trained and json.loads((out / "baseline" / "progress.json").read_text())["step"] == 5
@@ -40,8 +41,21 @@ def test_recipe_end_to_end_and_resume(mini_corpus, text_file, tmp_path, capsys):
     states = {p: p.stat().st_mtime_ns for p in out.glob("*/state.pt")}
     capsys.readouterr()
     assert _recipe(mini_corpus, text_file, out) == 0  # the same command again: nothing to redo
-    assert capsys.readouterr().out.count("already finished") == 5
+    assert capsys.readouterr().out.count("already finished") == 6
     assert states == {p: p.stat().st_mtime_ns for p in out.glob("*/state.pt")}
+
+    # A new vocoder for a trained model: only the vocoder stage runs; the listen encoder (the latent
+    # space the speak head learned) is kept, and the vocoder starts afresh.
+    assert _recipe(mini_corpus, text_file, tmp_path / "revoc", "--init", str(out / "model"), "--new-vocoder",
+                   "--stages", "vocoder") == 0
+    revoc = michi.load(tmp_path / "revoc" / "model")
+    assert list(revoc.info["stages"]) == ["vocoder"]
+    for part in ("listen", "backbone", "speak_head"):
+        for (name, a), b in zip(getattr(model.model, part).state_dict().items(),
+                                getattr(revoc.model, part).state_dict().values()):
+            assert torch.equal(a, b), (part, name)
+    assert not torch.equal(model.model.vocoder.conv_pre.weight, revoc.model.vocoder.conv_pre.weight)
+    assert _recipe(mini_corpus, text_file, tmp_path / "bad", "--new-vocoder") == 2  # needs --init
 
 
 @pytest.mark.slow

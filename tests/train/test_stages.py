@@ -79,6 +79,15 @@ def test_codec_then_speak_stages_learn(tmp_path, mini_corpus):
     assert mel[-1] < mel[0], mel
     assert _losses(tmp_path / "codec", "disc")  # the discriminators joined after the warm-up
 
+    # The vocoder stage refines the vocoder alone: the encoder, and so its latents, do not move.
+    listen = {k: v.clone() for k, v in model.listen.state_dict().items()}
+    vocoder = {k: v.clone() for k, v in model.vocoder.state_dict().items()}
+    run_stage(CodecStage(model, bank, tok, CPU, cc, OptimConfig(lr=2e-3, warmup_steps=2), name="vocoder"),
+              tmp_path / "vocoder", StageBudget(steps=8, log_every=4), CPU, progress=lambda _: None)
+    assert all(torch.equal(listen[k], v) for k, v in model.listen.state_dict().items())
+    assert not all(torch.equal(vocoder[k], v) for k, v in model.vocoder.state_dict().items())
+    assert not _losses(tmp_path / "vocoder", "ctc") and _losses(tmp_path / "vocoder", "mel")
+
     model.eval()
     encode_corpus(model, mini_corpus, tmp_path / "latents", progress=lambda _: None)
     speech = SequenceBank(tmp_path / "latents", pad_token=StreamVocab(256).pad)
