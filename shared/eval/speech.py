@@ -182,9 +182,10 @@ Judge = Callable[[np.ndarray, int], str]
 Synthesizer = Callable[[str], np.ndarray]  # text -> float32 at 24 kHz
 
 
-def reference_synthesizer(voice: str | Synthesizer | None = None) -> tuple[str, Synthesizer]:
+def reference_synthesizer(voice: str | Synthesizer | None = None, seed: int = 0) -> tuple[str, Synthesizer]:
     """(name, text -> 24 kHz audio) for a voice id of `michi.data.voices`, a callable, or None
-    (the default TTS voice, the one the default model is trained to speak with)."""
+    (the default TTS voice, the one the default model is trained to speak with). A voice id
+    speaks with `seed`: the same text always gives the same audio, so reference WERs repeat."""
     if callable(voice):
         return getattr(voice, "__name__", "custom"), voice
     from ..data import voices
@@ -193,7 +194,7 @@ def reference_synthesizer(voice: str | Synthesizer | None = None) -> tuple[str, 
     voices.get_voice(voice_id)  # unknown id: ValueError now, not at the first sentence
 
     def speak(text: str) -> np.ndarray:
-        return voices.synthesize(voice_id, text)
+        return voices.synthesize(voice_id, text, seed=seed)
 
     return voice_id, speak
 
@@ -235,7 +236,7 @@ def eval_tts(michi, sentences: Sequence[str | SpeechItem], judge: Judge,
     ids = [s.id if isinstance(s, SpeechItem) else f"s{i:03d}" for i, s in enumerate(sentences)]
     wav_dir = Path(wav_dir) if wav_dir else None
     ref_name, speak = (None, None) if reference_voice is False else reference_synthesizer(
-        reference_voice if reference_voice is not True else None)
+        reference_voice if reference_voice is not True else None, seed=seed)
     rows: list[dict[str, Any]] = []
     ref_rows: list[dict[str, Any]] = []
     gen_s = audio_s = 0.0
