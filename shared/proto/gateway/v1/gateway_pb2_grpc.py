@@ -39,6 +39,11 @@ class GatewayStub:
                 request_serializer=gateway_dot_v1_dot_gateway__pb2.ConverseRequest.SerializeToString,
                 response_deserializer=gateway_dot_v1_dot_gateway__pb2.ConverseResponse.FromString,
                 _registered_method=True)
+        self.GetCapabilities = channel.unary_unary(
+                '/michi.gateway.v1.Gateway/GetCapabilities',
+                request_serializer=gateway_dot_v1_dot_gateway__pb2.GetCapabilitiesRequest.SerializeToString,
+                response_deserializer=gateway_dot_v1_dot_gateway__pb2.Capabilities.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -50,6 +55,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCapabilities(self, request, context):
+        """What this gateway accepts (formats, modes, limits) and how loaded it is: ask before a call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +69,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Converse,
                     request_deserializer=gateway_dot_v1_dot_gateway__pb2.ConverseRequest.FromString,
                     response_serializer=gateway_dot_v1_dot_gateway__pb2.ConverseResponse.SerializeToString,
+            ),
+            'GetCapabilities': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCapabilities,
+                    request_deserializer=gateway_dot_v1_dot_gateway__pb2.GetCapabilitiesRequest.FromString,
+                    response_serializer=gateway_dot_v1_dot_gateway__pb2.Capabilities.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +103,33 @@ class Gateway:
             '/michi.gateway.v1.Gateway/Converse',
             gateway_dot_v1_dot_gateway__pb2.ConverseRequest.SerializeToString,
             gateway_dot_v1_dot_gateway__pb2.ConverseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCapabilities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/michi.gateway.v1.Gateway/GetCapabilities',
+            gateway_dot_v1_dot_gateway__pb2.GetCapabilitiesRequest.SerializeToString,
+            gateway_dot_v1_dot_gateway__pb2.Capabilities.FromString,
             options,
             channel_credentials,
             insecure,
