@@ -10,3 +10,5 @@ MISSED_TICKS = Counter("michi_missed_tick_deadlines_total", "ticks that finished
 FIRST_AUDIO_SECONDS = Histogram("michi_time_to_first_audio_seconds", "call start to first agent audio sent",
                                 buckets=(0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56))
 FAILOVERS = Counter("michi_stage_failovers_total", "calls moved to another stage replica", ["stage"])
+CAPACITY = Gauge("michi_capacity_calls", "calls this stage admits at once (admission control)", ["stage"])
+REFUSED_CALLS = Counter("michi_refused_calls_total", "calls refused at capacity (RESOURCE_EXHAUSTED)", ["stage"])

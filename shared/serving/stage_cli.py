@@ -18,6 +18,8 @@ def stage_parser(name: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="torch threads (0: all cores)")
     p.add_argument("--metrics-port", type=int, default=int(env(f"{name.upper()}_METRICS_PORT", "0")))
     p.add_argument("--drain-s", type=float, default=float(env("DRAIN_S", "5")))
+    p.add_argument("--max-calls", type=int, default=int(env("MAX_CALLS", "0")),
+                   help="admission control: calls taken at once, beyond: RESOURCE_EXHAUSTED (0: the stage's default)")
     return p
 
 
