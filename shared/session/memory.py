@@ -11,9 +11,9 @@ from typing import Any
 
 import structlog
 
-from .store import (DEFAULT_TTL_S, BadResumeToken, LeaseLost, SessionBusy, SessionExists,
-                    SessionNotFound, SessionRecord, SessionStore, TranscriptEntry, check_config,
-                    check_owner, new_resume_token, token_hash)
+from .store import (DEFAULT_TTL_S, BadResumeToken, LeaseLost, SessionBusy, SessionEnded,
+                    SessionExists, SessionNotFound, SessionRecord, SessionStore, TranscriptEntry,
+                    check_config, check_owner, ended_message, new_resume_token, token_hash)
 
 log = structlog.get_logger()
 
@@ -36,6 +36,7 @@ class _Session:
     heard_samples: int | None = None
     owner: str | None = None
     lease_until: float = 0.0  # monotonic
+    ended: bool = False
 
     def holder(self, now: float) -> str | None:
         return self.owner if self.owner is not None and now < self.lease_until else None
@@ -100,6 +101,8 @@ class MemoryStore(SessionStore):
                     raise BadResumeToken(f"session {session_id}: a resume token is required")
             elif token_hash(resume_token) != s.token_hash:
                 raise BadResumeToken(f"session {session_id}: wrong resume token")
+            if s.ended:
+                raise SessionEnded(ended_message(session_id))
             if holder is not None and holder != owner:
                 log.info("session_busy", session_id=session_id, owner=owner, holder=holder)
                 raise SessionBusy(f"session {session_id} is already connected elsewhere")
@@ -131,6 +134,16 @@ class MemoryStore(SessionStore):
             self._touch(s, now)
         log.info("session_released", session_id=session_id, owner=owner)
         return True
+
+    async def end(self, session_id, owner):
+        check_owner(owner)
+        with self._lock:
+            now = self._clock()
+            s = self._writable(session_id, owner, now)
+            s.ended = True
+            s.owner, s.lease_until = None, 0.0
+            self._touch(s, now)
+        log.info("session_ended", session_id=session_id, owner=owner)
 
     async def append_transcript(self, session_id, entries, *, owner=None):
         with self._lock:
@@ -208,4 +221,4 @@ class MemoryStore(SessionStore):
         config: dict[str, Any] = json.loads(s.config_json)
         return SessionRecord(session_id, config, list(s.transcript), len(s.history),
                              s.last_tick, s.heard_samples, s.holder(now), s.created_ms,
-                             s.updated_ms, s.ttl_s)
+                             s.updated_ms, s.ttl_s, s.ended)

@@ -3,7 +3,8 @@
 Keys of one session (the `{id}` hash tag keeps them on one cluster slot, so the Lua scripts
 that update them together are legal on a cluster too):
     michi:session:{id}:meta        hash: config, token (sha256), ttl_ms, created_ms,
-                                   updated_ms, last_tick, heard_samples
+                                   updated_ms, last_tick, heard_samples, ended (set
+                                   to 1 by `end`; absent while the call is live)
     michi:session:{id}:lease       string: owner, with PX = the lease
     michi:session:{id}:transcript  list: TranscriptEntry JSON, in order
     michi:session:{id}:history     list: opaque history records, in order
@@ -24,9 +25,10 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .store import (DEFAULT_TTL_S, BadResumeToken, LeaseLost, SessionBusy, SessionExists,
-                    SessionNotFound, SessionRecord, SessionStore, StoreUnavailable,
-                    TranscriptEntry, check_config, check_owner, new_resume_token, token_hash)
+from .store import (DEFAULT_TTL_S, BadResumeToken, LeaseLost, SessionBusy, SessionEnded,
+                    SessionExists, SessionNotFound, SessionRecord, SessionStore,
+                    StoreUnavailable, TranscriptEntry, check_config, check_owner, ended_message,
+                    new_resume_token, token_hash)
 
 log = structlog.get_logger()
 
@@ -80,6 +82,7 @@ if ARGV[2] == '' then
 elseif redis.call('HGET', meta, 'token') ~= ARGV[2] then
   return {'badtoken'}
 end
+if redis.call('HEXISTS', meta, 'ended') == 1 then return {'ended'} end
 if holder and holder ~= ARGV[1] then return {'busy', holder} end
 redis.call('SET', lease, ARGV[1], 'PX', ARGV[3])
 touch(ARGV[4])
@@ -97,6 +100,14 @@ _RELEASE = """  -- owner, now
 if redis.call('EXISTS', meta) == 0 or redis.call('GET', lease) ~= ARGV[1] then
   return {'no'}
 end
+redis.call('DEL', lease)
+touch(ARGV[2])
+return {'ok'}
+"""
+
+_END = """  -- owner, now
+local err = writable(ARGV[1]); if err then return err end
+redis.call('HSET', meta, 'ended', 1)
 redis.call('DEL', lease)
 touch(ARGV[2])
 return {'ok'}
@@ -184,6 +195,7 @@ class RedisStore(SessionStore):
         self._create, self._claim, self._renew = script(_CREATE), script(_CLAIM), script(_RENEW)
         self._release, self._append = script(_RELEASE), script(_APPEND)
         self._append_tick, self._mark_cut_off = script(_APPEND_TICK), script(_MARK_CUT_OFF)
+        self._end = script(_END)
 
     @staticmethod
     def keys(session_id: str) -> list[str]:
@@ -231,6 +243,8 @@ class RedisStore(SessionStore):
             raise BadResumeToken(f"session {session_id}: a resume token is required")
         if status == "badtoken":
             raise BadResumeToken(f"session {session_id}: wrong resume token")
+        if status == "ended":
+            raise SessionEnded(ended_message(session_id))
         if status == "busy":
             log.info("session_busy", session_id=session_id, owner=owner,
                      holder=rest[0].decode())
@@ -250,6 +264,11 @@ class RedisStore(SessionStore):
             return False
         log.info("session_released", session_id=session_id, owner=owner)
         return True
+
+    async def end(self, session_id, owner):
+        check_owner(owner)
+        await self._script("end", session_id, self._end, [owner, _now_ms()])
+        log.info("session_ended", session_id=session_id, owner=owner)
 
     async def append_transcript(self, session_id, entries, *, owner=None):
         if entries:
@@ -309,7 +328,7 @@ class RedisStore(SessionStore):
             heard_samples=None if heard is None else int(heard),
             owner=None if holder is None else holder.decode(),
             created_ms=int(fields[b"created_ms"]), updated_ms=int(fields[b"updated_ms"]),
-            ttl_s=int(fields[b"ttl_ms"]) / 1000)
+            ttl_s=int(fields[b"ttl_ms"]) / 1000, ended=b"ended" in fields)
 
     async def delete(self, session_id):
         keys = self.keys(session_id)

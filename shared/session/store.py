@@ -17,7 +17,9 @@ Rules both stores keep:
   into it after another connection took it over;
 - `append_tick` with a tick number not above the last one recorded is a duplicate (a retry
   after a lost reply): nothing is written and it returns False;
-- agent transcript entries are appended in `start_ms` order (`mark_cut_off` relies on it).
+- agent transcript entries are appended in `start_ms` order (`mark_cut_off` relies on it);
+- `end` (the call hung up, END_CALL) is final: it frees the lease and every later `claim`
+  raises `SessionEnded`; the record, transcript and history stay readable until the TTL.
 """
 from __future__ import annotations
 
@@ -65,6 +67,12 @@ class LeaseLost(SessionStoreError):
     grpc_status = "ABORTED"
 
 
+class SessionEnded(SessionStoreError):
+    """The call was ended (END_CALL): it cannot be resumed."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
 @dataclass(frozen=True)
 class TranscriptEntry:
     """One stretch of text said by one side. For agent entries, `cut_off` means the user never
@@ -107,6 +115,11 @@ class SessionRecord:
     created_ms: int = 0  # wall clock, ms since the epoch
     updated_ms: int = 0
     ttl_s: float = DEFAULT_TTL_S
+    ended: bool = False  # `end` was called: readable until the TTL, never claimable again
+
+
+def ended_message(session_id: str) -> str:
+    return f"session {session_id} ended (END_CALL); it cannot be resumed"
 
 
 def token_hash(token: str) -> str:
@@ -146,7 +159,7 @@ class SessionStore(abc.ABC):
                     resume_token: str | None = None) -> SessionRecord:
         """Take the live-connection lease. `SessionNotFound`, `BadResumeToken` (wrong token, or
         none while `owner` does not already hold the lease), `SessionBusy` (another owner
-        holds a live lease)."""
+        holds a live lease), `SessionEnded` (the call was ended; checked after the token)."""
 
     @abc.abstractmethod
     async def renew(self, session_id: str, owner: str, lease_s: float) -> None:
@@ -156,6 +169,13 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def release(self, session_id: str, owner: str) -> bool:
         """Free the lease if `owner` holds it; False (and nothing done) otherwise."""
+
+    @abc.abstractmethod
+    async def end(self, session_id: str, owner: str) -> None:
+        """The call is over (END_CALL): mark the session ended and free `owner`'s lease, in one
+        atomic step. Later claims raise `SessionEnded`; `load` and `history` still answer
+        until the TTL. `LeaseLost` if `owner` does not hold the lease (as `renew`),
+        `SessionNotFound` if there is no such session."""
 
     @abc.abstractmethod
     async def append_transcript(self, session_id: str, entries: list[TranscriptEntry], *,

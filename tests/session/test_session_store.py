@@ -9,7 +9,8 @@ import redis
 from redis.crc import key_slot
 
 from michi.session import (BadResumeToken, LeaseLost, MemoryStore, RedisStore, SessionBusy,
-                           SessionExists, SessionNotFound, TranscriptEntry, open_store)
+                           SessionEnded, SessionExists, SessionNotFound, TranscriptEntry,
+                           open_store)
 
 CONFIG = {"voice": "kal16", "sample_rate_hz": 24000, "duplex": True, "prompt": "héllo 日本 😀"}
 
@@ -259,6 +260,74 @@ def test_delete(stores):
             await store.load(s)
         await store.create(s, CONFIG, ttl_s=60)
         assert (await store.load(s)).owner is None  # the old lease went with it
+    stores.run(body)
+
+
+def test_an_ended_call_cannot_be_resumed(stores):
+    async def body(store):
+        s = sid()
+        token = await store.create(s, CONFIG, ttl_s=60)
+        assert (await store.load(s)).ended is False
+        await store.claim(s, "gw1", 5, token)
+        await store.append_history(s, [b"sys:prompt"], owner="gw1")
+        assert await store.append_tick(s, [b"t0"], [user("hi", 0, 80)], 0, owner="gw1")
+        await store.end(s, "gw1")
+        for who, tok in (("gw1", token), ("gw2", token)):  # the old owner too
+            with pytest.raises(SessionEnded) as err:
+                await store.claim(s, who, 5, tok)
+            assert str(err.value) == f"session {s} ended (END_CALL); it cannot be resumed"
+            assert err.value.grpc_status == "FAILED_PRECONDITION"
+        with pytest.raises(BadResumeToken):  # the token is still checked first
+            await store.claim(s, "gw2", 5, "nope")
+        rec = await store.load(s)  # still readable until the TTL, with nobody holding it
+        assert rec.ended is True and rec.owner is None
+        assert rec.transcript == [user("hi", 0, 80)] and rec.last_tick == 0
+        assert rec.history_len == 2 and rec.config == CONFIG
+        assert await store.history(s) == [b"sys:prompt", b"t0"]
+        assert await store.release(s, "gw1") is False  # harmless: nothing to free
+        with pytest.raises(LeaseLost):  # the lease went with the end
+            await store.renew(s, "gw1", 5)
+        with pytest.raises(LeaseLost):
+            await store.append_tick(s, [b"t1"], [], 1, owner="gw1")
+        rec2 = await store.load(s)
+        assert rec2.ended is True and rec2.history_len == 2 and rec2.last_tick == 0
+    stores.run(body)
+
+
+def test_only_the_lease_holder_ends_a_call(stores):
+    async def body(store):
+        s = sid()
+        token = await store.create(s, CONFIG, ttl_s=60)
+        with pytest.raises(LeaseLost):  # nobody holds it
+            await store.end(s, "gw1")
+        await store.claim(s, "gw1", 5, token)
+        with pytest.raises(LeaseLost):
+            await store.end(s, "gw2")
+        rec = await store.load(s)
+        assert rec.ended is False and rec.owner == "gw1"  # the failed end changed nothing
+        with pytest.raises(SessionNotFound):
+            await store.end(sid(), "gw1")
+        await store.release(s, "gw1")
+        assert (await store.claim(s, "gw2", 5, token)).owner == "gw2"  # still resumable
+        await store.end(s, "gw2")
+        with pytest.raises(LeaseLost):  # a second end finds no lease
+            await store.end(s, "gw2")
+        assert (await store.load(s)).ended is True
+    stores.run(body)
+
+
+def test_an_ended_session_still_expires(stores):
+    async def body(store):
+        s = sid()
+        token = await store.create(s, CONFIG, ttl_s=0.5)
+        await store.claim(s, "gw1", 5, token)
+        await store.end(s, "gw1")
+        assert (await store.load(s)).ended is True
+        await asyncio.sleep(0.7)
+        with pytest.raises(SessionNotFound):
+            await store.load(s)
+        await store.create(s, CONFIG, ttl_s=60)  # the id can be reused: a fresh call
+        assert (await store.load(s)).ended is False
     stores.run(body)
 
 
