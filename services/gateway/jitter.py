@@ -24,14 +24,17 @@ class JitterBuffer:
     def pending(self) -> int:
         return len(self.buffer)
 
-    def extend(self, chunks: list[np.ndarray]) -> None:
+    def extend(self, chunks: list[np.ndarray]) -> int:
+        """Add the caller's audio; returns how many of the oldest samples were dropped (0 unless the
+        client ran more than `max_s` ahead of real time)."""
         if chunks:
             self.buffer = np.concatenate([self.buffer, *chunks])
-        if len(self.buffer) > self.max_samples:
-            drop = len(self.buffer) - self.max_samples
+        drop = max(0, len(self.buffer) - self.max_samples)
+        if drop:
             self.buffer = self.buffer[drop:]
             self.dropped_samples += drop
             log.warning("jitter_buffer_overflow", dropped_samples=drop)
+        return drop
 
     def take(self, n: int) -> np.ndarray:
         frame, self.buffer = self.buffer[:n], self.buffer[n:]

@@ -1,12 +1,14 @@
-"""Gateway: the public `Converse` API. It owns each call: real-time pacing (one tick per 80 ms),
-a jitter buffer for the caller's audio, turn management, the stage streams (with failover) and
-the session record in the store (Redis or in-process)."""
+"""Gateway: the public `Converse` API. It owns each call: admission, the strict contract
+(contract.py), real-time pacing (one tick per 80 ms), a jitter buffer for the caller's audio, turn
+management, the agent timeline (timeline.py), the stage streams (with failover) and the session
+record in the store (Redis or in-process)."""
 from __future__ import annotations
 
 import asyncio
 import math
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
@@ -14,19 +16,22 @@ import numpy as np
 import structlog
 
 from michi.audio.io import AudioError
-from michi.audio.pcm import Encoding, check_format, decode, encode
+from michi.audio.pcm import Encoding, encode
 from michi.audio.resample import StreamingResampler
 from michi.audio.vad import StreamingVAD
 from michi.proto.backbone.v1 import backbone_pb2, backbone_pb2_grpc
 from michi.proto.gateway.v1 import gateway_pb2 as pb
-from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
 from michi.proto.vocoder.v1 import vocoder_pb2, vocoder_pb2_grpc
+from michi.serving.admission import RETRY_AFTER_KEY, Admission
 from michi.serving.metrics import FIRST_AUDIO_SECONDS, LIVE_SESSIONS, MISSED_TICKS, TICK_SECONDS
 from michi.session.store import SessionStore, SessionStoreError, StoreUnavailable, TranscriptEntry
 
+from .contract import BadRequest, CallConfig, Limits, capabilities, parse_config, public_token
+from .inbox import CallInbox, parse_request, request_kind
 from .jitter import JitterBuffer
-from .stages import Channels, StageLink, StageUnavailable
+from .stages import Channels, StageFull, StageLink, StageUnavailable
+from .timeline import AgentTimeline
 from .turns import TurnManager, TurnSettings
 
 log = structlog.get_logger()
@@ -34,9 +39,7 @@ TICK_S = 0.080
 MODEL_RATE_HZ = 24_000
 FRAME = 1920
 VOCODER_WARMUP_TICKS = 8  # latents replayed into a new vocoder replica (covers its receptive field)
-ROLE_NAMES = {pb.USER: "user", pb.SYSTEM: "system", pb.CONTEXT: "context", pb.TOOL: "tool",
-              pb.TEXT_ROLE_UNSPECIFIED: "user"}
-ENCODINGS = {pb.LINEAR16: Encoding.LINEAR16, pb.MULAW: Encoding.MULAW}
+RETRY_AFTER_MS = "1000"
 
 
 @dataclass
@@ -49,151 +52,231 @@ class GatewaySettings:
     listen_wait_s: float = 0.03  # how long a tick waits for the caller's frame before using silence
     realtime: bool = True  # False: ticks as fast as the stages answer (offline jobs, tests)
     align_ticks: bool = True  # all calls on one 80 ms grid, so the backbone can batch them
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
 class CallState:
     session_id: str
     owner: str
-    config: pb.ConverseConfig
-    in_encoding: Encoding
-    out_encoding: Encoding
+    cc: CallConfig
     tick: int = 0
     history: list[bytes] = field(default_factory=list)  # serialized backbone HistoryRecords
     latents: list[list[float]] = field(default_factory=list)  # recent agent latents (vocoder warm-up)
-    samples_sent: int = 0  # agent samples sent, output rate
-    turn_samples_sent: int = 0
-    agent_turn_text: str = ""
-    agent_turn_start_ms: int = 0
+    positions: int = 0  # context used: ticks and text tokens in the backbone's KV cache
+    text_queue: deque = field(default_factory=deque)  # text tokens accepted, not yet prefilled
+    pending_transcript: list = field(default_factory=list)  # accepted text, for the store's transcript
+    timeline: AgentTimeline = field(default_factory=AgentTimeline)
+    user_turn_text: str = ""
+    agent_reply_text: str = ""
     first_audio_s: float | None = None
     resume_token: str = ""
     store_degraded: bool = False
+    end_reason: int = pb.END_REASON_UNSPECIFIED
+    end_detail: str = ""
+
+    @property
+    def config(self) -> pb.ConverseConfig:
+        return self.cc.config
+
+    def end(self, reason: int, detail: str) -> None:
+        self.end_reason, self.end_detail = reason, detail
 
 
-def _format(fmt: pb.AudioFormat, default_rate: int) -> tuple[Encoding, int]:
-    encoding = ENCODINGS.get(fmt.encoding or pb.LINEAR16)
-    if encoding is None:
-        raise AudioError(f"unsupported audio encoding {fmt.encoding}")
-    rate = fmt.sample_rate_hz or (8000 if encoding is Encoding.MULAW else default_rate)
-    check_format(encoding, rate)
-    return encoding, rate
+def add_to_server(servicer: "GatewayServicer", server) -> None:
+    """Register the Gateway service with a request parser that turns corrupt bytes into a value
+    the servicer answers with INVALID_ARGUMENT (grpc's own would fail the call as UNKNOWN)."""
+    def capabilities_request(raw: bytes) -> pb.GetCapabilitiesRequest:
+        try:
+            return pb.GetCapabilitiesRequest.FromString(raw)
+        except Exception:  # noqa: BLE001 - it has no fields to get wrong
+            return pb.GetCapabilitiesRequest()
+
+    handlers = {
+        "Converse": grpc.stream_stream_rpc_method_handler(
+            servicer.Converse, request_deserializer=parse_request,
+            response_serializer=pb.ConverseResponse.SerializeToString),
+        "GetCapabilities": grpc.unary_unary_rpc_method_handler(
+            servicer.GetCapabilities, request_deserializer=capabilities_request,
+            response_serializer=pb.Capabilities.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("michi.gateway.v1.Gateway", handlers),))
 
 
-class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+class GatewayServicer:
     def __init__(self, settings: GatewaySettings, store: SessionStore, tokenizer, vocab, latent_dim: int,
-                 auth_token: str | None = None):
+                 auth_token: str | None = None, context_positions: int = 4096):
         self.settings, self.store, self.auth_token = settings, store, auth_token
+        self.limits = settings.limits
+        self.context_positions = settings.limits.context_positions or context_positions
         self.tokenizer, self.vocab, self.latent_dim = tokenizer, vocab, latent_dim
         self.channels = Channels()
+        self.admission = Admission("gateway", settings.limits.max_calls)
         self.trained = False  # what the backbone stage reports of its weights
+
+    async def GetCapabilities(self, request, context) -> pb.Capabilities:
+        return capabilities(self.limits, self.context_positions, self.admission.live, self.trained,
+                            bool(self.auth_token))
 
     async def Converse(self, request_iterator, context):
         requests = aiter(request_iterator)
-        first = await anext(requests, None)  # read before any refusal: aborting a stream whose
-        # first message is still in flight can surface as INTERNAL instead of the real status
+        try:  # read before any refusal: aborting a stream whose first message is still in flight
+            # can surface as INTERNAL instead of the real status
+            first = await asyncio.wait_for(anext(requests, None), self.limits.config_timeout_s)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no `config` within {self.limits.config_timeout_s:g} s of opening the stream "
+                                "(--config-timeout-s)")
         if self.auth_token and dict(context.invocation_metadata() or ()).get("authorization") != f"Bearer {self.auth_token}":
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-        if first is None or first.WhichOneof("request") != "config":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "the first message of a Converse stream must be `config`")
-        config = first.config
         try:
-            in_enc, in_rate = _format(config.input_audio, 16_000)
-            out_enc, out_rate = _format(config.output_audio, in_rate)
-        except AudioError as e:
+            if first is None or request_kind(first) != "config":
+                raise BadRequest("the first message of a Converse stream must be `config`")
+            cc = parse_config(first.config, self.limits)
+        except BadRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        call = await self._start_session(config, in_enc, out_enc, context)
+        if not self.admission.try_admit():
+            log.warning("call_refused", reason="capacity", live=self.admission.live)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.admission.refusal(),
+                                trailing_metadata=((RETRY_AFTER_KEY, RETRY_AFTER_MS),))
+        try:
+            async for response in self._converse(cc, requests, context):
+                yield response
+        finally:
+            self.admission.release()
+
+    async def _converse(self, cc: CallConfig, requests, context):
+        call = await self._start_session(cc, context)
         bound = log.bind(session_id=call.session_id)
         LIVE_SESSIONS.labels("gateway").inc()
         error = None
+        renewer = asyncio.create_task(self._renew_lease(call, bound))
         try:
-            async for response in self._run_call(call, requests, in_rate, out_rate, context, bound):
+            async for response in self._run_call(call, requests, context, bound):
                 yield response
+        except StageFull as e:
+            bound.warning("call_refused", reason="stage_full", error=str(e))
+            call.end(pb.STAGE_FAILED, str(e))
+            error = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), ((RETRY_AFTER_KEY, RETRY_AFTER_MS),))
         except StageUnavailable as e:
             bound.error("call_failed", error=str(e))
-            error = (grpc.StatusCode.UNAVAILABLE, str(e))
-        except AudioError as e:  # garbage from the client: say what, keep what was said so far
+            call.end(pb.STAGE_FAILED, str(e))
+            error = (grpc.StatusCode.UNAVAILABLE, str(e), ())
+        except (AudioError, BadRequest) as e:  # garbage from the client: say what, keep what was said so far
             bound.warning("bad_client_input", error=str(e))
-            error = (grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            call.end(pb.BAD_INPUT, str(e))
+            error = (grpc.StatusCode.INVALID_ARGUMENT, str(e), ())
         finally:  # before the status goes out: a client told the call is over may resume it at once
+            renewer.cancel()
             LIVE_SESSIONS.labels("gateway").dec()
             try:
+                if call.end_reason == pb.CLIENT_END_CALL:
+                    await self.store.end(call.session_id, call.owner)
                 await self.store.release(call.session_id, call.owner)
             except SessionStoreError:
                 pass
-            bound.info("call_ended", ticks=call.tick, agent_samples_sent=call.samples_sent)
+            bound.info("call_ended", ticks=call.tick, reason=pb.EndReason.Name(call.end_reason),
+                       agent_samples_sent=call.timeline.sent_until)
+        yield pb.ConverseResponse(ended=pb.CallEnded(reason=call.end_reason, detail=call.end_detail, ticks=call.tick,
+                                                     agent_samples=call.timeline.position))
         if error:
-            await context.abort(*error)
+            await context.abort(error[0], error[1], trailing_metadata=error[2])
 
-    async def _start_session(self, config, in_enc, out_enc, context) -> CallState:
-        session_id = config.session_id or uuid.uuid4().hex
+    async def _start_session(self, cc: CallConfig, context) -> CallState:
+        session_id = cc.session_id or uuid.uuid4().hex
         owner = uuid.uuid4().hex
+        config = cc.config
         stored = {"mode": int(config.mode), "system_text": config.system_text, "text": config.text}
         try:
-            if config.resume_token:
-                record = await self.store.claim(session_id, owner, self.settings.lease_s, config.resume_token)
-                call = CallState(session_id, owner, config, in_enc, out_enc, tick=record.last_tick + 1)
+            if cc.resuming:
+                record = await self.store.claim(session_id, owner, self.settings.lease_s, cc.resume_secret)
+                call = CallState(session_id, owner, cc, tick=record.last_tick + 1)
                 call.history = await self.store.history(session_id)
-                call.resume_token = config.resume_token
+                call.positions = sum(_positions(r) for r in call.history)
             else:
-                token = await self.store.create(session_id, stored)
-                await self.store.claim(session_id, owner, self.settings.lease_s, token)
-                call = CallState(session_id, owner, config, in_enc, out_enc)
-                call.resume_token = token
+                secret = await self.store.create(session_id, stored)
+                await self.store.claim(session_id, owner, self.settings.lease_s, secret)
+                call = CallState(session_id, owner, cc)
+            call.resume_token = config.resume_token or public_token(session_id, secret)
         except StoreUnavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {e}")
         except SessionStoreError as e:
             await context.abort(getattr(grpc.StatusCode, e.grpc_status), str(e))
+        call.timeline = AgentTimeline.resumed_at(call.tick, _out_frame(cc.out_rate))
         return call
 
+    async def _renew_lease(self, call: CallState, log_) -> None:
+        """The lease is renewed on the wall clock, a third of its length apart, whatever the ticks
+        do: a call slowed by load keeps its lease."""
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            try:
+                await self.store.renew(call.session_id, call.owner, self.settings.lease_s)
+            except SessionStoreError as e:
+                log_.warning("lease_renew_failed", error=str(e))
+
     # ---- the call -----------------------------------------------------------------------------------
-    async def _run_call(self, call: CallState, requests, in_rate: int, out_rate: int, context, log_):
-        s, cfg = self.settings, call.config
-        resumed = bool(cfg.resume_token)
-        links = await self._open_stages(call, in_rate)
+    async def _run_call(self, call: CallState, requests, context, log_):
+        s, cc, cfg = self.settings, call.cc, call.config
+        links = await self._open_stages(call, cc.in_rate)
         listen, backbone, vocoder = links
-        inbox = CallInbox()
-        reader = asyncio.create_task(self._read_client(requests, call, inbox, log_))
+        inbox = CallInbox(cc.in_encoding, self.limits)
+        reader = asyncio.create_task(inbox.read(requests))
         frames: asyncio.Queue = asyncio.Queue()
         listen_reader = asyncio.create_task(self._read_listen(listen, frames))
         try:
             yield pb.ConverseResponse(started=pb.SessionStarted(
-                session_id=call.session_id, resume_token=call.resume_token, resumed=resumed, tick=call.tick,
-                trained_weights=self.trained))
-            turns = TurnManager(TurnSettings(
-                full_duplex=cfg.turn.policy != pb.HALF_DUPLEX,
-                barge_in_min_speech_ms=cfg.turn.barge_in_min_speech_ms or 600,
-                end_of_turn_silence_ms=cfg.turn.end_of_turn_silence_ms or 700))
-            vad = StreamingVAD(in_rate)
-            jitter = JitterBuffer(in_rate)
-            out_resampler = StreamingResampler(MODEL_RATE_HZ, out_rate)
-            in_frame = in_rate * FRAME // MODEL_RATE_HZ
+                session_id=call.session_id, resume_token=call.resume_token, resumed=cc.resuming, tick=call.tick,
+                trained_weights=self.trained, start_sample=call.timeline.position))
+            turns = TurnManager(TurnSettings(full_duplex=cfg.turn.policy != pb.HALF_DUPLEX,
+                                             barge_in_min_speech_ms=cc.barge_in_min_speech_ms,
+                                             end_of_turn_silence_ms=cc.end_of_turn_silence_ms))
+            vad = StreamingVAD(cc.in_rate)
+            jitter = JitterBuffer(cc.in_rate, self.limits.max_audio_backlog_s)
+            out_resampler = StreamingResampler(MODEL_RATE_HZ, cc.out_rate)
+            in_frame = cc.in_rate * FRAME // MODEL_RATE_HZ
             start_ticks, text_only = call.tick, cfg.mode == pb.TEXT_ONLY
-            pending_text: list[tuple[str, str]] = []
-            if cfg.system_text and not resumed:
-                pending_text.append(("system", cfg.system_text))
-            forced = self.tokenizer.encode(cfg.text) if cfg.mode == pb.TTS and not resumed else []
+            if cfg.system_text and not cc.resuming:
+                refused = self._accept_text(call, "system", cfg.system_text)
+                if refused:
+                    raise BadRequest(f"system_text: {refused[1]}")
+            forced = self.tokenizer.encode(cfg.text) if cfg.mode == pb.TTS and not cc.resuming else []
             # TTS without a limit: room for every forced token at the slowest pace, then a pause
             max_ticks = cfg.max_ticks or (3 * len(forced) + 12 if cfg.mode == pb.TTS else 0)
             silence_latent = [0.0] * self.latent_dim
             started = time.perf_counter()
             next_deadline = time.monotonic()
             while True:
-                if inbox.ended or (max_ticks and call.tick - start_ticks >= max_ticks):
+                if self._ending(call, inbox, max_ticks, start_ticks):
                     break
                 _raise_client_error(reader)
-                jitter.extend(inbox.take_audio())
-                pending_text += inbox.take_text()
-                for role, text in pending_text:  # text-only positions, before this tick
-                    await self._insert_text(call, backbone, role, text)
-                pending_text = []
+                for code, message in inbox.take_errors():
+                    yield _error(call.tick, code, message)
+                dropped = jitter.extend(inbox.take_audio())
+                if dropped:
+                    yield _error(call.tick, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"dropped {dropped} samples ({dropped / cc.in_rate:.2f} s) of the oldest audio: it "
+                                 f"arrived more than {self.limits.max_audio_backlog_s:g} s ahead of real time "
+                                 "(--max-audio-backlog-s)")
+                if inbox.played is not None:
+                    call.timeline.mark_played(inbox.played)
+                    inbox.played = None
+                for role, text in inbox.take_text():
+                    refused = self._accept_text(call, role, text)
+                    if refused:
+                        yield _error(call.tick, *refused)
+                await self._prefill_text(call, backbone, None if text_only else self.limits.text_tokens_per_tick)
                 if text_only:
-                    if inbox.wants_reply:
+                    if inbox.wants_reply and not call.text_queue:
                         inbox.wants_reply = False
-                        yield await self._generate_text(call, backbone)
+                        reply = await self._generate_text(call, backbone)
+                        yield pb.ConverseResponse(agent_text=pb.AgentText(text=reply, tick=call.tick))
+                        yield pb.ConverseResponse(event=pb.Event(tick=call.tick, reply_done=pb.Event.ReplyDone(text=reply)))
+                        continue
                     await inbox.wait(0.05)
-                    if inbox.closed and not inbox.has_input():
+                    if inbox.closed and not inbox.has_input() and not call.text_queue and not inbox.wants_reply:
                         _raise_client_error(reader)
+                        call.end(pb.CLIENT_CLOSED, "the client closed its side of the stream")
                         break
                     continue
                 tick_start = time.perf_counter()
@@ -221,6 +304,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     tick_req.user_latent[:] = silence_latent
                 step = await backbone.request(backbone_pb2.StepRequest(tick=tick_req))
                 record = step.tick
+                call.positions += 1
                 call.history.append(backbone_pb2.HistoryRecord(tick=record).SerializeToString())
                 call.latents = (call.latents + [list(record.agent_latent)])[-VOCODER_WARMUP_TICKS:]
                 decoded = await vocoder.request(vocoder_pb2.DecodeRequest(
@@ -230,16 +314,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 update = turns.update(vad.in_speech, vad.speech_ms, agent_audible, interrupt=inbox.take_interrupt())
                 audio_out = out_resampler.push(audio24)
                 now_ms = int((call.tick + 1) * TICK_S * 1000)
-                for event in update.events:
-                    yield self._event(call, event, len(audio_out), now_ms)
-                    if event[0] == "barge_in":
-                        await self._mark_cut_off(call, now_ms, log_)
+                user_text = user.text if user is not None else ""
+                call.user_turn_text += user_text
+                for response in self._turn_events(call, update.events, len(audio_out)):
+                    if response.event.HasField("barge_in"):
+                        await self._mark_cut_off(call, now_ms, response.event.barge_in.agent_samples_played, log_)
+                    yield response
+                sent = update.send_agent_audio and len(audio_out) > 0
+                start_sample = call.timeline.produce(len(audio_out), step.agent_text, sent)
+                call.agent_reply_text += step.agent_text
                 entries = []
-                if update.send_agent_audio and len(audio_out):
+                if sent:
                     yield pb.ConverseResponse(audio=pb.AgentAudio(
-                        audio=encode(audio_out, call.out_encoding), tick=call.tick, start_sample=call.samples_sent))
-                    call.samples_sent += len(audio_out)
-                    call.turn_samples_sent += len(audio_out)
+                        audio=encode(audio_out, cc.out_encoding), tick=call.tick, start_sample=start_sample))
                     if call.first_audio_s is None:
                         call.first_audio_s = time.perf_counter() - started
                         FIRST_AUDIO_SECONDS.observe(call.first_audio_s)
@@ -248,15 +335,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     yield pb.ConverseResponse(agent_text=pb.AgentText(text=step.agent_text, tick=call.tick))
                     entries.append(TranscriptEntry("agent", step.agent_text, now_ms - 80, now_ms,
                                                    cut_off=not update.send_agent_audio))
-                if user is not None and user.text:
-                    yield pb.ConverseResponse(transcript=pb.UserTranscript(text=user.text, tick=call.tick))
-                    entries.append(TranscriptEntry("user", user.text, now_ms - 80, now_ms))
+                if user_text:
+                    yield pb.ConverseResponse(transcript=pb.UserTranscript(text=user_text, tick=call.tick))
+                    entries.append(TranscriptEntry("user", user_text, now_ms - 80, now_ms))
+                if ("turn_end", "user") in update.events:
+                    yield pb.ConverseResponse(transcript=pb.UserTranscript(
+                        text=call.user_turn_text, tick=call.tick, is_final=True))
+                    call.user_turn_text = ""
                 if not await self._record_tick(call, entries, log_) and not call.store_degraded:
                     call.store_degraded = True  # say it once: the call goes on, its record does not
-                    yield pb.ConverseResponse(event=pb.Event(tick=call.tick, error=pb.Event.Error(
-                        code=grpc.StatusCode.UNAVAILABLE.value[0],
-                        message="session store unavailable: the call goes on, but it cannot be resumed "
-                                "or moved to another replica until the store is back")))
+                    yield _error(call.tick, grpc.StatusCode.UNAVAILABLE,
+                                 "session store unavailable: the call goes on, but it cannot be resumed "
+                                 "or moved to another replica until the store is back")
                 TICK_SECONDS.labels("gateway").observe(time.perf_counter() - tick_start)
                 call.tick += 1
                 if s.realtime:
@@ -268,12 +358,51 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     await asyncio.sleep(max(0.0, next_deadline - time.monotonic()))
                 if inbox.closed and not inbox.has_input() and not jitter.pending and not max_ticks:
                     _raise_client_error(reader)  # the stream ended on bad input, or cleanly:
-                    break  # the caller finished sending and everything it said was heard
+                    call.end(pb.CLIENT_CLOSED, "the client closed its side and everything it sent was heard")
+                    break
+            if cfg.mode == pb.TTS and call.end_reason in (pb.MAX_TICKS, pb.TTS_DONE):
+                yield pb.ConverseResponse(event=pb.Event(tick=call.tick, reply_done=pb.Event.ReplyDone(
+                    text=call.agent_reply_text)))
         finally:
             reader.cancel()
             listen_reader.cancel()
             for link in links:
                 link.cancel()
+
+    def _ending(self, call: CallState, inbox: CallInbox, max_ticks: int, start_ticks: int) -> bool:
+        """Whether the call ends before this tick, and why (set on the call)."""
+        cfg = call.config
+        if inbox.ended:
+            call.end(pb.CLIENT_END_CALL, "the client sent END_CALL")
+        elif max_ticks and call.tick - start_ticks >= max_ticks:
+            if cfg.mode == pb.TTS and not cfg.max_ticks:
+                call.end(pb.TTS_DONE, "all the text was spoken")
+            else:
+                call.end(pb.MAX_TICKS, f"max_ticks ({max_ticks}) reached")
+        elif call.positions >= self.context_positions:
+            call.end(pb.CONTEXT_FULL, f"the call's context budget of {self.context_positions} positions (ticks "
+                                      "and text tokens) is used up (--context-positions); start a new call")
+        elif cfg.mode != pb.TTS and inbox.idle_s() > self.limits.idle_timeout_s:
+            call.end(pb.IDLE_TIMEOUT, f"no audio, text or control from the client for "
+                                      f"{self.limits.idle_timeout_s:g} s (--idle-timeout-s)")
+        return call.end_reason != pb.END_REASON_UNSPECIFIED
+
+    def _turn_events(self, call: CallState, events: list[tuple], cut_samples: int) -> list[pb.ConverseResponse]:
+        out = []
+        for event in events:
+            if event[0] == "barge_in":
+                cut = call.timeline.cut()
+                out.append(pb.ConverseResponse(event=pb.Event(tick=call.tick, barge_in=pb.Event.BargeIn(
+                    agent_samples_played=cut.played_samples, agent_samples_cut=cut_samples,
+                    heard_text=cut.heard_text, playback_confirmed=cut.confirmed, cut_sample=cut.cut_sample))))
+                continue
+            kind, speaker = event
+            if kind == "turn_start" and speaker == "agent":
+                call.timeline.start_turn()
+                call.agent_reply_text = ""
+            message = pb.Event.TurnStart(speaker=speaker) if kind == "turn_start" else pb.Event.TurnEnd(speaker=speaker)
+            out.append(pb.ConverseResponse(event=pb.Event(tick=call.tick, **{kind: message})))
+        return out
 
     def _next_deadline(self, previous: float, snap: bool) -> float:
         """The next tick. With `align_ticks`, every call ticks on one shared 80 ms grid (after its
@@ -345,64 +474,56 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     return
                 log.warning("listen_reopened", error=str(e)[:200])
 
-    async def _read_client(self, requests, call: CallState, inbox: "CallInbox", log_) -> None:
-        try:
-            async for request in requests:
-                kind = request.WhichOneof("request")
-                if kind == "audio":
-                    inbox.audio.append(decode(request.audio, call.in_encoding))
-                elif kind == "text":
-                    inbox.text.append((ROLE_NAMES.get(request.text.role, "user"), request.text.text))
-                    inbox.wants_reply = inbox.wants_reply or request.text.role in (pb.USER, pb.TEXT_ROLE_UNSPECIFIED)
-                elif kind == "control":
-                    if request.control.action == pb.Control.END_CALL:
-                        inbox.ended = True
-                    elif request.control.action == pb.Control.INTERRUPT_AGENT:
-                        inbox.interrupt = True
-                else:
-                    raise AudioError("a second `config` in one stream; open a new stream to change it")
-                inbox.notify()
-        finally:
-            inbox.closed = True
-            inbox.notify()
-
-    async def _insert_text(self, call: CallState, backbone: StageLink, role: str, text: str):
+    def _accept_text(self, call: CallState, role: str, text: str) -> tuple[grpc.StatusCode, str] | None:
+        """Queue text for prefill (in slices between ticks) if it fits the call's context budget;
+        otherwise the refusal to send (the policy when the context is full: refuse new text)."""
         v = self.vocab
         tokens = [v.bos, *self.tokenizer.encode(f"{role}: {text}"), v.eos]
-        insert = backbone_pb2.TextInsert(tokens=tokens)
-        record = backbone_pb2.HistoryRecord(text=insert).SerializeToString()
-        call.history.append(record)  # first: a replica rebuilt after a failed write replays it
-        try:
-            await backbone.write(backbone_pb2.StepRequest(text=insert))
-        except Exception as e:  # noqa: BLE001 - the next request fails over and replays the insert
-            log.warning("text_insert_deferred", session_id=call.session_id, error=str(e)[:200])
+        used = call.positions + len(call.text_queue)
+        if used + len(tokens) > self.context_positions:
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{role} text of {len(tokens)} tokens does not fit the call's context budget: {used} of "
+                    f"{self.context_positions} positions used (--context-positions); the text was not used")
+        call.text_queue.extend(tokens)
         now_ms = int(call.tick * TICK_S * 1000)
+        call.pending_transcript.append(TranscriptEntry(role, text, now_ms, now_ms))
+        return None
+
+    async def _prefill_text(self, call: CallState, backbone: StageLink, limit: int | None) -> None:
+        """Prefill queued text, at most `limit` tokens before this tick (None: all of it). Each
+        slice is its own history record, so a replica rebuilt from the history replays the same
+        positions in the same order."""
+        budget = len(call.text_queue) if limit is None else min(limit, len(call.text_queue))
+        records = []
+        while budget > 0:
+            size = min(budget, self.limits.text_tokens_per_tick)
+            insert = backbone_pb2.TextInsert(tokens=[call.text_queue.popleft() for _ in range(size)])
+            budget -= size
+            call.positions += size
+            record = backbone_pb2.HistoryRecord(text=insert).SerializeToString()
+            call.history.append(record)  # first: a replica rebuilt after a failed write replays it
+            records.append(record)
+            try:
+                await backbone.write(backbone_pb2.StepRequest(text=insert))
+            except Exception as e:  # noqa: BLE001 - the next request fails over and replays the insert
+                log.warning("text_insert_deferred", session_id=call.session_id, error=str(e)[:200])
+        entries, call.pending_transcript = call.pending_transcript, []
+        if not records and not entries:
+            return
         try:
-            await self.store.append_history(call.session_id, [record], owner=call.owner)
-            await self.store.append_transcript(call.session_id, [TranscriptEntry(role, text, now_ms, now_ms)],
-                                               owner=call.owner)
+            await self.store.append_history(call.session_id, records, owner=call.owner)
+            await self.store.append_transcript(call.session_id, entries, owner=call.owner)
         except SessionStoreError as e:
             log.warning("store_write_failed", session_id=call.session_id, error=str(e))
 
-    async def _generate_text(self, call: CallState, backbone: StageLink):
+    async def _generate_text(self, call: CallState, backbone: StageLink) -> str:
         response = await backbone.request(backbone_pb2.StepRequest(generate=backbone_pb2.GenerateText(max_tokens=64)))
-        return pb.ConverseResponse(agent_text=pb.AgentText(text=response.agent_text, tick=call.tick))
+        call.positions += len(response.generated.tokens) + 1  # the reply's start, then its tokens
+        return response.agent_text
 
-    def _event(self, call: CallState, event: tuple, cut_samples: int, now_ms: int) -> pb.ConverseResponse:
-        if event[0] == "barge_in":
-            played = call.turn_samples_sent
-            call.turn_samples_sent = 0
-            return pb.ConverseResponse(event=pb.Event(tick=call.tick, barge_in=pb.Event.BargeIn(
-                agent_samples_played=played, agent_samples_cut=cut_samples)))
-        kind, speaker = event
-        if kind == "turn_start" and speaker == "agent":
-            call.turn_samples_sent = 0
-        message = pb.Event.TurnStart(speaker=speaker) if kind == "turn_start" else pb.Event.TurnEnd(speaker=speaker)
-        return pb.ConverseResponse(event=pb.Event(tick=call.tick, **{kind: message}))
-
-    async def _mark_cut_off(self, call: CallState, now_ms: int, log_) -> None:
+    async def _mark_cut_off(self, call: CallState, now_ms: int, heard_samples: int, log_) -> None:
         try:
-            await self.store.mark_cut_off(call.session_id, now_ms, call.samples_sent, owner=call.owner)
+            await self.store.mark_cut_off(call.session_id, now_ms, heard_samples, owner=call.owner)
         except SessionStoreError as e:
             log_.warning("store_write_failed", error=str(e))
 
@@ -411,8 +532,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         gateway keeps its own copy of the history)."""
         try:
             await self.store.append_tick(call.session_id, [call.history[-1]], entries, call.tick, owner=call.owner)
-            if call.tick % 25 == 0:
-                await self.store.renew(call.session_id, call.owner, self.settings.lease_s)
             return True
         except SessionStoreError as e:
             log_.warning("store_write_failed", tick=call.tick, error=str(e))
@@ -425,36 +544,17 @@ def _raise_client_error(reader: asyncio.Task) -> None:
         raise reader.exception()
 
 
-class CallInbox:
-    """What the client sent since the last tick."""
+def _error(tick: int, code: grpc.StatusCode, message: str) -> pb.ConverseResponse:
+    """An Event.Error: a problem the call survives."""
+    return pb.ConverseResponse(event=pb.Event(tick=tick, error=pb.Event.Error(code=code.value[0], message=message)))
 
-    def __init__(self):
-        self.audio: list[np.ndarray] = []
-        self.text: list[tuple[str, str]] = []
-        self.interrupt = self.ended = self.closed = self.wants_reply = False
-        self._event = asyncio.Event()
 
-    def notify(self) -> None:
-        self._event.set()
+def _positions(record: bytes) -> int:
+    """Context positions a stored history record holds."""
+    r = backbone_pb2.HistoryRecord.FromString(record)
+    return 1 if r.WhichOneof("record") == "tick" else len(r.text.tokens)
 
-    async def wait(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        self._event.clear()
 
-    def has_input(self) -> bool:
-        return bool(self.audio or self.text)
-
-    def take_audio(self) -> list[np.ndarray]:
-        audio, self.audio = self.audio, []
-        return audio
-
-    def take_text(self) -> list[tuple[str, str]]:
-        text, self.text = self.text, []
-        return text
-
-    def take_interrupt(self) -> bool:
-        interrupt, self.interrupt = self.interrupt, False
-        return interrupt
+def _out_frame(rate_hz: int) -> int:
+    """Agent samples per tick at the output rate."""
+    return rate_hz * FRAME // MODEL_RATE_HZ

@@ -80,6 +80,10 @@ class StageUnavailable(Exception):
     """Every replica of a stage failed."""
 
 
+class StageFull(StageUnavailable):
+    """Every replica of a stage refused the call at capacity (RESOURCE_EXHAUSTED)."""
+
+
 # What a broken stream raises is not one type: an RPC error, no answer in time, a write to an RPC
 # the dead replica already ended (asyncio.InvalidStateError), or grpc's own ExecuteBatchError from
 # a write that raced the peer's death. All of them mean: move the call to another replica.
@@ -121,7 +125,7 @@ class StageLink:
         return [a for a in order if a not in self.failed] + [a for a in order if a in self.failed]
 
     async def open(self, rebuild: bool = False) -> None:
-        errors = []
+        errors, full = [], 0
         for attempt, address in enumerate(await self.candidates()):
             try:
                 self.call = self.method(self.channels.get(address))(wait_for_ready=False)
@@ -132,9 +136,14 @@ class StageLink:
                 self.address = address
                 return
             except STREAM_ERRORS as e:
-                errors.append(f"{address}: {e.details() if isinstance(e, grpc.aio.AioRpcError) else repr(e)}")
-                self.failed.add(address)
+                rpc_error = isinstance(e, grpc.aio.AioRpcError)
+                errors.append(f"{address}: {e.details() if rpc_error else repr(e)}")
+                full += rpc_error and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                if not (rpc_error and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    self.failed.add(address)  # a full replica is not a broken one
                 self.cancel()
+        if errors and full == len(errors):
+            raise StageFull(f"{self.stage} stage is at capacity on every replica ({'; '.join(errors)})")
         raise StageUnavailable(f"{self.stage} stage unreachable ({'; '.join(errors)})")
 
     async def write(self, request) -> None:

@@ -24,12 +24,23 @@ class CallResult:
     agent_text: str = ""
     user_text: str = ""
     events: list[pb.Event] = field(default_factory=list)
+    final_transcripts: list[str] = field(default_factory=list)  # the user's turns, whole
+    audio_chunks: list[pb.AgentAudio] = field(default_factory=list)  # as sent (tick, start_sample)
+    ended: pb.CallEnded | None = None  # why the call ended (the last message)
     first_audio_ms: float | None = None
     responses: int = 0
 
     @property
     def pcm(self) -> np.ndarray:
         return np.concatenate(self.audio) if self.audio else np.zeros(0, np.float32)
+
+
+def aio_channel(address: str, root_certs: bytes | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to the gateway: plaintext, or TLS trusting `root_certs` (PEM)."""
+    if root_certs is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root_certs),
+                                   options=CHANNEL_OPTIONS)
 
 
 def config(mode=pb.CONVERSATION, rate_in=16_000, rate_out=24_000, encoding=pb.LINEAR16, **fields) -> pb.ConverseRequest:
@@ -50,8 +61,10 @@ async def audio_requests(pcm: np.ndarray, rate_hz: int, chunk_ms: int = 20, real
 
 
 async def converse(address: str, first: pb.ConverseRequest, rest: AsyncIterator[pb.ConverseRequest] | Iterable = (),
-                   token: str | None = None, timeout_s: float | None = None, tail_s: float = 0.0) -> CallResult:
-    """Run one call to its end; `tail_s` keeps the stream open that long after `rest` is sent."""
+                   token: str | None = None, timeout_s: float | None = None, tail_s: float = 0.0,
+                   root_certs: bytes | None = None) -> CallResult:
+    """Run one call to its end; `tail_s` keeps the stream open that long after `rest` is sent.
+    `root_certs` (PEM): reach a TLS gateway, trusting these roots (its self-signed certificate)."""
     result = CallResult()
     out_encoding = Encoding.LINEAR16
 
@@ -67,7 +80,7 @@ async def converse(address: str, first: pb.ConverseRequest, rest: AsyncIterator[
             await asyncio.sleep(tail_s)
 
     metadata = (("authorization", f"Bearer {token}"),) if token else None
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    async with aio_channel(address, root_certs) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         started = time.perf_counter()
         async for response in stub.Converse(requests(), metadata=metadata, timeout=timeout_s):
@@ -81,10 +94,15 @@ async def converse(address: str, first: pb.ConverseRequest, rest: AsyncIterator[
                 if result.first_audio_ms is None:
                     result.first_audio_ms = (time.perf_counter() - started) * 1e3
                 result.audio.append(decode(response.audio.audio, out_encoding))
+                result.audio_chunks.append(response.audio)
             elif kind == "agent_text":
                 result.agent_text += response.agent_text.text
+            elif kind == "transcript" and response.transcript.is_final:
+                result.final_transcripts.append(response.transcript.text)
             elif kind == "transcript":
                 result.user_text += response.transcript.text
             elif kind == "event":
                 result.events.append(response.event)
+            elif kind == "ended":
+                result.ended = response.ended
     return result
