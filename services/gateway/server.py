@@ -40,6 +40,7 @@ MODEL_RATE_HZ = 24_000
 FRAME = 1920
 VOCODER_WARMUP_TICKS = 8  # latents replayed into a new vocoder replica (covers its receptive field)
 RETRY_AFTER_MS = "1000"
+CLOSED = "the client closed its side and everything it sent was heard"
 
 
 @dataclass
@@ -234,7 +235,7 @@ class GatewayServicer:
             vad = StreamingVAD(cc.in_rate)
             jitter = JitterBuffer(cc.in_rate, self.limits.max_audio_backlog_s)
             out_resampler = StreamingResampler(MODEL_RATE_HZ, cc.out_rate)
-            in_frame = cc.in_rate * FRAME // MODEL_RATE_HZ
+            in_frame, out_frame = cc.in_rate * FRAME // MODEL_RATE_HZ, _out_frame(cc.out_rate)
             start_ticks, text_only = call.tick, cfg.mode == pb.TEXT_ONLY
             if cfg.system_text and not cc.resuming:
                 refused = self._accept_text(call, "system", cfg.system_text)
@@ -276,7 +277,7 @@ class GatewayServicer:
                     await inbox.wait(0.05)
                     if inbox.closed and not inbox.has_input() and not call.text_queue and not inbox.wants_reply:
                         _raise_client_error(reader)
-                        call.end(pb.CLIENT_CLOSED, "the client closed its side of the stream")
+                        self._ending(call, inbox, 0, start_ticks) or call.end(pb.CLIENT_CLOSED, CLOSED)
                         break
                     continue
                 tick_start = time.perf_counter()
@@ -313,6 +314,9 @@ class GatewayServicer:
                 agent_audible = bool(step.agent_text.strip()) or float(np.sqrt(np.mean(audio24 ** 2))) > 1e-3
                 update = turns.update(vad.in_speech, vad.speech_ms, agent_audible, interrupt=inbox.take_interrupt())
                 audio_out = out_resampler.push(audio24)
+                if call.tick == start_ticks and len(audio_out) < out_frame:  # the resampler's delay, as
+                    # silence: every tick is then exactly out_frame samples on the timeline
+                    audio_out = np.concatenate([np.zeros(out_frame - len(audio_out), np.float32), audio_out])
                 now_ms = int((call.tick + 1) * TICK_S * 1000)
                 user_text = user.text if user is not None else ""
                 call.user_turn_text += user_text
@@ -358,7 +362,7 @@ class GatewayServicer:
                     await asyncio.sleep(max(0.0, next_deadline - time.monotonic()))
                 if inbox.closed and not inbox.has_input() and not jitter.pending and not max_ticks:
                     _raise_client_error(reader)  # the stream ended on bad input, or cleanly:
-                    call.end(pb.CLIENT_CLOSED, "the client closed its side and everything it sent was heard")
+                    self._ending(call, inbox, 0, start_ticks) or call.end(pb.CLIENT_CLOSED, CLOSED)
                     break
             if cfg.mode == pb.TTS and call.end_reason in (pb.MAX_TICKS, pb.TTS_DONE):
                 yield pb.ConverseResponse(event=pb.Event(tick=call.tick, reply_done=pb.Event.ReplyDone(

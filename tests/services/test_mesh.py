@@ -104,7 +104,10 @@ def test_conversation_barge_in_turns_and_record(mesh, speech, redis_server):
               if e.WhichOneof("event") in ("turn_start", "turn_end") else "") for e in result.events]
     assert ("turn_start", "agent") in kinds and ("turn_start", "user") in kinds and ("turn_end", "user") in kinds
     barge = [e.barge_in for e in result.events if e.WhichOneof("event") == "barge_in"]
-    assert len(barge) == 1 and barge[0].agent_samples_played > 0
+    assert len(barge) == 1 and barge[0].agent_samples_played > 0 and not barge[0].playback_confirmed
+    user_ends = [e for e in result.events if e.WhichOneof("event") == "turn_end" and e.turn_end.speaker == "user"]
+    assert len(result.final_transcripts) == len(user_ends)  # one final transcript per user turn, whole
+    assert "".join(result.final_transcripts) == result.user_text[:len("".join(result.final_transcripts))]
     user_start = next(e.tick for e in result.events if e.WhichOneof("event") == "turn_start"
                       and e.turn_start.speaker == "user")
     ticks = int(np.ceil(len(audio) / rate / 0.08))
