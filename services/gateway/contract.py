@@ -138,7 +138,7 @@ def parse_token(token: str, session_id: str = "") -> tuple[str, str]:
             raise BadRequest("this resume_token does not name its session: give session_id too")
         return session_id, token
     try:
-        named_id = base64.urlsafe_b64decode(named + "=" * (-len(named) % 4)).decode()
+        named_id = base64.b64decode(named + "=" * (-len(named) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as e:
         raise BadRequest("resume_token is malformed (not a token this gateway issued)") from e
     if session_id and session_id != named_id:

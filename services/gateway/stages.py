@@ -17,6 +17,7 @@ from typing import Awaitable, Callable
 
 import grpc
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from michi.serving.metrics import FAILOVERS
 from michi.serving.server import CHANNEL_OPTIONS
@@ -28,6 +29,8 @@ BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCod
 
 DNS_PREFIX = "dns:///"
 DNS_TTL_S = 5.0  # how long a headless Service's resolved pod addresses are reused
+HEALTH_TTL_S = 1.0  # how long a replica's health answer is reused when ranking replicas
+HEALTH_TIMEOUT_S = 0.5
 
 
 def rendezvous_score(session_id: str, address: str) -> int:
@@ -91,11 +94,28 @@ STREAM_ERRORS = (Exception,)
 
 
 class Channels:
-    """One channel per address, shared by all calls."""
+    """One channel per address, shared by all calls, and what each replica's health said lately."""
 
     def __init__(self):
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.dns: dict[str, tuple[float, list[str]]] = {}  # dns:///NAME:PORT -> (resolved at, addresses)
+        self.health: dict[str, tuple[float, bool]] = {}  # address -> (checked at, serving)
+
+    async def serving(self, address: str) -> bool:
+        """Whether the replica's health says SERVING (a wedged stage's watchdog says NOT_SERVING);
+        asked at most once a HEALTH_TTL_S per replica, and a replica that does not answer in
+        HEALTH_TIMEOUT_S counts as not serving."""
+        hit = self.health.get(address)
+        if hit and time.monotonic() - hit[0] < HEALTH_TTL_S:
+            return hit[1]
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.get(address)).Check(
+                health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            ok = False
+        self.health[address] = (time.monotonic(), ok)
+        return ok
 
     def get(self, address: str) -> grpc.aio.Channel:
         if address not in self.channels:
@@ -119,9 +139,13 @@ class StageLink:
         self.call = None
 
     async def candidates(self) -> list[str]:
-        """The replicas in the order this call tries them: rendezvous order, those that already
-        failed this call last (they may be back: a restarted container keeps its address)."""
-        order = rendezvous_order(self.session_id, await resolve(self.addresses, getattr(self.channels, "dns", None)))
+        """The replicas in the order this call tries them: rendezvous order, those whose health
+        says NOT_SERVING (wedged, draining) and those that already failed this call last (they may
+        be back: a restarted container keeps its address)."""
+        order = rendezvous_order(self.session_id, await resolve(self.addresses, self.channels.dns))
+        if len(order) > 1:
+            serving = dict(zip(order, await asyncio.gather(*(self.channels.serving(a) for a in order))))
+            order = [a for a in order if serving[a]] + [a for a in order if not serving[a]]
         return [a for a in order if a not in self.failed] + [a for a in order if a in self.failed]
 
     async def open(self, rebuild: bool = False) -> None:

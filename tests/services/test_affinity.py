@@ -3,6 +3,7 @@ of the session id over the replica addresses. Pure functions, no sockets."""
 import asyncio
 from collections import Counter
 
+from michi.serving.launcher import free_port
 from michi.services.gateway.stages import Channels, StageLink, rendezvous_order, resolve
 
 REPLICAS = [f"10.0.0.{i}:50062" for i in range(1, 5)]
@@ -54,12 +55,32 @@ def test_adding_a_replica_moves_about_one_in_n():
 
 
 def test_failed_replicas_are_tried_last():
-    link = StageLink("backbone", REPLICAS, Channels(), method=None, opener=None, session_id="s-1")
+    link = StageLink("backbone", REPLICAS, FakeChannels(), method=None, opener=None, session_id="s-1")
     order = asyncio.run(link.candidates())
     assert order == rendezvous_order("s-1", REPLICAS)
     link.failed.add(order[0])
     again = asyncio.run(link.candidates())
     assert again == order[1:] + order[:1]
+
+
+def test_replicas_whose_health_says_not_serving_are_tried_last():
+    channels = FakeChannels()
+    link = StageLink("backbone", REPLICAS, channels, method=None, opener=None, session_id="s-1")
+    order = rendezvous_order("s-1", REPLICAS)
+    channels.down = {order[0], order[2]}  # e.g. wedged: their watchdog says NOT_SERVING
+    assert asyncio.run(link.candidates()) == [order[1], *order[3:], order[0], order[2]]
+
+
+def test_health_of_a_replica_that_does_not_answer_is_not_serving():
+    async def ask():
+        channels = Channels()
+        try:
+            return await channels.serving(f"127.0.0.1:{free_port()}"), channels.health
+        finally:
+            await channels.close()
+
+    ok, cache = asyncio.run(ask())
+    assert ok is False and len(cache) == 1  # remembered for HEALTH_TTL_S
 
 
 def test_dns_addresses_expand_and_static_ones_stay(monkeypatch):
@@ -80,11 +101,17 @@ def test_dns_addresses_expand_and_static_ones_stay(monkeypatch):
 
 
 class FakeChannels:
+    """Channels without sockets: REPLICAS are made-up addresses, never to be dialled."""
+
     def __init__(self):
         self.dns = {}
+        self.down: set[str] = set()
 
     def get(self, address):
         return address
+
+    async def serving(self, address):
+        return address not in self.down
 
 
 class FakeCall:
