@@ -29,6 +29,8 @@ async def main() -> None:
     parser.add_argument("--tls-key", default=env("MICHI_TLS_KEY"))
     parser.add_argument("--stage-timeout-s", type=float, default=float(env("MICHI_STAGE_TIMEOUT_S", "5")),
                         help="a stage that does not answer a tick within this is failed over (MICHI_STAGE_TIMEOUT_S)")
+    parser.add_argument("--lease-s", type=float, default=float(env("MICHI_LEASE_S", "10")),
+                        help="a call's lease on its session record, renewed a third of it apart (MICHI_LEASE_S)")
     parser.add_argument("--no-realtime", action="store_true", help="tick as fast as the stages answer")
     parser.add_argument("--no-align-ticks", action="store_true",
                         help="let each call tick on its own phase (default: one shared 80 ms grid)")
@@ -53,7 +55,7 @@ async def main() -> None:
                     config_timeout_s=args.config_timeout_s, idle_timeout_s=args.idle_timeout_s,
                     max_audio_backlog_s=args.max_audio_backlog_s, text_tokens_per_tick=args.text_tokens_per_tick)
     settings = GatewaySettings(addresses(args.listen), addresses(args.backbone), addresses(args.vocoder),
-                               stage_timeout_s=args.stage_timeout_s, realtime=not args.no_realtime,
+                               lease_s=args.lease_s, stage_timeout_s=args.stage_timeout_s, realtime=not args.no_realtime,
                                align_ticks=not args.no_align_ticks, limits=limits)
     servicer = GatewayServicer(settings, store, load_tokenizer(cfg.backbone.tokenizer, cfg.backbone.vocab_size),
                                StreamVocab(cfg.backbone.vocab_size), cfg.latent_dim, auth_token=args.auth_token,

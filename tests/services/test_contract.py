@@ -18,7 +18,7 @@ from michi.serving.launcher import free_port, wait_healthy
 from michi.session.store import open_store
 
 LIMITS = {"max-calls": 2, "config-timeout-s": 1, "idle-timeout-s": 1.5, "max-text-bytes": 2048,
-          "max-call-text-bytes": 3000, "context-positions": 900}
+          "max-call-text-bytes": 3000, "context-positions": 900, "lease-s": 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,15 @@ def test_calls_beyond_capacity_are_refused_at_once(strict):
     assert refused_ms < 1000, refused_ms
     assert all(r.ended.reason == pb.CLIENT_CLOSED for r in results)
     assert again.ended.reason == pb.MAX_TICKS
+
+
+def test_the_lease_is_renewed_on_the_wall_clock(strict):
+    """A 0.6 s lease over a 4 s call: renewed on time, so the record is never lost (it used to be
+    renewed every 25 ticks, and lapsed whenever 25 ticks took longer than the lease)."""
+    result = run(client.converse(strict, _config(max_ticks=50), _requests(*_silence(50), delay_s=0.07),
+                                 timeout_s=30))
+    assert result.ended.reason == pb.MAX_TICKS
+    assert not [e.error for e in result.events if e.HasField("error")]
 
 
 def test_capabilities_list_formats_limits_and_load(strict):
