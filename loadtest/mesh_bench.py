@@ -143,7 +143,8 @@ def bench_mesh(args, pcm: np.ndarray, rate: int) -> dict:
     ports = {s: free_port() for s in ("gateway", "listen", "backbone", "vocoder")}
     metrics = {"gateway": free_port(), "backbone": free_port()}
     logs = tempfile.mkdtemp(prefix="michi-mesh-bench-")
-    mesh = Mesh(model=args.model, ports=ports, threads=args.threads, log_dir=logs,
+    admit = ["--max-calls", str(args.max_calls)]  # the ramp measures capacity: the gateways admit all of it
+    mesh = Mesh(model=args.model, ports=ports, threads=args.threads, log_dir=logs, gateway_args=admit,
                 stage_args={s: ["--metrics-port", str(p)] for s, p in metrics.items()})
     say(f"mesh: starting listen, backbone, vocoder, gateway ({args.threads} torch thread each; logs in {logs})")
     mesh.start(timeout_s=240)
@@ -151,7 +152,7 @@ def bench_mesh(args, pcm: np.ndarray, rate: int) -> dict:
         fast_port = free_port()
         fast = mesh._spawn("gateway-fast", "gateway", fast_port, [
             "--listen", mesh.addresses["listen"][0], "--backbone", mesh.addresses["backbone"][0],
-            "--vocoder", mesh.addresses["vocoder"][0], "--no-realtime"])
+            "--vocoder", mesh.addresses["vocoder"][0], "--no-realtime", *admit])
         wait_healthy(f"127.0.0.1:{fast_port}", 120, fast)
         fast_address = f"127.0.0.1:{fast_port}"
         say("mesh: up; warm-up calls on both gateways")
@@ -174,7 +175,7 @@ def bench_mesh(args, pcm: np.ndarray, rate: int) -> dict:
         unaligned_port = free_port()
         unaligned = mesh._spawn("gateway-unaligned", "gateway", unaligned_port, [
             "--listen", mesh.addresses["listen"][0], "--backbone", mesh.addresses["backbone"][0],
-            "--vocoder", mesh.addresses["vocoder"][0], "--no-align-ticks", "--metrics-port", str(unaligned_metrics)])
+            "--vocoder", mesh.addresses["vocoder"][0], "--no-align-ticks", "--metrics-port", str(unaligned_metrics), *admit])
         wait_healthy(f"127.0.0.1:{unaligned_port}", 120, unaligned)
         ramps = {}
         for name, address, gateway_metrics in (("aligned", mesh.gateway, metrics["gateway"]),

@@ -97,8 +97,11 @@ class CallRecord:
     turns_without_end: int = 0  # no TurnEnd(user) seen (the VAD did not hold 600 ms of speech)
     barge_ins_missed: int = 0  # speech over the agent without a BargeIn event
     agent_audio_s: float = 0.0
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # stream opened -> its final status (a refusal: how fast it came)
     error: str | None = None
+    status: str = "OK"  # the final gRPC status code's name
+    retry_after_ms: int | None = None  # a refusal's `retry-after-ms` trailing metadata
+    opened: float = 0.0  # perf_counter when the stream opened (to line calls up on one clock)
 
 
 # ---- analysis of one call (pure) -----------------------------------------------------------------
@@ -215,20 +218,30 @@ def _action(kind: str, text: str):
 
 
 async def run_call(address: str, plan: Plan, level: int, seed: int = 0, delay_s: float = 0.0,
-                   tail_s: float = 1.5, token: str | None = None) -> CallRecord:
+                   tail_s: float = 1.5, token: str | None = None, wait_started: bool = False) -> CallRecord:
+    """One call on its own channel. `wait_started`: send only the config until the gateway's
+    SessionStarted (the call admitted), then the plan's timeline. A grpc.aio client that writes
+    while the server ends the stream (a refusal) can see INTERNAL "Internal error from Core"
+    instead of the server's status (grpc/grpc#36066); a refused call then writes nothing after
+    its config."""
     from michi.audio.pcm import Encoding, encode
     from michi.proto.gateway.v1 import gateway_pb2 as pb
     from michi.proto.gateway.v1 import gateway_pb2_grpc
+    from michi.serving.admission import RETRY_AFTER_KEY
     from michi.serving.server import CHANNEL_OPTIONS
 
     await asyncio.sleep(delay_s)
     source = plan.speech.source if plan.speech else "text"
     record, marks, msgs = CallRecord(plan.scenario, source, level), Marks(), []
     actions = sorted(plan.actions)
-    user_turn_ended = asyncio.Event()
+    user_turn_ended, started, over = asyncio.Event(), asyncio.Event(), False
 
     async def requests():
         yield _config(plan, seed)
+        if wait_started:
+            await started.wait()
+            if over:  # refused (or failed) before SessionStarted: nothing more to send
+                return
         t0 = time.perf_counter()
         pending = list(actions)
         if plan.pcm is None:  # text only: the actions on their schedule
@@ -272,6 +285,8 @@ async def run_call(address: str, plan: Plan, level: int, seed: int = 0, delay_s:
             marks.opened = time.perf_counter()
             async for r in stub.Converse(requests(), metadata=metadata, timeout=plan.call_s + 120):
                 now, kind = time.perf_counter(), r.WhichOneof("response")
+                if kind == "started":
+                    started.set()
                 if kind == "audio":
                     msgs.append(Msg(now, "audio", r.audio.tick, r.audio.start_sample, len(r.audio.audio) // 2))
                 elif kind == "agent_text":
@@ -291,8 +306,18 @@ async def run_call(address: str, plan: Plan, level: int, seed: int = 0, delay_s:
                 else:
                     msgs.append(Msg(now, kind or "", -1))
     except grpc.aio.AioRpcError as e:
-        record.error = f"{e.code().name}: {e.details()}"
+        record.error, record.status = f"{e.code().name}: {e.details()}", e.code().name
+        retry = dict(e.trailing_metadata() or ()).get(RETRY_AFTER_KEY)  # an admission refusal's hint
+        if retry is not None:
+            try:
+                record.retry_after_ms = int(float(retry))
+            except ValueError:
+                record.error += f" (unreadable {RETRY_AFTER_KEY}: {retry!r})"
+    finally:
+        over = True
+        started.set()  # a request stream still waiting for SessionStarted ends
     record.wall_s = time.perf_counter() - marks.opened
+    record.opened = marks.opened
     return analyse(record, marks, msgs)
 
 
@@ -420,13 +445,16 @@ def run_ramp(args, address: str, metrics: dict, pids: dict[str, int]) -> dict:
             "speech": [s.source for s in speech]}
 
 
-def start_mesh(args):
+def start_mesh(args, gateway_args: list[str] | None = None):
+    """A mesh of its own on free ports (`args.model`, `args.threads`), with the gateway's and the
+    backbone's metrics on free ports; `gateway_args`: more gateway flags (`--max-calls 4`)."""
     from michi.serving.launcher import Mesh, free_port
 
     ports = {s: free_port() for s in ("gateway", "listen", "backbone", "vocoder")}
     metrics = {"gateway": free_port(), "backbone": free_port()}
     logs = tempfile.mkdtemp(prefix="michi-loadtest-")
     mesh = Mesh(model=args.model, ports=ports, threads=args.threads, log_dir=logs,
+                gateway_args=list(gateway_args or []),
                 stage_args={s: ["--metrics-port", str(p)] for s, p in metrics.items()})
     say(f"mesh: starting listen, backbone, vocoder, gateway ({args.model}, {args.threads} torch thread(s) each; "
         f"logs in {logs})")
@@ -522,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spread-s", type=float, default=1.0, help="a level's calls start evenly over this long")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="the mix, round-robin (default: all four)")
     p.add_argument("--keep-going", action="store_true", help="run every level, even after one fails")
-    p.add_argument("--gateway", help="host:port of a running gateway (default: start a mesh here)")
+    p.add_argument("--gateway", help="host:port of a running gateway, started with --max-calls of at least the "
+                   "largest level (default: start a mesh here)")
     p.add_argument("--gateway-metrics", help="host:port of that gateway's Prometheus metrics")
     p.add_argument("--backbone-metrics", help="host:port of the backbone's Prometheus metrics")
     p.add_argument("--json", type=Path, default=Path("loadtest/results/loadtest-cpu.json"))
@@ -538,7 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gateway:
         report |= run_ramp(args, args.gateway, {"gateway": args.gateway_metrics, "backbone": args.backbone_metrics}, {})
     else:
-        mesh, metrics = start_mesh(args)
+        # the ramp measures capacity itself: the gateway must admit its largest level (default 4)
+        most = max(int(x) for x in args.levels.split(","))
+        mesh, metrics = start_mesh(args, ["--max-calls", str(max(most, len(SCENARIOS)))])
         try:
             pids = {name: proc.pid for name, proc in mesh.processes.items()}
             report |= run_ramp(args, mesh.gateway, metrics, pids)
