@@ -1,5 +1,10 @@
 """Backbone stage: backbone + text head + speak head. One stream per call; the ticks of all live
-calls are batched into one forward pass (see batcher.py)."""
+calls are batched into one forward pass (see batcher.py).
+
+A stream takes an engine row from `open` until it ends, however it ends (client gone, gateway
+timeout, bad request, engine error): the row is closed by a job queued in the stream's `finally`,
+which neither waits nor can fail. At most `admission.max_calls` streams at once; one more is
+refused with RESOURCE_EXHAUSTED (see michi.serving.admission)."""
 from __future__ import annotations
 
 import uuid
@@ -11,7 +16,10 @@ import torch
 from michi.api import Michi
 from michi.engine import BackboneEngine, HistoryTick, TickInput
 from michi.proto.backbone.v1 import backbone_pb2, backbone_pb2_grpc
+from michi.serving.admission import Admission, refuse
+from michi.serving.liveness import WatchedExecutor
 from michi.serving.metrics import LIVE_SESSIONS
+from michi.serving.stage_cli import DEFAULT_MAX_CALLS
 
 from .batcher import Batcher
 
@@ -32,39 +40,51 @@ def history_items(records) -> list:
 
 
 class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
-    def __init__(self, michi: Michi, executor, rows: int = 8, window_s: float = 0.004):
-        self.michi = michi
+    def __init__(self, michi: Michi, executor, rows: int = 8, window_s: float = 0.004,
+                 admission: Admission | None = None):
+        self.michi, self.executor = michi, executor
         self.engine = BackboneEngine(michi.model, rows=rows)
         self.batcher = Batcher(self.engine, executor, window_s=window_s)
+        self.admission = admission or Admission("backbone", DEFAULT_MAX_CALLS)
+
+    def liveness(self, stall_s: float) -> str | None:
+        """The stage watchdog's probe: why the batcher is stuck (its loop ended, a job waited or an
+        engine call ran longer than stall_s), or None."""
+        reason = self.batcher.stalled(stall_s)
+        if reason is None and isinstance(self.executor, WatchedExecutor):
+            reason = self.executor.stalled(stall_s)
+        return reason
 
     def _decode(self, tokens) -> str:
         return self.michi.tokenizer.decode([t for t in tokens if self.michi.vocab.is_text(t)])
 
     async def Step(self, request_iterator, context):
-        if self.batcher.task is None:
-            self.batcher.start()
+        self.batcher.start()
+        if self.batcher.task.done():  # cannot happen by design; if it does, fail over at once
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the backbone's scheduler has stopped")
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("request") != "open":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `open`")
         o = first.open
-        key = f"{o.session_id}/{uuid.uuid4().hex[:8]}"  # a reconnecting call gets a fresh row
-        dim = self.michi.cfg.latent_dim
         try:
             history = history_items(o.history)
         except (RuntimeError, ValueError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad history: {e}")
-
-        def open_and_replay() -> int:
-            self.engine.open(key, seed=o.seed, text_temperature=o.text_temperature or 0.8)
-            return self.engine.replay(key, history)
-
-        replayed = await self.batcher.call(open_and_replay)
-        LIVE_SESSIONS.labels("backbone").inc()
-        log.info("backbone_stream_opened", session_id=o.session_id, replayed_ticks=replayed)
-        yield backbone_pb2.StepResponse(opened=backbone_pb2.Opened(
-            position=self.engine.position(key), replayed_ticks=replayed,
-            trained_weights=self.michi.trained))
+        if not self.admission.try_admit():
+            log.warning("backbone_call_refused", session_id=o.session_id, live=self.admission.live)
+            await refuse(context, self.admission)
+        key = f"{o.session_id}/{uuid.uuid4().hex[:8]}"  # a reconnecting call gets a fresh row
+        dim = self.michi.cfg.latent_dim
+        counted = False
         try:
+            await self.batcher.call(lambda: self.engine.open(key, seed=o.seed,
+                                                             text_temperature=o.text_temperature or 0.8))
+            replayed = await self.batcher.replay(key, history)
+            LIVE_SESSIONS.labels("backbone").inc()
+            counted = True
+            log.info("backbone_stream_opened", session_id=o.session_id, replayed_ticks=replayed)
+            yield backbone_pb2.StepResponse(opened=backbone_pb2.Opened(
+                position=self.engine.position(key), replayed_ticks=replayed, trained_weights=self.michi.trained))
             async for request in request_iterator:
                 kind = request.WhichOneof("request")
                 if kind == "tick":
@@ -91,6 +111,11 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
                 else:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected `{kind}` after `open`")
         finally:
-            await self.batcher.call(lambda: self.engine.close(key))
-            LIVE_SESSIONS.labels("backbone").dec()
+            # Nothing here awaits: a stream cancelled again while it cleans up (or a stuck batcher)
+            # can neither hang it nor skip a step. The close job runs after every job this stream
+            # queued (a no-op if its open never ran).
+            if counted:
+                LIVE_SESSIONS.labels("backbone").dec()
+            self.admission.release()
+            self.batcher.submit(lambda: self.engine.close(key))
             log.info("backbone_stream_closed", session_id=o.session_id)

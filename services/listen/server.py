@@ -17,7 +17,10 @@ from michi.audio.resample import StreamingResampler
 from michi.serving.execution import EncoderStream, TorchEncoderStream
 from michi.serving.triton.client import TritonError
 from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
+from michi.serving.admission import Admission, refuse
+from michi.serving.liveness import WatchedExecutor
 from michi.serving.metrics import LIVE_SESSIONS
+from michi.serving.stage_cli import DEFAULT_MAX_CALLS
 
 log = structlog.get_logger()
 
@@ -46,9 +49,15 @@ class ListenStream:
 
 
 class ListenServicer(listen_pb2_grpc.ListenServicer):
-    def __init__(self, michi: Michi, executor, encoder_streams: Callable[[], EncoderStream] | None = None):
+    def __init__(self, michi: Michi, executor, encoder_streams: Callable[[], EncoderStream] | None = None,
+                 admission: Admission | None = None):
         self.michi, self.executor = michi, executor
         self.encoder_streams = encoder_streams or (lambda: TorchEncoderStream(michi))
+        self.admission = admission or Admission("listen", DEFAULT_MAX_CALLS)
+
+    def liveness(self, stall_s: float) -> str | None:
+        """The stage watchdog's probe: a model call running (or waiting) longer than stall_s."""
+        return self.executor.stalled(stall_s) if isinstance(self.executor, WatchedExecutor) else None
 
     async def Encode(self, request_iterator, context):
         loop = asyncio.get_running_loop()
@@ -59,11 +68,15 @@ class ListenServicer(listen_pb2_grpc.ListenServicer):
             check_format(Encoding.LINEAR16, first.start.sample_rate_hz)
         except AudioError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        stream = ListenStream(self.michi, first.start.sample_rate_hz, self.encoder_streams())
         session = first.start.session_id
-        LIVE_SESSIONS.labels("listen").inc()
-        frame = 0
+        if not self.admission.try_admit():
+            log.warning("listen_call_refused", session_id=session, live=self.admission.live)
+            await refuse(context, self.admission)
+        frame, counted = 0, False
         try:
+            stream = ListenStream(self.michi, first.start.sample_rate_hz, self.encoder_streams())
+            LIVE_SESSIONS.labels("listen").inc()
+            counted = True
             async for request in request_iterator:
                 if request.WhichOneof("request") != "pcm":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only `pcm` may follow `start`")
@@ -80,5 +93,7 @@ class ListenServicer(listen_pb2_grpc.ListenServicer):
                                                     text=self.michi.tokenizer.decode(tokens))
                     frame += 1
         finally:
-            LIVE_SESSIONS.labels("listen").dec()
+            if counted:
+                LIVE_SESSIONS.labels("listen").dec()
+            self.admission.release()
             log.info("listen_stream_closed", session_id=session, frames=frame)

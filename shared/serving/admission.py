@@ -46,3 +46,15 @@ class Admission:
     def refusal(self, what: str = "calls") -> str:
         return (f"{self.stage} is at capacity ({self.live}/{self.max_calls} {what}; set --max-calls or "
                 f"MICHI_MAX_CALLS); retry later or on another replica")
+
+
+RETRY_AFTER_MS = 1000  # what a stage's refusal suggests: retry this much later (or now, elsewhere)
+
+
+async def refuse(context, admission: Admission, what: str = "calls", retry_after_ms: int = RETRY_AFTER_MS) -> None:
+    """Abort a gRPC call that `admission.try_admit()` turned away: RESOURCE_EXHAUSTED, the
+    refusal message, and `retry-after-ms` in the trailing metadata. Raises (as `context.abort`)."""
+    import grpc
+
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.refusal(what),
+                        trailing_metadata=((RETRY_AFTER_KEY, str(retry_after_ms)),))

@@ -12,3 +12,5 @@ FIRST_AUDIO_SECONDS = Histogram("michi_time_to_first_audio_seconds", "call start
 FAILOVERS = Counter("michi_stage_failovers_total", "calls moved to another stage replica", ["stage"])
 CAPACITY = Gauge("michi_capacity_calls", "calls this stage admits at once (admission control)", ["stage"])
 REFUSED_CALLS = Counter("michi_refused_calls_total", "calls refused at capacity (RESOURCE_EXHAUSTED)", ["stage"])
+OPEN_ROWS = Gauge("michi_backbone_open_rows", "backbone engine rows held by calls (KV cache rows in use)")
+STAGE_STUCK = Gauge("michi_stage_stuck", "1 while the stage's watchdog finds its work loop stuck", ["stage"])

@@ -6,6 +6,10 @@ import os
 
 import torch
 
+from .liveness import DEFAULT_STALL_S
+
+DEFAULT_MAX_CALLS = 64  # a model stage's capacity when --max-calls / MICHI_MAX_CALLS is 0
+
 
 def stage_parser(name: str, default_port: int) -> argparse.ArgumentParser:
     env = lambda key, default: os.environ.get(f"MICHI_{key}", default)  # noqa: E731
@@ -20,6 +24,9 @@ def stage_parser(name: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--drain-s", type=float, default=float(env("DRAIN_S", "5")))
     p.add_argument("--max-calls", type=int, default=int(env("MAX_CALLS", "0")),
                    help="admission control: calls taken at once, beyond: RESOURCE_EXHAUSTED (0: the stage's default)")
+    p.add_argument("--stall-s", type=float, default=float(env("STALL_S", DEFAULT_STALL_S)),
+                   help="watchdog: a model call running (or waiting) longer than this makes the stage's "
+                        "health NOT_SERVING until it moves again")
     return p
 
 
@@ -32,11 +39,17 @@ def load_model(args: argparse.Namespace):
 
 
 def serve_model_stage(name: str, default_port: int, service: str, add_to_server, make_servicer,
-                      extra_args=None) -> None:
+                      extra_args=None, default_max_calls: int = DEFAULT_MAX_CALLS) -> None:
     """The whole `main` of a model stage: flags, logs, model, servicer, metrics, serve until SIGTERM.
-    `make_servicer(michi, executor, args)`; `extra_args(parser)` adds the stage's own flags."""
+    `make_servicer(michi, executor, args)`; `extra_args(parser)` adds the stage's own flags.
+
+    The servicer takes part in two stage-wide mechanisms: its `admission` attribute is replaced by
+    an `Admission` of `--max-calls` calls (default `default_max_calls`) whose fullness drives the
+    `michi.capacity` health service, and its `liveness(stall_s)` (None, or why its work loop is
+    stuck) is the stage's watchdog probe."""
     import asyncio
 
+    from .admission import Admission
     from .server import Stage, configure_logging, model_executor, start_metrics
 
     parser = stage_parser(name, default_port)
@@ -50,6 +63,8 @@ def serve_model_stage(name: str, default_port: int, service: str, add_to_server,
     async def main() -> None:  # the grpc.aio server must be made inside the running loop
         stage = Stage(name, [service], lambda server: add_to_server(servicer, server), args.port, args.host,
                       drain_s=args.drain_s)
+        servicer.admission = Admission(name, args.max_calls or default_max_calls, stage.set_full)
+        stage.add_liveness_probe(lambda: servicer.liveness(args.stall_s))
         await stage.serve_forever()
 
     asyncio.run(main())
