@@ -65,6 +65,7 @@ async def main() -> None:
     stage = Stage("gateway", ["michi.gateway.v1.Gateway"],
                   lambda server: add_to_server(servicer, server),
                   args.port, args.host, tls=tls, drain_s=args.drain_s)
+    servicer.admission.on_full_changed = stage.set_full  # health `michi.capacity`: NOT_SERVING while full
     log.info("gateway_limits", **vars(limits))
     log.info("gateway_config", store="redis" if args.redis_url else "in-process", listen=settings.listen,
              backbone=settings.backbone, vocoder=settings.vocoder)

@@ -92,8 +92,10 @@ def test_every_deployment_has_probes_and_grace_beyond_the_drain(rendered, overla
         (c,) = pod["containers"]
         stage = name.removeprefix("michi-")
         port = PORTS[stage]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": port}, (name, probe)  # grpc.health.v1, k8s >= 1.24
+        # ready = room for one more call (admission control's health service)
+        assert c["readinessProbe"]["grpc"] == {"port": port, "service": "michi.capacity"}, name
         assert {"name": "grpc", "containerPort": port} in c["ports"]
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env[f"MICHI_{stage.upper()}_PORT"] == str(port)
