@@ -121,21 +121,61 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_ports(value: str) -> dict[str, int]:
+    """--stage-ports: "auto" (free ports) or the listen,backbone,vocoder ports."""
+    from .serving.launcher import free_port
+
+    names = ("listen", "backbone", "vocoder")
+    if value == "auto":
+        return {name: free_port() for name in names}
+    try:
+        ports = [int(p) for p in value.split(",")]
+    except ValueError:
+        ports = []
+    if len(ports) != 3:
+        raise ValueError(f"--stage-ports wants three ports (listen,backbone,vocoder) or auto, not {value!r}")
+    return dict(zip(names, ports))
+
+
+def up_mesh(args: argparse.Namespace):
+    """The Mesh `michi up` starts (not started yet). The gateway's own flags (auth, TLS, host,
+    admission) go to the gateway process only: the other stages are internal."""
+    from .serving.launcher import Mesh
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together (or MICHI_TLS_CERT and MICHI_TLS_KEY)")
+    gateway_args = []
+    # the token goes in the gateway's environment, not on its command line (which `ps` shows anyone)
+    gateway_env = {"MICHI_AUTH_TOKEN": args.auth_token} if args.auth_token else {}
+    root_certs = None
+    if args.tls_cert:
+        for path in (args.tls_cert, args.tls_key):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"TLS file not found: {path}")
+        gateway_args += ["--tls-cert", str(Path(args.tls_cert).resolve()), "--tls-key", str(Path(args.tls_key).resolve())]
+        root_certs = Path(args.tls_cert).read_bytes()  # the start-up health check trusts the gateway's own certificate
+    if args.max_calls:
+        gateway_args += ["--max-calls", str(args.max_calls)]
+    ports = dict(_stage_ports(args.stage_ports), gateway=args.port)
+    execution = {"MICHI_EXECUTION": args.execution, **({"MICHI_TRITON_URL": args.triton_url} if args.triton_url else {})}
+    return Mesh(model=args.model, ports=ports, threads=args.stage_threads, log_dir=args.log_dir, env=execution,
+                replicas={"backbone": args.backbone_replicas, "vocoder": args.vocoder_replicas},
+                gateway_args=gateway_args, gateway_env=gateway_env, gateway_host=args.host, gateway_root_certs=root_certs,
+                gateway_server_name=args.tls_server_name)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Every stage on this machine, each its own process, until Ctrl-C / SIGTERM."""
     import signal
 
-    from .serving.launcher import DEFAULT_PORTS, Mesh
-
-    ports = dict(DEFAULT_PORTS, gateway=args.port)
-    execution = {"MICHI_EXECUTION": args.execution, **({"MICHI_TRITON_URL": args.triton_url} if args.triton_url else {})}
-    mesh = Mesh(model=args.model, ports=ports, threads=args.stage_threads, log_dir=args.log_dir, env=execution,
-                replicas={"backbone": args.backbone_replicas, "vocoder": args.vocoder_replicas})
+    mesh = up_mesh(args)
     print(f"starting listen, backbone, vocoder, gateway (model {args.model}) ...", flush=True)
     mesh.start()
     print(f"michi is up: gateway {mesh.gateway}; stages {mesh.addresses}; "
           f"store {'redis ' + os.environ['REDIS_URL'] if os.environ.get('REDIS_URL') else 'in-process'}", flush=True)
-    print("try: michi say 'Hello there.' --out hello.wav    (Ctrl-C stops every stage)", flush=True)
+    hint = (" --gateway " + mesh.gateway if args.port != 50060 or args.host != "127.0.0.1" else "") + \
+        (" --token ..." if args.auth_token else "") + (f" --tls-ca {args.tls_cert}" if args.tls_cert else "")
+    print(f"try: michi say 'Hello there.'{hint} --out hello.wav    (Ctrl-C stops every stage)", flush=True)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
@@ -166,6 +206,16 @@ def _print_call(result, out: str | None, rate: int) -> None:
     print(f"events: {events}")
 
 
+def _root_certs(args: argparse.Namespace) -> bytes | None:
+    """--tls-ca: the PEM file a TLS gateway's certificate is checked against (None: plaintext)."""
+    if not args.tls_ca:
+        return None
+    path = Path(args.tls_ca)
+    if not path.is_file():
+        raise FileNotFoundError(f"--tls-ca file not found: {path}")
+    return path.read_bytes()
+
+
 def cmd_talk(args: argparse.Namespace) -> int:
     """Stream a file in real time through the gateway, like a caller."""
     import asyncio
@@ -178,7 +228,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
         pcm, rate = read_wav(args.audio, rate_out_hz=16000)
     result = asyncio.run(client.converse(
         args.gateway, client.config(rate_in=rate, rate_out=24000, system_text=args.system or ""),
-        client.audio_requests(pcm, rate, realtime=not args.fast), token=args.token, tail_s=args.tail_s))
+        client.audio_requests(pcm, rate, realtime=not args.fast), token=args.token, tail_s=args.tail_s,
+        root_certs=_root_certs(args)))
     _print_call(result, args.out, 24000)
     return 0
 
@@ -191,7 +242,7 @@ def cmd_say(args: argparse.Namespace) -> int:
     from .serving import client
 
     result = asyncio.run(client.converse(args.gateway, client.config(mode=pb.TTS, text=args.text, rate_out=24000),
-                                         token=args.token))
+                                         token=args.token, root_certs=_root_certs(args)))
     _print_call(result, args.out, 24000)
     return 0
 
@@ -228,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("up", help="start every stage (listen, backbone, vocoder, gateway) on this machine")
     sp.add_argument("--model", default="default", help=MODEL_HELP)
     sp.add_argument("--port", type=int, default=50060, help="gateway port")
+    sp.add_argument("--host", default=os.environ.get("MICHI_HOST", "127.0.0.1"),
+                    help="the gateway's listening address (0.0.0.0: every interface; default MICHI_HOST, else "
+                         "127.0.0.1); the other stages are reached over 127.0.0.1")
+    sp.add_argument("--stage-ports", default="50061,50062,50063",
+                    help="listen,backbone,vocoder ports, or auto (free ports)")
     sp.add_argument("--stage-threads", type=int, default=1, help="torch threads per stage process")
     sp.add_argument("--backbone-replicas", type=int, default=1)
     sp.add_argument("--vocoder-replicas", type=int, default=1)
@@ -235,11 +291,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--execution", default=os.environ.get("MICHI_EXECUTION", "torch"), choices=["torch", "onnxruntime", "triton"],
                     help="where the listen encoder and vocoder steps run (onnxruntime: exported at start)")
     sp.add_argument("--triton-url", default=None, help="with --execution triton: the Triton gRPC address")
+    sp.add_argument("--auth-token", default=os.environ.get("MICHI_AUTH_TOKEN"),
+                    help="the gateway requires this bearer token (default MICHI_AUTH_TOKEN)")
+    sp.add_argument("--tls-cert", default=os.environ.get("MICHI_TLS_CERT"),
+                    help="the gateway serves TLS with this PEM certificate (default MICHI_TLS_CERT)")
+    sp.add_argument("--tls-key", default=os.environ.get("MICHI_TLS_KEY"),
+                    help="its PEM private key (default MICHI_TLS_KEY)")
+    sp.add_argument("--tls-server-name", default=None,
+                    help="the name in the certificate, when it names neither the --host address nor 127.0.0.1 "
+                         "(for michi up's own health check of the gateway)")
+    sp.add_argument("--max-calls", type=int, default=None,
+                    help="gateway admission control: calls at once, beyond: RESOURCE_EXHAUSTED "
+                         "(default: MICHI_MAX_CALLS, which every stage reads, else the gateway's default)")
     sp.set_defaults(func=cmd_up)
 
     def gateway_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--gateway", default=os.environ.get("MICHI_GATEWAY", "127.0.0.1:50060"))
         sp.add_argument("--token", default=os.environ.get("MICHI_AUTH_TOKEN"), help="bearer token")
+        sp.add_argument("--tls-ca", default=os.environ.get("MICHI_TLS_CA"),
+                        help="a TLS gateway: the PEM root certificate to trust (its self-signed certificate or "
+                             "its CA; default MICHI_TLS_CA)")
         sp.add_argument("--out", "-o", default=None, help="write the agent audio to this WAV")
 
     sp = sub.add_parser("talk", help="stream an audio file through the gateway in real time")

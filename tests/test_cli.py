@@ -63,3 +63,44 @@ def test_bench_writes_json_report(tmp_path):
         assert parts[part]["median_ms"] > 0 and parts[part]["p95_ms"] >= parts[part]["median_ms"]
     assert parts["tick"]["median_ms"] >= parts["backbone"]["median_ms"]
     assert report["machine"]["device"] == "cpu" and tiny["trained_weights"] is False
+
+
+def test_up_passes_auth_tls_host_and_admission_to_the_gateway_only(tmp_path, monkeypatch):
+    from michi.cli import build_parser, up_mesh
+
+    for key in ("MICHI_AUTH_TOKEN", "MICHI_TLS_CERT", "MICHI_TLS_KEY", "MICHI_HOST"):
+        monkeypatch.delenv(key, raising=False)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\n")
+    args = build_parser().parse_args(["up", "--model", "tiny", "--port", "6000", "--stage-ports", "6001,6002,6003",
+                                      "--auth-token", "s3cret", "--tls-cert", str(cert), "--tls-key", str(key),
+                                      "--max-calls", "7", "--host", "0.0.0.0"])
+    mesh = up_mesh(args)
+    assert mesh.ports == {"gateway": 6000, "listen": 6001, "backbone": 6002, "vocoder": 6003}
+    assert mesh.gateway_args == ["--tls-cert", str(cert), "--tls-key", str(key), "--max-calls", "7"]
+    assert mesh.gateway_env == {"MICHI_AUTH_TOKEN": "s3cret"}  # not on a command line `ps` shows
+    assert "s3cret" not in mesh.gateway_args and not mesh.stage_args and "MICHI_AUTH_TOKEN" not in mesh.env
+    assert mesh.gateway_root_certs == cert.read_bytes()  # the start-up health check goes over TLS
+    assert mesh.gateway_host == "0.0.0.0" and mesh.gateway == "127.0.0.1:6000"
+    # the environment gives the same defaults
+    monkeypatch.setenv("MICHI_AUTH_TOKEN", "from-env")
+    monkeypatch.setenv("MICHI_TLS_CERT", str(cert))
+    monkeypatch.setenv("MICHI_TLS_KEY", str(key))
+    mesh = up_mesh(build_parser().parse_args(["up", "--stage-ports", "auto"]))
+    assert mesh.gateway_env == {"MICHI_AUTH_TOKEN": "from-env"} and "--tls-cert" in mesh.gateway_args
+    assert "--max-calls" not in mesh.gateway_args and mesh.gateway == "127.0.0.1:50060"
+    assert len(set(mesh.ports.values())) == 4
+
+
+def test_up_and_say_refuse_missing_tls_files(tmp_path, monkeypatch, capsys):
+    for key in ("MICHI_TLS_CERT", "MICHI_TLS_KEY", "MICHI_TLS_CA"):
+        monkeypatch.delenv(key, raising=False)
+    cert = tmp_path / "cert.pem"
+    cert.write_bytes(b"x")
+    assert main(["up", "--tls-cert", str(cert)]) == 2  # a certificate without its key
+    assert "--tls-key" in capsys.readouterr().err
+    assert main(["up", "--tls-cert", str(cert), "--tls-key", str(tmp_path / "nope.pem")]) == 2
+    assert "nope.pem" in capsys.readouterr().err
+    assert main(["say", "hi", "--tls-ca", str(tmp_path / "ca.pem")]) == 2
+    assert "ca.pem" in capsys.readouterr().err

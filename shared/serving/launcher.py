@@ -23,27 +23,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(address: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+def channel(address: str, root_certs: bytes | None = None, server_name: str | None = None,
+            options: list | None = None) -> grpc.Channel:
+    """A blocking channel: insecure, or TLS trusting `root_certs` (PEM; a self-signed server
+    certificate is its own root). `server_name`: the name to check the certificate against when it
+    is not the address's host (a certificate for a public name, checked over 127.0.0.1)."""
+    if root_certs is None:
+        return grpc.insecure_channel(address, options=options)
+    options = list(options or []) + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root_certs), options=options)
+
+
+def wait_healthy(address: str, timeout_s: float, process: subprocess.Popen | None = None,
+                 root_certs: bytes | None = None, server_name: str | None = None) -> None:
+    """Until the stage at `address` says SERVING (gRPC health checking). A TLS stage (the gateway
+    with a certificate) is checked over TLS: pass its certificate, or the CA's, as `root_certs`."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    last_error = ""
+    with channel(address, root_certs, server_name) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
         while True:
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"stage at {address} exited with code {process.returncode} while starting")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.RpcError:
-                pass
+            except grpc.RpcError as e:
+                last_error = f"{e.code().name}: {e.details()}"
             if time.monotonic() > deadline:
-                raise TimeoutError(f"stage at {address} not healthy after {timeout_s:.0f} s")
+                raise TimeoutError(f"stage at {address} not healthy after {timeout_s:.0f} s"
+                                   + (f" (last health check: {last_error})" if last_error else ""))
             time.sleep(0.1)
 
 
 @dataclass
 class Mesh:
     """A running mesh of stage processes. Extra replicas: `replicas={"backbone": 2}`. Extra flags
-    per stage (every replica of it): `stage_args={"backbone": ["--metrics-port", "9102"]}`."""
+    per stage (every replica of it): `stage_args={"backbone": ["--metrics-port", "9102"]}`.
+    `gateway_env`: environment of the gateway process only (its secrets: MICHI_AUTH_TOKEN).
+    `gateway_host`: where the gateway listens (the other stages stay on 127.0.0.1).
+    `gateway_root_certs`: the gateway serves TLS (its --tls-cert/--tls-key in `gateway_args`): the
+    certificate (or its CA) the start-up health check trusts; `gateway_server_name` the name it
+    checks the certificate against when not the address (see `channel`)."""
 
     model: str = "default"
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
@@ -56,16 +77,25 @@ class Mesh:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, list[str]] = field(default_factory=dict)
     killed: set[str] = field(default_factory=set)
+    gateway_env: dict[str, str] = field(default_factory=dict)
+    gateway_host: str = "127.0.0.1"
+    gateway_root_certs: bytes | None = None
+    gateway_server_name: str | None = None
 
     @property
     def gateway(self) -> str:
-        return f"127.0.0.1:{self.ports['gateway']}"
+        """The gateway's address as a client on this machine reaches it."""
+        host = self.gateway_host.strip("[]")
+        if host in ("", "0.0.0.0", "::"):  # every interface: loopback is one of them
+            host = "127.0.0.1"
+        return f"[{host}]:{self.ports['gateway']}" if ":" in host else f"{host}:{self.ports['gateway']}"
 
-    def _spawn(self, name: str, stage: str, port: int, extra: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, stage: str, port: int, extra: list[str],
+               env: dict[str, str] | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", f"michi.services.{stage}", "--port", str(port), "--model", self.model,
                "--threads", str(self.threads), *extra]
         out = open(os.path.join(self.log_dir, f"{name}.log"), "w") if self.log_dir else None
-        env = {**os.environ, **self.env}
+        env = {**os.environ, **self.env, **(env or {})}
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env)
         self.processes[name] = process
         return process
@@ -84,9 +114,10 @@ class Mesh:
                     wait_healthy(address, timeout_s, self.processes[stage if i == 0 else f"{stage}-{i}"])
             gateway = self._spawn("gateway", "gateway", self.ports["gateway"], [
                 "--listen", ",".join(self.addresses["listen"]), "--backbone", ",".join(self.addresses["backbone"]),
-                "--vocoder", ",".join(self.addresses["vocoder"]), *self.gateway_args,
-                *self.stage_args.get("gateway", [])])
-            wait_healthy(self.gateway, timeout_s, gateway)
+                "--vocoder", ",".join(self.addresses["vocoder"]),
+                *(["--host", self.gateway_host] if self.gateway_host != "127.0.0.1" else []),
+                *self.gateway_args, *self.stage_args.get("gateway", [])], env=self.gateway_env)
+            wait_healthy(self.gateway, timeout_s, gateway, self.gateway_root_certs, self.gateway_server_name)
         except BaseException:
             self.stop()
             raise
