@@ -13,6 +13,7 @@ tick by tick.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,13 @@ from .checkpoint import CONFIG_FILE, load_checkpoint
 from .config import MichiConfig, preset
 from .engine import BackboneEngine, TickInput
 from .model.backbone import backbone_config_from_hf
-from .model.michi import MichiModel
+from .model.michi import BASIS_NOT_FITTED, MichiModel
 from .model.tokenizer import StreamVocab, Tokenizer, load_tokenizer
 
 UNTRAINED_WARNING = ("this model has UNTRAINED (random) weights: its audio is noise and its text is "
                      "random bytes. Train one (issue: training recipe) or load a trained checkpoint.")
 ROLES = ("system", "user", "context", "tool", "agent")
+BASIS_WARNING = BASIS_NOT_FITTED  # a mel-PCA model with no basis (see michi.model.michi)
 
 
 class Michi:
@@ -46,6 +48,16 @@ class Michi:
     @property
     def trained(self) -> bool:
         return bool(self.info.get("trained"))
+
+    @property
+    def basis_fitted(self) -> bool:
+        """False for a mel-PCA model whose basis was never fitted: its audio is noise."""
+        return self.model.basis_fitted
+
+    @property
+    def warnings(self) -> list[str]:
+        """What is wrong with these weights, for the user to see before any audio."""
+        return ([] if self.trained else [UNTRAINED_WARNING]) + ([] if self.basis_fitted else [BASIS_WARNING])
 
     @property
     def device(self) -> torch.device:
@@ -85,14 +97,16 @@ def config_of(source: str | Path = "default") -> tuple[MichiConfig, dict[str, An
 def load(source: str | Path = "default", device: str = "cpu", backbone: str | Path | None = None,
          seed: int = 0) -> Michi:
     """`source` is "default" (the trained model shipped with michi), a preset name ("tiny",
-    "full": random weights, seeded) or a Michi checkpoint directory. `backbone` initialises the backbone (shape and weights) from a local Hugging Face
-    Llama-family checkpoint directory, e.g. SmolLM2-360M; the heads stay random."""
+    "full", "tiny-melpca": random weights, seeded; a mel-PCA preset's basis is not fitted, which a
+    RuntimeWarning says) or a Michi checkpoint directory. `backbone` initialises the backbone
+    (shape and weights) from a local Hugging Face Llama-family checkpoint directory, e.g.
+    SmolLM2-360M; the heads stay random."""
     path = Path(resolve_source(source))
     if (path / CONFIG_FILE).is_file():
         if backbone is not None:
             raise ValueError("backbone= only applies to a preset; a checkpoint carries its own backbone")
         model, info = load_checkpoint(path, device=device)
-        return Michi(model, info)
+        return _flag_basis(Michi(model, info))
     if path.exists():
         raise FileNotFoundError(f"{path} is not a Michi checkpoint directory (no {CONFIG_FILE})")
     cfg = preset(str(source))
@@ -101,7 +115,15 @@ def load(source: str | Path = "default", device: str = "cpu", backbone: str | Pa
         cfg.backbone = backbone_config_from_hf(backbone)
         info["weights"] += f"; backbone from {backbone}"
     torch.manual_seed(seed)
-    return Michi(MichiModel(cfg).to(device), info)
+    return _flag_basis(Michi(MichiModel(cfg).to(device), info))
+
+
+def _flag_basis(michi: Michi) -> Michi:
+    """A mel-PCA model without a basis loads (training starts from one) but says so wherever it is
+    loaded to make audio: the CLI, the stages, a Session."""
+    if not michi.basis_fitted:
+        warnings.warn(BASIS_WARNING, RuntimeWarning, stacklevel=3)
+    return michi
 
 
 @dataclass
@@ -134,6 +156,8 @@ class Session:
         self.profile = profile
         self.frame = michi.cfg.frame_samples
         self.max_pad_ticks = max_pad_ticks
+        if not michi.basis_fitted:
+            warnings.warn(BASIS_WARNING, RuntimeWarning, stacklevel=3)
         self.engine = BackboneEngine(m, rows=1, euler_steps=euler_steps, cfg_scale=cfg_scale)
         self.engine.open(self.KEY, seed=seed, text_temperature=text_temperature, top_k=top_k,
                          audio_temperature=audio_temperature, max_pad_ticks=max_pad_ticks)

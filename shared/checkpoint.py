@@ -58,13 +58,14 @@ def save_checkpoint(model: MichiModel, path: str | Path, info: dict[str, Any] | 
     """Write `path/config.json` and `path/model.safetensors`. `info` says what the weights are;
     `info["trained"]` must be True only for weights this project's training code produced.
     `dtype` (e.g. torch.float16) stores the floating-point weights smaller; loading casts them back
-    to the model's dtype. The latent statistics always stay float32."""
+    to the model's dtype. The latent statistics (and a mel-PCA basis) always stay float32."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = path / WEIGHTS_FILE
     tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state(model).items()}
     if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() and not k.startswith("latent_norm.") else v
+        exact = model.full_precision_keys()
+        tensors = {k: v.to(dtype) if v.is_floating_point() and not k.startswith(exact) else v
                    for k, v in tensors.items()}
     save_file(tensors, str(weights), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     config = model.cfg.to_dict()

@@ -19,8 +19,8 @@ MODEL_HELP = "default (the shipped trained model), a preset (tiny, full: random 
 
 
 def _warn_untrained(michi: Michi) -> None:
-    if not michi.trained:
-        print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
+    for warning in michi.warnings:  # untrained weights, an unfitted mel-PCA basis
+        print(f"WARNING: {warning}", file=sys.stderr)
 
 
 def _config_for(source: str, backbone: str | None) -> tuple[MichiConfig, dict]:
@@ -44,7 +44,9 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{'trained' if info.get('trained') else 'UNTRAINED'} ({about})")
     print(f"backbone: hidden {b.hidden_size}, {b.num_layers} layers, {b.num_heads}/{b.num_kv_heads} heads, "
           f"FFN {b.ffn_size}, vocab {b.vocab_size} (+stream tokens), tokenizer {b.tokenizer}")
-    print(f"audio: {cfg.sample_rate_hz} Hz, {cfg.frame_samples} samples per 80 ms tick, latent dim {cfg.latent_dim}")
+    codec = cfg.codec + (" (mel-PCA: fixed log-mel projection, analytic decoder)" if cfg.codec == "melpca" else "")
+    print(f"audio: {cfg.sample_rate_hz} Hz, {cfg.frame_samples} samples per 80 ms tick, latent dim {cfg.latent_dim}, "
+          f"codec {codec}")
     print("parameters:")
     for part, n in counts.items():
         print(f"  {part:<14}{n:>14,}  ({n / 1e6:.1f}M)")

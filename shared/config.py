@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass per part, two presets (`tiny`, `full`).
+"""Model configuration: one dataclass per part, and the presets (`tiny`, `full`, `tiny-melpca`).
 
 Every size lives here so that a checkpoint's JSON config rebuilds exactly the model that wrote it.
 """
@@ -82,9 +82,15 @@ class VocoderConfig:
     istft_n_fft: int = 0  # 0: waveform output; > 0: inverse-STFT output head with this window
 
 
+CODECS = ("learned", "melpca")
+MELPCA_FEATURE_DIM = 640  # mel-PCA features: 8 stacked 80-bin log-mel frames per tick
+
+
 @dataclass
 class MichiConfig:
     preset: str = "full"
+    # With codec "melpca" (DESIGN.md, "The latent"), latent_dim is K, the number of principal
+    # directions of the fixed log-mel projection.
     latent_dim: int = 64
     sample_rate_hz: int = SAMPLE_RATE_HZ
     frame_samples: int = FRAME_SAMPLES
@@ -94,6 +100,24 @@ class MichiConfig:
     speak_head: SpeakHeadConfig = field(default_factory=SpeakHeadConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     vocoder: VocoderConfig = field(default_factory=VocoderConfig)
+    # "learned": the listen encoder and vocoder are networks trained as a codec (a GPU's work);
+    # "melpca": the listen encoder is the causal log-mel PCA projection (its basis fit on the
+    # training corpus, stored in the checkpoint) and the vocoder its analytic decoder
+    # (michi.model.melpca); the `listen` settings other than text_slots and transformer_dim (the
+    # text head's width) and the `vocoder` settings are then unused. A config without this key (a
+    # checkpoint written before it existed) is "learned".
+    codec: str = "learned"
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, not {self.codec!r}")
+        if self.codec == "melpca" and not 0 < self.latent_dim <= MELPCA_FEATURE_DIM:
+            raise ValueError(f"a melpca latent_dim (K) must be in 1..{MELPCA_FEATURE_DIM}, got {self.latent_dim}")
+
+    @property
+    def listen_feature_dim(self) -> int:
+        """Width of the listen encoder's features, which the listen text head reads."""
+        return MELPCA_FEATURE_DIM if self.codec == "melpca" else self.listen.transformer_dim
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,7 +180,16 @@ def tiny() -> MichiConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "full": full}
+def tiny_melpca() -> MichiConfig:
+    """`tiny` on the mel-PCA latent: K = 64 principal directions of stacked log-mel (about 99 % of
+    one voice's variance; the analytic decoder keeps the words with no training). Its basis is fit
+    on the training corpus by the recipe's `basis` stage; until then it is all zeros."""
+    cfg = tiny()
+    cfg.preset, cfg.latent_dim, cfg.codec = "tiny-melpca", 64, "melpca"
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "full": full, "tiny-melpca": tiny_melpca}
 
 
 def preset(name: str) -> MichiConfig:

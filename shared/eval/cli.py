@@ -92,6 +92,10 @@ def _run_speech(tasks: tuple[str, ...], args: argparse.Namespace, eval_sub: Any 
     model = michi.load(source, device=device, seed=args.seed)
     if not model.trained:
         print(f"WARNING: {source}: untrained (random) weights; expect WER near 1", file=sys.stderr)
+    if not model.basis_fitted:
+        from ..api import BASIS_WARNING
+
+        print(f"WARNING: {source}: {BASIS_WARNING}", file=sys.stderr)
     options = {k: v for k, v in vars(args).items() if k not in ("func",) and not callable(v)}
     report = new_report(f"michi eval {what}", describe_model(source, model), machine_info(device), options)
 

@@ -210,12 +210,17 @@ class ListenTextHead(nn.Module):
     frames just before it (what was already said), which CTC needs to place repeats and blanks.
     """
 
-    def __init__(self, cfg: MichiConfig, text_vocab_size: int):
+    def __init__(self, cfg: MichiConfig, text_vocab_size: int, feature_dim: int | None = None):
+        """`feature_dim`: the width of the encoder's features (default `cfg.listen_feature_dim`:
+        the learned encoder's transformer_dim, or mel-PCA's 640 stacked log-mel values); the head
+        works at `transformer_dim`, its first conv maps the features there."""
         super().__init__()
         dim, self.slots = cfg.listen.transformer_dim, cfg.listen.text_slots
+        feature_dim = cfg.listen_feature_dim if feature_dim is None else feature_dim
+        self.feature_dim = feature_dim
         self.blank = text_vocab_size
-        self.norm = nn.LayerNorm(dim)
-        self.conv = StreamingConv1d(dim, dim, 3)
+        self.norm = nn.LayerNorm(feature_dim)
+        self.conv = StreamingConv1d(feature_dim, dim, 3)
         self.to_slots = nn.Linear(dim, self.slots * dim)
         self.out = nn.Linear(dim, text_vocab_size + 1)  # shared by the slots
 

@@ -278,9 +278,16 @@ class MelPCADecoder(nn.Module):
         self.register_buffer("mean", torch.zeros(TICK_DIM))
         self.register_buffer("components", torch.eye(k, TICK_DIM))
         # Fixed, not saved: the filterbank's pseudo-inverse and the synthesis window with its gain.
-        inv_bank = torch.linalg.pinv(_bank().double()).float()  # [513, 80]
+        if torch.empty(0).device.type == "meta":
+            # Built under `with torch.device("meta")` (parameter counts, FLOP counts): shapes only,
+            # and nothing computed there may reach the cached banks and windows.
+            inv_bank, synthesis = torch.empty(BINS, N_MELS), torch.empty(WINDOW)
+        else:
+            cpu = torch.device("cpu")
+            inv_bank = torch.linalg.pinv(_bank(cpu).double()).float()  # [513, 80]
+            synthesis = _window(cpu) * _ola_gain()
         self.register_buffer("inv_bank", inv_bank, persistent=False)
-        self.register_buffer("synthesis", _window() * _ola_gain(), persistent=False)
+        self.register_buffer("synthesis", synthesis, persistent=False)
         self.frame_samples = TICK
         self.delay = DECODER_DELAY
 

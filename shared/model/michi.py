@@ -1,4 +1,17 @@
-"""The whole model: backbone + text head, speak head, listen encoder + text head, vocoder."""
+"""The whole model: backbone + text head, speak head, listen encoder + text head, vocoder.
+
+The codec (`MichiConfig.codec`) decides what `listen` and `vocoder` are:
+- "learned": `ListenEncoder` (SEANet convs + causal transformer) and `Vocoder` (causal HiFi-GAN /
+  iSTFT), trained as an autoencoder;
+- "melpca": `MelPCAEncoder` (causal log-mel, 8 frames stacked per tick, minus the corpus mean,
+  projected on K = latent_dim principal directions) and `MelPCADecoder` (the analytic decoder: no
+  training). Their basis (mean, components) is a pair of frozen buffers in each, so it travels in
+  the checkpoint's state dict; `latent_norm` whitens with mean 0 and the basis std. A fresh model's
+  basis is all zeros until `set_basis` (the recipe's `basis` stage) fits one: `basis_fitted`.
+Both pairs have the same interfaces: `listen(audio) -> ListenOutput(latents, features)`,
+`listen.step(chunk, state)`, `vocoder(latents) -> audio`, `vocoder.step(latents, state)`,
+`init_state(batch, device, dtype)`.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,6 +22,10 @@ from .backbone import Backbone
 from .listen import ListenEncoder, ListenTextHead
 from .speak_head import SpeakHead
 from .vocoder import Vocoder
+
+BASIS_NOT_FITTED = ("this mel-PCA model's basis is NOT FITTED (all zeros): its listen latents are "
+                    "zeros and its audio is noise. Fit one (michi train recipe runs the `basis` stage "
+                    "first) or load a checkpoint that has one.")
 
 
 class LatentNorm(nn.Module):
@@ -32,10 +49,62 @@ class MichiModel(nn.Module):
         self.cfg = cfg
         self.backbone = Backbone(cfg, load_pretrained=load_pretrained)
         self.speak_head = SpeakHead(cfg)
-        self.listen = ListenEncoder(cfg)
-        self.listen_text = ListenTextHead(cfg, self.backbone.vocab.size)
-        self.vocoder = Vocoder(cfg)
+        if cfg.codec == "melpca":
+            from .melpca import SAMPLE_RATE, TICK, MelPCADecoder, MelPCAEncoder
+
+            if (cfg.sample_rate_hz, cfg.frame_samples) != (SAMPLE_RATE, TICK):
+                raise ValueError(f"the melpca codec runs at {SAMPLE_RATE} Hz, {TICK} samples a tick; the "
+                                 f"config says {cfg.sample_rate_hz} Hz, {cfg.frame_samples}")
+            self.listen = MelPCAEncoder(cfg.latent_dim)
+            with torch.no_grad():
+                self.listen.components.zero_()  # no basis until one is fitted
+        else:
+            self.listen = ListenEncoder(cfg)
+        self.listen_text = ListenTextHead(cfg, self.backbone.vocab.size, self.listen.feature_dim)
+        if cfg.codec == "melpca":
+            self.vocoder = MelPCADecoder(cfg.latent_dim)
+            with torch.no_grad():
+                self.vocoder.components.zero_()
+        else:
+            self.vocoder = Vocoder(cfg)
         self.latent_norm = LatentNorm(cfg.latent_dim)
+
+    # ---- the mel-PCA basis ------------------------------------------------------------------------
+    @property
+    def basis_fitted(self) -> bool:
+        """False only for a mel-PCA model whose basis was never set (all zeros)."""
+        return self.cfg.codec != "melpca" or bool(self.listen.components.detach().abs().sum() > 0)
+
+    @torch.no_grad()
+    def set_basis(self, basis) -> None:
+        """Put a fitted `melpca.MelPCABasis` in the encoder and the decoder, and whiten with it:
+        latent_norm = (mean 0, the basis std)."""
+        if self.cfg.codec != "melpca":
+            raise ValueError(f"set_basis is for a melpca model; this one's codec is {self.cfg.codec!r}")
+        if basis.k != self.cfg.latent_dim:
+            raise ValueError(f"the basis has K = {basis.k}, the model's latent_dim is {self.cfg.latent_dim}")
+        for part in (self.listen, self.vocoder):
+            part.mean.copy_(basis.mean)
+            part.components.copy_(basis.components)
+        self.latent_norm.mean.zero_()
+        self.latent_norm.std.copy_(basis.std.clamp(min=1e-8))
+
+    @property
+    def basis(self):
+        """The model's `melpca.MelPCABasis` (std from the whitening; total variance not stored)."""
+        from .melpca import MelPCABasis
+
+        if self.cfg.codec != "melpca":
+            raise ValueError(f"this model's codec is {self.cfg.codec!r}, not melpca")
+        return MelPCABasis(self.listen.mean.detach().cpu().clone(), self.listen.components.detach().cpu().clone(),
+                           self.latent_norm.std.detach().cpu().clone())
+
+    def full_precision_keys(self) -> tuple[str, ...]:
+        """State-dict key prefixes a half-precision checkpoint still stores in float32: the latent
+        statistics, and the mel-PCA basis (fixed, exact, and small)."""
+        if self.cfg.codec == "melpca":
+            return ("latent_norm.", "listen.", "vocoder.")
+        return ("latent_norm.",)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (tied weights counted once) and the total."""
