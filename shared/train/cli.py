@@ -37,6 +37,8 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     rc.stages = stages
     for key, value in _pairs(args.codec, float).items():
         _set(rc.codec, key, value)
+    for key, value in _pairs(args.basis, float).items():
+        _set(rc.basis, key, value)
     for key, value in _pairs(args.sequence, float).items():
         _set(rc.sequence, key, value)
     train_recipe(rc)
@@ -79,18 +81,22 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train: the staged recipe, speaker fine-tuning, loss plots")
     tsub = p.add_subparsers(dest="train_command", required=True)
 
-    sp = tsub.add_parser("recipe", help="text -> codec -> speak -> joint, and the text-only baseline")
+    sp = tsub.add_parser("recipe", help="text -> codec (or basis) -> speak -> joint, and the text-only baseline")
     sp.add_argument("--corpus", required=True, help="corpus directory (michi data synth / audio)")
     sp.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
-    sp.add_argument("--preset", default="tiny", help="model size: tiny (CPU) or full (GPU)")
-    sp.add_argument("--init", default=None, help="start from this Michi checkpoint instead of random init")
+    sp.add_argument("--preset", default="tiny", help="model size: tiny (CPU) or full (GPU); tiny-melpca: tiny on "
+                    "the mel-PCA latent (a fitted basis instead of a trained codec)")
+    sp.add_argument("--init", default=None, help="start from this Michi checkpoint instead of random init (with "
+                    "a mel-PCA preset and a learned-codec checkpoint: from its backbone)")
     sp.add_argument("--new-vocoder", action="store_true", help="with --init: replace its vocoder by a new "
                     "one of the preset's design (train it with --stages vocoder)")
-    sp.add_argument("--stages", default=None, help="comma list, default: text,codec,vocoder,speak,joint,baseline")
+    sp.add_argument("--stages", default=None, help="comma list, default: text,basis,codec,vocoder,speak,joint,"
+                    "baseline (basis runs for a mel-PCA model only, codec and vocoder for a learned one)")
     sp.add_argument("--steps", default="", help="per stage, e.g. text=2000,codec=3000,vocoder=1000,speak=1000,joint=3000")
     sp.add_argument("--minutes", default="", help="wall-time cap per stage, e.g. codec=10,joint=10")
     sp.add_argument("--lr", default="", help="per stage learning rate, e.g. joint=3e-4")
     sp.add_argument("--codec", default="", help="codec settings, e.g. batch_size=32,adversarial_after=0.3")
+    sp.add_argument("--basis", default="", help="mel-PCA basis fit, e.g. max_minutes=30")
     sp.add_argument("--sequence", default="", help="speak/joint settings, e.g. batch_size=32,text_ratio=0.3")
     sp.add_argument("--tts-speakers", default=None, help="voices the speak/joint stages learn (default: all)")
     sp.add_argument("--text", default=None, help="pure text: JSONL, a .txt of blank-line separated "

@@ -1,10 +1,19 @@
 """The staged recipe, in one run directory:
 
-    text -> codec -> vocoder -> (latents) -> speak -> joint    the model
+    text -> codec -> vocoder -> (latents) -> speak -> joint    the model (learned codec)
+    text -> basis -----------> (latents) -> speak -> joint    the model (mel-PCA codec)
     text -------------------------------------------> baseline    same budget as joint, text only
 
 The vocoder stage trains the vocoder alone on the frozen listen encoder's latents (with
 `new_vocoder`, a fresh vocoder of the preset's design in place of the init model's).
+
+A model whose codec is "melpca" (the `tiny-melpca` preset) has no codec to train: the `basis`
+stage fits its log-mel PCA basis on the training corpus (`basis.py`) and takes the place of the
+codec and vocoder stages (for now its vocoder is the analytic decoder); the latent normalisation
+is the basis's whitening, not statistics of the shards. For a learned model the `basis` stage is
+skipped. `init` with a mel-PCA preset and a learned-codec checkpoint (e.g. the shipped model)
+starts from that checkpoint's backbone: every backbone tensor but the latent input projections
+(their width is the latent dim) is copied; the heads and the codec are the preset's.
 
 Each stage lives in `<run>/<stage>/` (state.pt, losses.jsonl, losses.png) and is skipped when
 finished, so rerunning the same command resumes the recipe where it stopped. Between codec and
@@ -24,16 +33,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from ..config import preset as preset_config
 from ..model.michi import MichiModel
 from ..model.tokenizer import StreamVocab, load_tokenizer
 from ..model.vocoder import Vocoder
+from .basis import BASIS_FILE, BasisConfig, run_basis_stage
+from .basis import INFO_FILE as BASIS_INFO_FILE
 from .batches import AudioBank, SequenceBank, TextBank, load_segments, read_audio
 from .loop import StageBudget, barrier, run_stage, setup, stage_info
 from .stages import CodecConfig, CodecStage, OptimConfig, SequenceConfig, SequenceStage
 
-STAGES = ("text", "codec", "vocoder", "speak", "joint", "baseline")
+STAGES = ("text", "basis", "codec", "vocoder", "speak", "joint", "baseline")
+CODEC_STAGES = {"learned": ("codec", "vocoder"), "melpca": ("basis",)}  # what fits each codec
 
 
 @dataclass
@@ -55,6 +67,7 @@ class RecipeConfig:
     lr: dict[str, float] = field(default_factory=lambda: {
         "text": 1e-3, "codec": 2e-4, "vocoder": 2e-4, "speak": 1e-3, "joint": 5e-4})
     codec: CodecConfig = field(default_factory=CodecConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     stages: tuple[str, ...] = STAGES
 
@@ -113,6 +126,51 @@ def set_latent_stats(model: MichiModel, bank: SequenceBank) -> None:
     model.latent_norm.std.copy_(torch.from_numpy(std))
 
 
+def transplant_backbone(model: MichiModel, source: MichiModel) -> list[str]:
+    """Copy `source`'s backbone into `model`'s, but for the latent input projections (their input
+    width is the latent dim, and they read another latent space). The backbone shapes must agree.
+    Returns the names copied."""
+    mine, theirs = asdict(model.cfg.backbone), asdict(source.cfg.backbone)
+    for cfg in (mine, theirs):
+        cfg.pop("hf_path")
+    if mine != theirs:
+        diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+        raise ValueError(f"--init: its backbone differs from the preset's in {diff}; cannot start from it")
+    fresh = ("agent_latent_in.", "user_latent_in.")
+    target = model.backbone.state_dict()
+    copied = {k: v for k, v in source.backbone.state_dict().items()
+              if not k.startswith(fresh) and k in target and v.shape == target[k].shape}
+    model.backbone.load_state_dict(copied, strict=False)
+    return sorted(copied)
+
+
+def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], None]) -> MichiModel:
+    """The preset's random init, or `rc.init` (see the module doc for a mel-PCA preset)."""
+    if not rc.init:
+        if rc.new_vocoder:
+            raise ValueError("new_vocoder replaces the vocoder of --init; without --init every part is new")
+        return MichiModel(preset_config(rc.preset)).to(device)
+    target = preset_config(rc.preset)
+    init_cfg, _ = read_checkpoint_config(rc.init)
+    if target.codec == "melpca" and init_cfg.codec != "melpca":
+        if rc.new_vocoder:
+            raise ValueError("new_vocoder: a mel-PCA model's vocoder is its analytic decoder, for now")
+        source, _ = load_checkpoint(rc.init)
+        model = MichiModel(target, load_pretrained=False)
+        copied = transplant_backbone(model, source)
+        log(f"[init] {rc.preset} from {rc.init}: {len(copied)} backbone tensors copied (all but the "
+            f"latent input projections); speak head, listen text head and codec new")
+        return model.to(device)
+    model, _ = load_checkpoint(rc.init, device=device)
+    if rc.new_vocoder:
+        if model.cfg.codec == "melpca":
+            raise ValueError("new_vocoder: a mel-PCA model's vocoder is its analytic decoder, for now")
+        model.cfg.vocoder = preset_config(rc.preset).vocoder
+        model.vocoder = Vocoder(model.cfg).to(device)
+        log(f"[init] new vocoder ({rc.preset} preset): {sum(p.numel() for p in model.vocoder.parameters())} parameters")
+    return model
+
+
 def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> Path:
     d = setup(rc.device)
     out = Path(rc.out)
@@ -121,26 +179,30 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
     if d.main:
         (out / "recipe.json").write_text(json.dumps(asdict(rc), indent=2, default=str))
     torch.manual_seed(rc.seed)
-    if rc.init:
-        model, _ = load_checkpoint(rc.init, device=d.device)
-        if rc.new_vocoder:
-            model.cfg.vocoder = preset_config(rc.preset).vocoder
-            model.vocoder = Vocoder(model.cfg).to(d.device)
-            log(f"[init] new vocoder ({rc.preset} preset): {sum(p.numel() for p in model.vocoder.parameters())} parameters")
-    elif rc.new_vocoder:
-        raise ValueError("new_vocoder replaces the vocoder of --init; without --init every part is new")
-    else:
-        model = MichiModel(preset_config(rc.preset)).to(d.device)
+    model = initial_model(rc, d.device, log)
+    codec = model.cfg.codec
     tokenizer = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
 
     texts = text_bank(model, rc.text_file) if {"text", "joint", "baseline"} & set(rc.stages) else None
     if "text" in rc.stages:
         run_stage(SequenceStage("text", "text", model, d, rc.sequence, _optim(rc, "text"), text=texts,
                                 seed=rc.seed), out / "text", _budget(rc, "text"), d, progress=log)
-    # The baseline starts here: after the text stage (or from the initial weights without it).
+    skipped = [s for s in ("basis", "codec", "vocoder") if s in rc.stages and s not in CODEC_STAGES[codec]]
+    if skipped:
+        log(f"[{skipped[0]}] skipping {', '.join(skipped)}: not stages of a {codec!r} codec model")
+    # A rerun without the basis stage still finds the basis an earlier run fit.
+    saved_basis = (out / "basis" / BASIS_FILE).is_file() and not model.basis_fitted
+    if codec == "melpca" and ("basis" in rc.stages or saved_basis):
+        if d.main:
+            run_basis_stage(model, rc.corpus, out / "basis", rc.basis, seed=rc.seed, progress=log)
+        barrier(d)
+        if not d.main:  # the other ranks load what rank 0 fit
+            run_basis_stage(model, rc.corpus, out / "basis", rc.basis, seed=rc.seed, progress=log, main=False)
+    # The baseline starts here: after the text stage (or from the initial weights without it) and
+    # the basis, so that a mel-PCA baseline has its codec too.
     text_state = copy.deepcopy(model.state_dict())
 
-    codec_stages = [s for s in ("codec", "vocoder") if s in rc.stages]
+    codec_stages = [s for s in ("codec", "vocoder") if s in rc.stages and s in CODEC_STAGES[codec]]
     if codec_stages:
         log(f"[{codec_stages[0]}] loading audio from {rc.corpus}")
         bank = AudioBank(rc.corpus, load_segments(rc.corpus))
@@ -153,12 +215,18 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
     speech = None
     if {"speak", "joint"} & set(rc.stages):
         latents_dir = out / "latents"
+        if not model.basis_fitted:
+            raise ValueError("the speak and joint stages need the model's mel-PCA basis: run the basis "
+                             "stage first (--stages basis,...) or --init a model that has one")
         if d.main and not (latents_dir / "manifest.json").is_file():
             model.eval()
             encode_corpus(model, rc.corpus, latents_dir, progress=log)
         barrier(d)
         speech = SequenceBank(latents_dir, "train", rc.tts_speakers, pad_token=model.backbone.vocab.pad)
-        set_latent_stats(model, speech)
+        if codec == "melpca":  # the basis's whitening (set with the basis), not shard statistics
+            log("[latents] latent normalisation: the mel-PCA basis's whitening (mean 0, its std)")
+        else:
+            set_latent_stats(model, speech)
         log(f"[latents] {len(speech.utterances)} utterances, {speech.ticks} ticks "
             f"({speech.ticks * 0.08 / 60:.1f} min) for the speak and joint stages")
     for stage, mode in (("speak", "speak"), ("joint", "joint")):
@@ -188,6 +256,8 @@ def recipe_info(rc: RecipeConfig, out: Path) -> dict[str, Any]:
     """What the model card needs: settings, steps, wall time and last losses of the model's stages
     (the baseline is its own checkpoint), hardware."""
     stages = {s: stage_info(out / s) for s in rc.stages if s != "baseline" and (out / s).is_dir()}
+    if (out / "basis" / BASIS_INFO_FILE).is_file() and "basis" in stages:
+        stages["basis"]["fit"] = json.loads((out / "basis" / BASIS_INFO_FILE).read_text())
     on_gpu = torch.cuda.is_available() and (rc.device or "cuda") != "cpu"
     hardware = torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine()
     return {"what": "trained by michi's recipe (michi train recipe)", "recipe": asdict(rc), "stages": stages,
