@@ -91,7 +91,7 @@ class GraphEncoderStream:
             features.append(feature[0])
         cfg = self.michi.cfg
         if not latents:
-            return torch.zeros(0, cfg.latent_dim), torch.zeros(0, cfg.listen.transformer_dim)
+            return torch.zeros(0, cfg.latent_dim), torch.zeros(0, cfg.listen_feature_dim)
         return (torch.from_numpy(np.stack(latents)).to(self.michi.device),
                 torch.from_numpy(np.stack(features)).to(self.michi.device))
 

@@ -108,7 +108,7 @@ def step_spec(michi: Michi, stage: str) -> StepSpec:
     if stage == "listen":
         first_in = (TensorSpec("audio", (cfg.frame_samples,), torch.float32),)
         first_out = (TensorSpec("latent", (cfg.latent_dim,), torch.float32),
-                     TensorSpec("features", (cfg.listen.transformer_dim,), torch.float32))
+                     TensorSpec("features", (cfg.listen_feature_dim,), torch.float32))
     else:
         first_in = (TensorSpec("latent", (cfg.latent_dim,), torch.float32),)
         first_out = (TensorSpec("audio", (cfg.frame_samples,), torch.float32),)
