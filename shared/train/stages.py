@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,20 @@ class SequenceConfig:
     text_ratio: float = 0.3  # fraction of joint steps that are pure text
     text_weight: float = 1.0  # weight of the agent text loss on speech batches
     flow_repeats: int = 4  # noise draws per target latent in the flow loss
+    # bf16 autocast of the forward passes: 1 where the device computes bf16 natively (a GPU with
+    # bf16, or a CPU whose flags show amx_bf16 or avx512_bf16), 0 to force fp32.
+    bf16: int = -1  # -1: decide from the device
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here (else autocast costs more than it saves)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 class SequenceStage:
@@ -261,13 +276,17 @@ class SequenceStage:
     def step(self, step: int) -> dict[str, float]:
         dev, sc = self.d.device, self.sc
         self.model.train()
+        bf16 = bf16_native(dev) if sc.bf16 < 0 else bool(sc.bf16)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
         if self._is_text_step(step):
             ids, mask = self.text.batch(sc.text_batch_size, sc.max_text_tokens, self.rng, self.vocab.pad)
-            losses = self.losses("text", ids=ids.to(dev), mask=mask.to(dev))
+            with autocast:
+                losses = self.losses("text", ids=ids.to(dev), mask=mask.to(dev))
             total = losses["lm"]
         else:
             b = self.speech.batch(sc.batch_size, sc.max_ticks, self.rng)
-            losses = self.losses("speech", **{k: v.to(dev) for k, v in vars(b).items()})
+            with autocast:
+                losses = self.losses("speech", **{k: v.to(dev) for k, v in vars(b).items()})
             total = losses["flow"] + (0.0 if self.mode == "speak" else sc.text_weight * losses["text"])
         _apply(self.optimizers["model"], total, step, self.progress, self.oc)
         return {k: v.item() for k, v in losses.items()}
