@@ -259,9 +259,6 @@ class GatewayServicer:
                                  f"dropped {dropped} samples ({dropped / cc.in_rate:.2f} s) of the oldest audio: it "
                                  f"arrived more than {self.limits.max_audio_backlog_s:g} s ahead of real time "
                                  "(--max-audio-backlog-s)")
-                if inbox.played is not None:
-                    call.timeline.mark_played(inbox.played)
-                    inbox.played = None
                 for role, text in inbox.take_text():
                     refused = self._accept_text(call, role, text)
                     if refused:
@@ -312,6 +309,10 @@ class GatewayServicer:
                     latent=vocoder_pb2.Latent(tick=call.tick, values=record.agent_latent)))
                 audio24 = np.frombuffer(decoded.pcm, dtype="<f4")
                 agent_audible = bool(step.agent_text.strip()) or float(np.sqrt(np.mean(audio24 ** 2))) > 1e-3
+                if inbox.played is not None:  # here, just before a cut may need it: a mark sent before an
+                    # INTERRUPT_AGENT is always applied before that interrupt
+                    call.timeline.mark_played(inbox.played)
+                    inbox.played = None
                 update = turns.update(vad.in_speech, vad.speech_ms, agent_audible, interrupt=inbox.take_interrupt())
                 audio_out = out_resampler.push(audio24)
                 if call.tick == start_ticks and len(audio_out) < out_frame:  # the resampler's delay, as
