@@ -7,7 +7,6 @@ import asyncio
 import time
 
 import grpc
-import numpy as np
 import pytest
 
 from michi.proto.backbone.v1 import backbone_pb2
@@ -15,7 +14,7 @@ from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.serving import client
 from michi.serving.launcher import free_port, wait_healthy
-from michi.session.store import open_store
+from mesh_support import load_session, requests, run, status
 
 LIMITS = {"max-calls": 2, "config-timeout-s": 1, "idle-timeout-s": 1.5, "max-text-bytes": 2048,
           "max-call-text-bytes": 3000, "context-positions": 900, "lease-s": 0.6}
@@ -32,25 +31,6 @@ def strict(mesh):
     process = mesh._spawn("gateway-strict", "gateway", port, args)
     wait_healthy(f"127.0.0.1:{port}", 120, process)
     return f"127.0.0.1:{port}"
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def _requests(*items, delay_s=0.0, hold_s=0.0):
-    for item in items:
-        if delay_s:
-            await asyncio.sleep(delay_s)
-        yield item
-    if hold_s:
-        await asyncio.sleep(hold_s)
-
-
-def _status(call) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        run(call)
-    return info.value
 
 
 def _config(**fields) -> pb.ConverseRequest:
@@ -87,13 +67,13 @@ def _bad(**change):
     (_bad(resume_token="bm9wZQ.secret", session_id="other"), "belongs to another session"),
 ])
 def test_bad_config_is_invalid_argument(strict, request_, words):
-    error = _status(client.converse(strict, request_, timeout_s=10))
+    error = status(client.converse(strict, request_, timeout_s=10))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert words in error.details()
 
 
 def test_errors_name_only_what_the_proto_can_ask_for(strict):
-    error = _status(client.converse(strict, _bad(input_audio__encoding=pb.MULAW, input_audio__sample_rate_hz=16000),
+    error = status(client.converse(strict, _bad(input_audio__encoding=pb.MULAW, input_audio__sample_rate_hz=16000),
                                     timeout_s=10))
     named = {w.strip(";:,()") for w in error.details().split() if w.isupper() and w.isalnum() and len(w) > 3}
     assert {"LINEAR16", "MULAW"} <= named <= set(pb.AudioEncoding.keys()), named
@@ -125,7 +105,7 @@ async def _raw_call(address: str, frames: list[bytes], timeout_s: float = 10.0) 
     [b""],  # an empty request
 ])
 def test_corrupt_protobuf_is_invalid_argument(strict, frames):
-    error = _status(_raw_call(strict, frames))
+    error = status(_raw_call(strict, frames))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert "ConverseRequest" in error.details()
 
@@ -140,14 +120,14 @@ def test_no_config_in_time_is_deadline_exceeded(strict):
         async with grpc.aio.insecure_channel(strict) as channel:
             return [r async for r in gateway_pb2_grpc.GatewayStub(channel).Converse(silent(), timeout=10)]
     start = time.monotonic()
-    error = _status(call())
+    error = status(call())
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "no `config` within 1 s" in error.details()
     assert time.monotonic() - start < 4
 
 
 def test_a_silent_client_ends_with_idle_timeout(strict):
     start = time.monotonic()
-    result = run(client.converse(strict, _config(), _requests(*_silence(3), hold_s=8), timeout_s=10))
+    result = run(client.converse(strict, _config(), requests(*_silence(3), hold_s=8), timeout_s=10))
     assert result.ended.reason == pb.IDLE_TIMEOUT and "1.5 s" in result.ended.detail
     assert time.monotonic() - start < 6
 
@@ -155,12 +135,12 @@ def test_a_silent_client_ends_with_idle_timeout(strict):
 # ---- admission --------------------------------------------------------------------------------------
 def test_calls_beyond_capacity_are_refused_at_once(strict):
     async def scenario():
-        held = [asyncio.create_task(client.converse(strict, _config(), _requests(*_silence(20), delay_s=0.08)))
+        held = [asyncio.create_task(client.converse(strict, _config(), requests(*_silence(20), delay_s=0.08)))
                 for _ in range(2)]
         await asyncio.sleep(1.0)  # both admitted and ticking
         t0 = time.monotonic()
         async with grpc.aio.insecure_channel(strict) as channel:
-            call = gateway_pb2_grpc.GatewayStub(channel).Converse(_requests(_config(max_ticks=2)), timeout=10)
+            call = gateway_pb2_grpc.GatewayStub(channel).Converse(requests(_config(max_ticks=2)), timeout=10)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 async for _ in call:
                     pass
@@ -181,7 +161,7 @@ def test_calls_beyond_capacity_are_refused_at_once(strict):
 def test_the_lease_is_renewed_on_the_wall_clock(strict):
     """A 0.6 s lease over a 4 s call: renewed on time, so the record is never lost (it used to be
     renewed every 25 ticks, and lapsed whenever 25 ticks took longer than the lease)."""
-    result = run(client.converse(strict, _config(max_ticks=50), _requests(*_silence(50), delay_s=0.07),
+    result = run(client.converse(strict, _config(max_ticks=50), requests(*_silence(50), delay_s=0.07),
                                  timeout_s=30))
     assert result.ended.reason == pb.MAX_TICKS
     assert not [e.error for e in result.events if e.HasField("error")]
@@ -206,7 +186,7 @@ def test_text_limits_are_events_and_the_call_goes_on(strict):
     texts = [pb.ConverseRequest(text=pb.TextInput(role=pb.CONTEXT, text=t))
              for t in ("a" * 2049, "b" * 1900, "c" * 1500, "d" * 10)]
     texts.append(pb.ConverseRequest(text=pb.TextInput(role=42, text="?")))
-    result = run(client.converse(strict, _config(max_ticks=10), _requests(*texts, *_silence(6)), timeout_s=20))
+    result = run(client.converse(strict, _config(max_ticks=10), requests(*texts, *_silence(6)), timeout_s=20))
     errors = [(e.error.code, e.error.message) for e in result.events if e.HasField("error")]
     codes = [c for c, _ in errors]
     assert codes.count(grpc.StatusCode.INVALID_ARGUMENT.value[0]) == 2  # over 2048 bytes; unknown role
@@ -219,14 +199,14 @@ def test_text_limits_are_events_and_the_call_goes_on(strict):
 def test_text_past_the_context_budget_is_refused(strict):
     # 900 positions: the first 800-byte text fits, the second does not
     texts = [pb.ConverseRequest(text=pb.TextInput(role=pb.CONTEXT, text=c * 800)) for c in "xy"]
-    result = run(client.converse(strict, _config(max_ticks=4), _requests(*texts), timeout_s=20))
+    result = run(client.converse(strict, _config(max_ticks=4), requests(*texts), timeout_s=20))
     refusals = [e.error.message for e in result.events if e.HasField("error")]
     assert len(refusals) == 1 and "context budget" in refusals[0] and "of 900 positions" in refusals[0]
 
 
 def test_context_full_ends_the_call(strict):
     texts = [pb.ConverseRequest(text=pb.TextInput(role=pb.CONTEXT, text="z" * 880))]
-    result = run(client.converse(strict, _config(max_ticks=200), _requests(*texts, *_silence(40), delay_s=0.02),
+    result = run(client.converse(strict, _config(max_ticks=200), requests(*texts, *_silence(40), delay_s=0.02),
                                  timeout_s=30))
     assert result.ended.reason == pb.CONTEXT_FULL and "900 positions" in result.ended.detail
 
@@ -241,7 +221,7 @@ def test_large_text_is_prefilled_in_slices_beside_a_live_call(mesh, redis_server
         texts = [pb.ConverseRequest(text=pb.TextInput(role=pb.CONTEXT, text="m" * (1 << 20))),
                  pb.ConverseRequest(text=pb.TextInput(role=pb.CONTEXT, text="k" * 3500))]
         sender = await client.converse(mesh.gateway, _config(session_id=session, max_ticks=60),
-                                       _requests(*texts), timeout_s=30)
+                                       requests(*texts), timeout_s=30)
         return sender, await other
 
     t0 = time.monotonic()
@@ -253,14 +233,8 @@ def test_large_text_is_prefilled_in_slices_beside_a_live_call(mesh, redis_server
     refused = [e.error for e in sender.events if e.HasField("error")]
     assert len(refused) == 1 and "limit is 16384 bytes" in refused[0].message
 
-    async def history():
-        store = open_store(redis_server.url)
-        try:
-            return await store.history(session)
-        finally:
-            await store.close()
-
-    records = [backbone_pb2.HistoryRecord.FromString(r) for r in run(history())]
+    _, history = run(load_session(redis_server.url, session))
+    records = [backbone_pb2.HistoryRecord.FromString(r) for r in history]
     slices = [len(r.text.tokens) for r in records if r.WhichOneof("record") == "text"]
     assert max(slices) <= 64 and sum(slices) == len("context: ") + 3500 + 2  # bos, text, eos
     kinds = [r.WhichOneof("record") for r in records]
@@ -272,7 +246,7 @@ def test_large_text_is_prefilled_in_slices_beside_a_live_call(mesh, redis_server
 def test_resume_by_token_alone_and_not_after_end_call(mesh):
     async def first_part():
         async with grpc.aio.insecure_channel(mesh.gateway) as channel:
-            call = gateway_pb2_grpc.GatewayStub(channel).Converse(_requests(_config(), *_silence(30), delay_s=0.04))
+            call = gateway_pb2_grpc.GatewayStub(channel).Converse(requests(_config(), *_silence(30), delay_s=0.04))
             token, chunks = None, []
             async for response in call:
                 kind = response.WhichOneof("response")
@@ -295,10 +269,10 @@ def test_resume_by_token_alone_and_not_after_end_call(mesh):
     assert chunks[-1].tick <= ticks[0] <= chunks[-1].tick + 1
     assert [c.start_sample for c in resumed.audio_chunks] == [t * 1920 for t in ticks]
     ended = run(client.converse(mesh.gateway, _config(resume_token=token),
-                                _requests(pb.ConverseRequest(control=pb.Control(action=pb.Control.END_CALL))),
+                                requests(pb.ConverseRequest(control=pb.Control(action=pb.Control.END_CALL))),
                                 timeout_s=20))
     assert ended.ended.reason == pb.CLIENT_END_CALL
-    error = _status(client.converse(mesh.gateway, _config(resume_token=token), timeout_s=20))
+    error = status(client.converse(mesh.gateway, _config(resume_token=token), timeout_s=20))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "cannot be resumed" in error.details()
 
 
@@ -353,7 +327,7 @@ def test_tts_and_text_only_end_with_reply_done(mesh):
     assert tts.ended.reason == pb.TTS_DONE and len(done) == 1 and done[0].text == tts.agent_text
     text_only = run(client.converse(
         mesh.fast_gateway, _config(mode=pb.TEXT_ONLY),
-        _requests(pb.ConverseRequest(text=pb.TextInput(role=pb.USER, text="Say something."))), token="secret",
+        requests(pb.ConverseRequest(text=pb.TextInput(role=pb.USER, text="Say something."))), token="secret",
         timeout_s=30))
     done = [e.reply_done for e in text_only.events if e.HasField("reply_done")]
     assert len(done) == 1 and done[0].text == text_only.agent_text

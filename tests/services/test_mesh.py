@@ -19,26 +19,9 @@ from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.serving import client
 from michi.serving.launcher import free_port
-from michi.session.store import open_store
+from mesh_support import load_session, requests, run, status
 
 FRAME = 1920
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def _requests(*items, delay_s=0.0):
-    for item in items:
-        if delay_s:
-            await asyncio.sleep(delay_s)
-        yield item
-
-
-def _status(call) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        run(call)
-    return info.value
 
 
 def _session_on(mesh, replica: int, prefix: str) -> str:
@@ -49,20 +32,12 @@ def _session_on(mesh, replica: int, prefix: str) -> str:
                        for s in ("backbone", "vocoder")))
 
 
-async def _load(url: str, session_id: str):
-    store = open_store(url)
-    try:
-        return await store.load(session_id), await store.history(session_id)
-    finally:
-        await store.close()
-
-
 def test_stages_are_healthy_and_reflect(mesh):
     for stage, addresses in list(mesh.addresses.items()) + [("gateway", [mesh.gateway])]:
         for address in addresses:
             with grpc.insecure_channel(address) as channel:
-                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-                assert status.status == health_pb2.HealthCheckResponse.SERVING, (stage, address)
+                health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert health.status == health_pb2.HealthCheckResponse.SERVING, (stage, address)
     with grpc.insecure_channel(mesh.gateway) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
@@ -86,7 +61,7 @@ def test_tts_through_the_mesh_equals_in_process(mesh):
 
 
 def test_bearer_token_is_required(mesh):
-    error = _status(client.converse(mesh.fast_gateway, client.config(mode=pb.TTS, text="hi"), timeout_s=30))
+    error = status(client.converse(mesh.fast_gateway, client.config(mode=pb.TTS, text="hi"), timeout_s=30))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -114,7 +89,7 @@ def test_conversation_barge_in_turns_and_record(mesh, speech, redis_server):
     sent_ticks = len(result.audio)
     assert sent_ticks < ticks - 5  # the agent was muted while the user held the floor
     assert user_start * 80 >= 500 + 600 - 160  # the user's turn starts after the lead silence + 600 ms of speech
-    record, history = run(_load(redis_server.url, session))
+    record, history = run(load_session(redis_server.url, session))
     agent = [e for e in record.transcript if e.speaker == "agent"]
     assert any(e.cut_off for e in agent) and any(not e.cut_off for e in agent)
     assert record.heard_samples is not None and record.last_tick == len(history) - 1
@@ -122,14 +97,14 @@ def test_conversation_barge_in_turns_and_record(mesh, speech, redis_server):
 
 def test_text_injection_and_text_only_calls(mesh, redis_server):
     session = "text-call"
-    rest = _requests(pb.ConverseRequest(text=pb.TextInput(role=pb.CONTEXT, text="The shop opens at nine.")),
+    rest = requests(pb.ConverseRequest(text=pb.TextInput(role=pb.CONTEXT, text="The shop opens at nine.")),
                      pb.ConverseRequest(audio=b"\x00\x00" * 1600), delay_s=0.2)
     run(client.converse(mesh.gateway, client.config(session_id=session, max_ticks=8), rest, timeout_s=60))
-    record, history = run(_load(redis_server.url, session))
+    record, history = run(load_session(redis_server.url, session))
     assert any(e.speaker == "context" and "nine" in e.text for e in record.transcript)
     assert len(history) == 8 + 1  # 8 ticks and the text insertion
     text_only = run(client.converse(mesh.gateway, client.config(mode=pb.TEXT_ONLY),
-                                    _requests(pb.ConverseRequest(text=pb.TextInput(role=pb.USER, text="Hi!"))),
+                                    requests(pb.ConverseRequest(text=pb.TextInput(role=pb.USER, text="Hi!"))),
                                     timeout_s=60))
     assert text_only.agent_text and not text_only.audio
 
@@ -140,22 +115,22 @@ def test_text_injection_and_text_only_calls(mesh, redis_server):
     (client.config(rate_in=16_000, encoding=pb.MULAW), grpc.StatusCode.INVALID_ARGUMENT, "8000"),
 ])
 def test_bad_config_is_refused(mesh, first, code, message):
-    error = _status(client.converse(mesh.gateway, first, timeout_s=30))
+    error = status(client.converse(mesh.gateway, first, timeout_s=30))
     assert error.code() == code and message in error.details()
 
 
 def test_garbage_and_oversized_audio_are_refused(mesh, redis_server):
     session = "garbage-call"
-    garbage = _requests(pb.ConverseRequest(audio=b"\x00\x01" * 800), pb.ConverseRequest(audio=b"\x00" * 4),
+    garbage = requests(pb.ConverseRequest(audio=b"\x00\x01" * 800), pb.ConverseRequest(audio=b"\x00" * 4),
                         pb.ConverseRequest(text=pb.TextInput(text="x")))
     sent = client.config(session_id=session, mode=pb.CONVERSATION)
     sent.config.input_audio.encoding = pb.FLOAT32LE  # 4-byte samples: 1600 bytes of odd garbage still decode
     result = run(client.converse(mesh.fast_gateway, sent, garbage, token="secret", timeout_s=30))
     assert result.ended.reason == pb.CLIENT_CLOSED  # any bytes are audio of some value: the call goes on
-    record, _ = run(_load(redis_server.url, session))
+    record, _ = run(load_session(redis_server.url, session))
     assert record.owner is None  # the call's lease is released; it can be resumed
-    huge = _requests(pb.ConverseRequest(audio=b"\x00" * (5 * 1024 * 1024)))
-    error = _status(client.converse(mesh.gateway, client.config(), huge, timeout_s=30))
+    huge = requests(pb.ConverseRequest(audio=b"\x00" * (5 * 1024 * 1024)))
+    error = status(client.converse(mesh.gateway, client.config(), huge, timeout_s=30))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -165,7 +140,7 @@ def test_client_vanishes_then_resumes(mesh, redis_server):
     async def vanish():
         channel = grpc.aio.insecure_channel(mesh.gateway)
         call = gateway_pb2_grpc.GatewayStub(channel).Converse(
-            _requests(client.config(session_id=session), *[pb.ConverseRequest(audio=b"\x00\x00" * 320)] * 100,
+            requests(client.config(session_id=session), *[pb.ConverseRequest(audio=b"\x00\x00" * 320)] * 100,
                       delay_s=0.02))
         token, n = None, 0
         async for response in call:
@@ -180,14 +155,14 @@ def test_client_vanishes_then_resumes(mesh, redis_server):
 
     token = run(vanish())
     deadline = time.monotonic() + 10
-    while run(_load(redis_server.url, session))[0].owner is not None:
+    while run(load_session(redis_server.url, session))[0].owner is not None:
         assert time.monotonic() < deadline, "the vanished call still holds its session"
         time.sleep(0.2)
-    before = run(_load(redis_server.url, session))[0].last_tick
+    before = run(load_session(redis_server.url, session))[0].last_tick
     again = run(client.converse(mesh.gateway, client.config(session_id=session, resume_token=token, max_ticks=3),
                                 timeout_s=60))
     assert again.session_id == session and len(again.audio) > 0
-    after, history = run(_load(redis_server.url, session))
+    after, history = run(load_session(redis_server.url, session))
     assert after.last_tick == before + 3 and len(history) == after.last_tick + 1
 
 
@@ -201,7 +176,7 @@ def test_two_clients_cannot_hold_one_session(mesh):
         finally:
             await task
 
-    error = _status(both())
+    error = status(both())
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "contested" in error.details()
 
 
@@ -234,7 +209,7 @@ def test_stage_killed_mid_call_the_call_goes_on(mesh, redis_server):
 
     result = run(call_and_kill())
     assert len(result.audio) == 40 and len(result.pcm) == 40 * FRAME, (len(result.audio), result.events)
-    record, history = run(_load(redis_server.url, session))
+    record, history = run(load_session(redis_server.url, session))
     assert (record.last_tick, len(history)) == (39, 40)  # nothing lost across the failover
     logs = (mesh.logs / "gateway.log").read_text()
     assert "stage_failover" in logs or "stage_stream_broken" in logs
@@ -293,7 +268,7 @@ def test_tls_gateway(mesh, tmp_path):
             async with grpc.aio.secure_channel(f"localhost:{port}", creds) as channel:
                 await asyncio.wait_for(channel.channel_ready(), 120)
                 stub = gateway_pb2_grpc.GatewayStub(channel)
-                return [r async for r in stub.Converse(_requests(client.config(mode=pb.TTS, text="hi", max_ticks=3)))]
+                return [r async for r in stub.Converse(requests(client.config(mode=pb.TTS, text="hi", max_ticks=3)))]
 
         responses = run(call())
         assert responses[0].WhichOneof("response") == "started"
