@@ -23,7 +23,7 @@ from michi.proto.backbone.v1 import backbone_pb2, backbone_pb2_grpc
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
 from michi.proto.vocoder.v1 import vocoder_pb2, vocoder_pb2_grpc
-from michi.serving.admission import RETRY_AFTER_KEY, Admission
+from michi.serving.admission import Admission, refuse, retry_metadata
 from michi.serving.metrics import FIRST_AUDIO_SECONDS, LIVE_SESSIONS, MISSED_TICKS, TICK_SECONDS
 from michi.session.store import SessionStore, SessionStoreError, StoreUnavailable, TranscriptEntry
 
@@ -39,7 +39,6 @@ TICK_S = 0.080
 MODEL_RATE_HZ = 24_000
 FRAME = 1920
 VOCODER_WARMUP_TICKS = 8  # latents replayed into a new vocoder replica (covers its receptive field)
-RETRY_AFTER_MS = "1000"
 CLOSED = "the client closed its side and everything it sent was heard"
 
 
@@ -138,8 +137,7 @@ class GatewayServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not self.admission.try_admit():
             log.warning("call_refused", reason="capacity", live=self.admission.live)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.admission.refusal(),
-                                trailing_metadata=((RETRY_AFTER_KEY, RETRY_AFTER_MS),))
+            await refuse(context, self.admission)
         try:
             async for response in self._converse(cc, requests, context):
                 yield response
@@ -158,7 +156,7 @@ class GatewayServicer:
         except StageFull as e:
             bound.warning("call_refused", reason="stage_full", error=str(e))
             call.end(pb.STAGE_FAILED, str(e))
-            error = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), ((RETRY_AFTER_KEY, RETRY_AFTER_MS),))
+            error = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_metadata())
         except StageUnavailable as e:
             bound.error("call_failed", error=str(e))
             call.end(pb.STAGE_FAILED, str(e))

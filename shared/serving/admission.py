@@ -51,10 +51,15 @@ class Admission:
 RETRY_AFTER_MS = 1000  # what a stage's refusal suggests: retry this much later (or now, elsewhere)
 
 
+def retry_metadata(retry_after_ms: int = RETRY_AFTER_MS) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a refusal at capacity."""
+    return ((RETRY_AFTER_KEY, str(retry_after_ms)),)
+
+
 async def refuse(context, admission: Admission, what: str = "calls", retry_after_ms: int = RETRY_AFTER_MS) -> None:
     """Abort a gRPC call that `admission.try_admit()` turned away: RESOURCE_EXHAUSTED, the
     refusal message, and `retry-after-ms` in the trailing metadata. Raises (as `context.abort`)."""
     import grpc
 
     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.refusal(what),
-                        trailing_metadata=((RETRY_AFTER_KEY, str(retry_after_ms)),))
+                        trailing_metadata=retry_metadata(retry_after_ms))
