@@ -43,7 +43,7 @@ import numpy as np
 
 from loadtest import run
 from loadtest.common import (MAX_FIRST_AUDIO_MS, MAX_MISSED, backbone_deltas, cpu_snapshot, cpu_use,
-                             gateway_deltas, percentiles, say, scrape, write_report)
+                             gateway_deltas, percentiles, save_figure, say, scrape, write_report)
 from loadtest.scenarios import Speech, load_speech, plan_call
 
 REFUSED = "RESOURCE_EXHAUSTED"
@@ -203,12 +203,7 @@ def plot(report: dict, path: Path) -> None:
                     f"RTF {row['rtf']:.2f} -> {'pass' if report['burst']['passed'] else 'FAIL'}")
     right.grid(alpha=0.3, which="both")
     right.legend(fontsize=8, loc="lower right")
-    m = report["machine"]
-    fig.suptitle(f"Michi admission under a burst, {report['model']}, {m['cpu']} ({m['cpu_count']} cores)"
-                 + (f", {m['gpu']}" if m.get("gpu") else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, report, "admission under a burst", path)
 
 
 def summary(report: dict) -> str:

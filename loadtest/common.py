@@ -101,6 +101,18 @@ def cpu_use(before: dict, after: dict) -> dict[str, float]:
     return out
 
 
+def save_figure(fig, report: dict, what: str, path) -> None:
+    """Title a report's figure with what it shows and the machine it ran on, write it, close it."""
+    import matplotlib.pyplot as plt
+
+    m = report["machine"]
+    fig.suptitle(f"Michi {what}, {report['model']}, {m['cpu']} ({m['cpu_count']} cores)"
+                 + (f", {m['gpu']}" if m.get("gpu") else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def write_report(report: dict, path, plot, summary) -> None:
     """The JSON report, its PNG beside it (`plot(report, png)`), and the summary table printed."""
     import json

@@ -43,7 +43,7 @@ import grpc
 import numpy as np
 
 from loadtest.common import (MAX_FIRST_AUDIO_MS, MAX_MISSED, backbone_deltas, cpu_snapshot, cpu_use,
-                             gateway_deltas, objective, percentiles, say, scrape, write_report)
+                             gateway_deltas, objective, percentiles, save_figure, say, scrape, write_report)
 from loadtest.scenarios import AUDIO_SCENARIOS, SCENARIOS, Plan, load_speech, plan_call, schedule
 
 OUT_RATE = 24_000
@@ -507,12 +507,7 @@ def plot(report: dict, path: Path) -> None:
     twin.set_ylim(0, max(2.0, 1.1 * max(r["missed_pct"] for r in rows)))
     lines = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     right.legend(lines, [h.get_label() for h in lines], fontsize=7, loc="upper left")
-    m = report["machine"]
-    fig.suptitle(f"Michi load test, {report['model']}, {m['cpu']} ({m['cpu_count']} cores)"
-                 + (f", {m['gpu']}" if m.get("gpu") else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, report, "load test", path)
 
 
 def summary(report: dict) -> str:
