@@ -107,10 +107,16 @@ class MichiConfig:
     # text head's width) and the `vocoder` settings are then unused. A config without this key (a
     # checkpoint written before it existed) is "learned".
     codec: str = "learned"
+    # Phoneme slots per tick of the agent's phoneme stream (model.phonemes): the sounds of its words
+    # as a second input beside the text, paced by the backbone's advance head. 0: no phoneme
+    # stream (a config without this key, written before it existed).
+    phone_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, not {self.codec!r}")
+        if not 0 <= self.phone_slots <= 4:
+            raise ValueError(f"phone_slots must be in 0..4 (the shards hold 4), got {self.phone_slots}")
         if self.codec == "melpca" and not 0 < self.latent_dim <= MELPCA_FEATURE_DIM:
             raise ValueError(f"a melpca latent_dim (K) must be in 1..{MELPCA_FEATURE_DIM}, got {self.latent_dim}")
 
@@ -183,9 +189,10 @@ def tiny() -> MichiConfig:
 def tiny_melpca() -> MichiConfig:
     """`tiny` on the mel-PCA latent: K = 64 principal directions of stacked log-mel (about 99 % of
     one voice's variance; the analytic decoder keeps the words with no training). Its basis is fit
-    on the training corpus by the recipe's `basis` stage; until then it is all zeros."""
+    on the training corpus by the recipe's `basis` stage; until then it is all zeros. The agent's
+    words also enter as phonemes, up to 4 a tick."""
     cfg = tiny()
-    cfg.preset, cfg.latent_dim, cfg.codec = "tiny-melpca", 64, "melpca"
+    cfg.preset, cfg.latent_dim, cfg.codec, cfg.phone_slots = "tiny-melpca", 64, "melpca", 4
     return cfg
 
 

@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .model.michi import MichiModel
-from .model.tokenizer import StreamVocab
+from .model.phonemes import NO_PHONE, PhonemeQueue
+from .model.tokenizer import StreamVocab, load_tokenizer
 
 
 @dataclass
@@ -29,6 +30,8 @@ class TickInput:
 class TickOutput:
     agent_token: int
     agent_latent: torch.Tensor  # [D] raw, what the vocoder decodes
+    phones: Sequence[int] = ()  # the agent phonemes this tick read (models with a phoneme stream)
+    next_phone: int = NO_PHONE
 
 
 @dataclass
@@ -39,6 +42,8 @@ class HistoryTick:
     user_tokens: Sequence[int]
     agent_token: int
     agent_latent: torch.Tensor  # raw
+    phones: Sequence[int] = ()  # the agent phonemes the tick read (() : none)
+    next_phone: int = NO_PHONE
 
 
 @dataclass
@@ -55,6 +60,7 @@ class _Row:
     forced_text: deque = field(default_factory=deque)
     prompt_latents: deque = field(default_factory=deque)  # normalised
     pad_run: int = 0
+    phonemes: PhonemeQueue | None = None  # models with a phoneme stream
 
 
 class BackboneEngine:
@@ -71,6 +77,10 @@ class BackboneEngine:
                                          dtype=next(model.parameters()).dtype)
         self.index: dict[str, int] = {}
         self.flow = dict(steps=euler_steps, cfg_scale=cfg_scale)
+        self.phone_slots = model.cfg.phone_slots
+        if self.phone_slots:
+            b = model.cfg.backbone
+            self.decode = load_tokenizer(b.tokenizer, b.vocab_size).decode
 
     # ---- calls ----------------------------------------------------------------------------------
     def open(self, key: str, seed: int = 0, text_temperature: float = 0.8, top_k: int = 50,
@@ -88,7 +98,8 @@ class BackboneEngine:
         self.agent_tokens[row] = self.vocab.pad
         self.agent_latents[row] = 0.0
         temp = self.model.cfg.speak_head.temperature if audio_temperature is None else audio_temperature
-        self.rows[row] = _Row(torch.Generator().manual_seed(seed), text_temperature, top_k, temp, max_pad_ticks)
+        self.rows[row] = _Row(torch.Generator().manual_seed(seed), text_temperature, top_k, temp, max_pad_ticks,
+                              phonemes=PhonemeQueue(self.decode, self.phone_slots) if self.phone_slots else None)
         self.index[key] = row
         return row
 
@@ -105,7 +116,12 @@ class BackboneEngine:
         return len(self.index)
 
     def force_text(self, key: str, tokens: Iterable[int]) -> None:
-        self.rows[self.index[key]].forced_text.extend(tokens)
+        """Queue text for the agent to say (its words' phonemes are queued now, whole)."""
+        r = self.rows[self.index[key]]
+        tokens = list(tokens)
+        r.forced_text.extend(tokens)
+        if r.phonemes is not None:
+            r.phonemes.add_text(self.decode([t for t in tokens if self.vocab.is_text(t)]))
 
     def forced_pending(self, key: str) -> int:
         return len(self.rows[self.index[key]].forced_text)
@@ -169,13 +185,25 @@ class BackboneEngine:
             user_latent = torch.zeros(n_rows, dim).index_copy_(0, index, user_latent)
             advance = torch.zeros(n_rows, dtype=torch.bool).index_fill_(0, index, True)
         device_index = index if everyone else index.to(self.device)
+        phones = next_phone = None
+        if self.phone_slots:  # each row's phonemes for this tick, from its queue
+            taken = [r.phonemes.next_tick() for r in rows]
+            phones = torch.full((n_rows, self.phone_slots), NO_PHONE, dtype=torch.long)
+            next_phone = torch.full((n_rows,), NO_PHONE, dtype=torch.long)
+            phones[index] = torch.tensor([p for p, _ in taken], dtype=torch.long)
+            next_phone[index] = torch.tensor([n for _, n in taken], dtype=torch.long)
+            phones, next_phone = phones.to(self.device), next_phone.to(self.device)
         fused = m.backbone.embed_tick(self.agent_tokens.to(self.device), self.agent_latents,
-                                      m.latent_norm.normalize(user_latent.to(self.device)), user_text.to(self.device))
+                                      m.latent_norm.normalize(user_latent.to(self.device)), user_text.to(self.device),
+                                      phones, next_phone)
         hidden = m.backbone.cached_forward(fused, self.cache, advance=advance)[device_index, -1]
         lap("backbone")
         sampled = sample_tokens(m.backbone.text_logits(hidden), [r.text_temperature for r in rows],
                                 [r.top_k for r in rows], [r.generator for r in rows]).tolist()
         tokens = [self._forced_text(r, token) for r, token in zip(rows, sampled)]
+        if self.phone_slots:
+            for r, take in zip(rows, m.backbone.phone_logits(hidden).argmax(-1).tolist()):
+                r.phonemes.take = take
         lap("text_head")
         noise = torch.stack([torch.randn(dim, generator=r.generator) for r in rows])
         temps = [r.audio_temperature for r in rows]
@@ -189,7 +217,11 @@ class BackboneEngine:
         self.agent_tokens[index] = torch.tensor(tokens, dtype=torch.long)
         self.agent_latents[device_index] = latents
         raw = m.latent_norm.denormalize(latents)
-        outputs = {key: TickOutput(token, latent) for key, token, latent in zip(inputs, tokens, raw)}
+        if self.phone_slots:
+            outputs = {key: TickOutput(token, latent, tuple(p), n)
+                       for key, token, latent, (p, n) in zip(inputs, tokens, raw, taken)}
+        else:
+            outputs = {key: TickOutput(token, latent) for key, token, latent in zip(inputs, tokens, raw)}
         lap("speak_head")
         return outputs
 
@@ -199,6 +231,8 @@ class BackboneEngine:
         v = self.vocab
         if r.forced_text and (v.is_text(token) or token == v.epad or r.pad_run >= r.max_pad_ticks):
             token = r.forced_text.popleft()
+        elif r.phonemes is not None:  # the agent's own text: its words are phonemized as they end
+            r.phonemes.own_token(token, v.is_text(token))
         r.pad_run = r.pad_run + 1 if token == v.pad else 0
         return token
 
@@ -213,9 +247,14 @@ class BackboneEngine:
         for item in history:
             if isinstance(item, HistoryTick):
                 user_tokens = torch.tensor([list(item.user_tokens) or [-1]], device=self.device)
+                phones = next_phone = None
+                if self.phone_slots:
+                    ids = list(item.phones)[: self.phone_slots]
+                    phones = torch.tensor([ids + [NO_PHONE] * (self.phone_slots - len(ids))], device=self.device)
+                    next_phone = torch.tensor([item.next_phone], device=self.device)
                 positions.append(m.backbone.embed_tick(
                     self.agent_tokens[row:row + 1].to(self.device), self.agent_latents[row:row + 1],
-                    m.latent_norm.normalize(item.user_latent.to(self.device))[None], user_tokens))
+                    m.latent_norm.normalize(item.user_latent.to(self.device))[None], user_tokens, phones, next_phone))
                 self.agent_tokens[row] = item.agent_token
                 self.agent_latents[row] = m.latent_norm.normalize(item.agent_latent.to(self.device))
                 ticks += 1

@@ -33,7 +33,7 @@ def history_items(records) -> list:
         if record.WhichOneof("record") == "tick":
             t = record.tick
             items.append(HistoryTick(torch.tensor(list(t.user_latent)), list(t.user_tokens), t.agent_token,
-                                     torch.tensor(list(t.agent_latent))))
+                                     torch.tensor(list(t.agent_latent)), list(t.agent_phones), t.next_phone))
         else:
             items.append(list(record.text.tokens))
     return items
@@ -99,7 +99,8 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
                     yield backbone_pb2.StepResponse(
                         tick=backbone_pb2.TickRecord(tick=t.tick, user_latent=t.user_latent,
                                                      user_tokens=t.user_tokens, agent_token=out.agent_token,
-                                                     agent_latent=out.agent_latent.float().cpu().tolist()),
+                                                     agent_latent=out.agent_latent.float().cpu().tolist(),
+                                                     agent_phones=out.phones, next_phone=out.next_phone),
                         agent_text=self._decode([out.agent_token]))
                 elif kind == "text":
                     await self.batcher.insert_text(key, list(request.text.tokens))

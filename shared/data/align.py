@@ -52,3 +52,39 @@ def align_words(words: Sequence[tuple[str, float, float]], n_ticks: int, tokeniz
         stats.update(tokens=int(sum(1 for t in tokens if vocab.is_text(int(t)))), late_ticks=late,
                      dropped=dropped)
     return tokens
+
+
+def align_phonemes(words: Sequence[tuple[str, float, float]], n_ticks: int, delay_ticks: int,
+                   slots: int, stats: dict | None = None) -> np.ndarray:
+    """words (word, start_s, end_s) in time order -> int64 [n_ticks, slots] phoneme ids per tick
+    (`model.phonemes`; NO_PHONE in empty slots).
+
+    Unlike the text, phonemes sit on the audio: each word's phonemes are spread evenly over the
+    ticks its audio spans (delay included, as the latents are), so a tick's phonemes are the
+    sounds of that tick's latent. A tick takes at most `slots`; the rest move to the next ticks,
+    and a word never starts before the previous word's phonemes are placed. `stats`, if given,
+    receives `phonemes` (placed) and `phonemes_dropped` (past the end)."""
+    from ..model.phonemes import NO_PHONE, word_phonemes
+
+    out = np.full((n_ticks, slots), NO_PHONE, dtype=np.int64)
+    fill = np.zeros(n_ticks, dtype=np.int64)
+    cursor = placed = dropped = 0
+    for word, start_s, end_s in words:
+        ids = word_phonemes(word)
+        if not ids:
+            continue
+        first = int(start_s / FRAME_S) + delay_ticks
+        span = max(1, round(end_s / FRAME_S) + delay_ticks - first)
+        for i, pid in enumerate(ids):
+            tick = max(cursor, first + (i * span) // len(ids))
+            while tick < n_ticks and fill[tick] >= slots:
+                tick += 1
+            if tick >= n_ticks:
+                dropped += 1
+                continue
+            out[tick, fill[tick]] = pid
+            fill[tick] += 1
+            cursor, placed = tick, placed + 1
+    if stats is not None:
+        stats.update(phonemes=placed, phonemes_dropped=dropped)
+    return out

@@ -37,6 +37,7 @@ SHARD_DIR = "shards"
 def model_fingerprint(source: str) -> dict:
     """What identifies the encoder: a checkpoint's weights SHA-256, or a preset + seed."""
     from ..checkpoint import CONFIG_FILE, read_checkpoint_config
+    from .shards import SHARD_FORMAT
 
     path = Path(source)
     if (path / CONFIG_FILE).is_file():
@@ -44,7 +45,7 @@ def model_fingerprint(source: str) -> dict:
         return {"source": str(path.resolve()), "preset": cfg.preset, "sha256": info.get("sha256"),
                 "trained": bool(info.get("trained")), "latent_dim": cfg.latent_dim,
                 "audio_delay_ticks": cfg.audio_delay_ticks, "tokenizer": cfg.backbone.tokenizer,
-                "vocab_size": cfg.backbone.vocab_size}
+                "vocab_size": cfg.backbone.vocab_size, "format": SHARD_FORMAT}
     if path.exists():
         raise FileNotFoundError(f"{path} is not a Michi checkpoint directory (no {CONFIG_FILE})")
     from ..config import preset
@@ -53,7 +54,7 @@ def model_fingerprint(source: str) -> dict:
     return {"source": source, "preset": cfg.preset, "sha256": None, "trained": False,
             "weights": "random init, seed 0", "latent_dim": cfg.latent_dim,
             "audio_delay_ticks": cfg.audio_delay_ticks, "tokenizer": cfg.backbone.tokenizer,
-            "vocab_size": cfg.backbone.vocab_size}
+            "vocab_size": cfg.backbone.vocab_size, "format": SHARD_FORMAT}
 
 
 def shard_plan(segments: list[dict], shard_size: int) -> list[tuple[str, list[str]]]:

@@ -2,7 +2,8 @@
 
 A shard is one safetensors file holding every utterance of a slice of the corpus end to end:
 `latents` [total_ticks, D] float16 (raw listen-encoder latents, audio delay already prepended),
-`tokens` [total_ticks] int32 (agent text targets per tick: text ids or PAD) and `offsets`
+`tokens` [total_ticks] int32 (agent text targets per tick: text ids or PAD), `phones`
+[total_ticks, PHONE_SLOTS] int16 (the phonemes of each tick's audio, `align.align_phonemes`) and `offsets`
 [utterances + 1] int64; the utterances' id, speaker, text and split travel in the metadata.
 `manifest.json` beside the `shards/` folder lists the shards and how they were made.
 """
@@ -18,8 +19,10 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from ..model.phonemes import NO_PHONE, PHONE_SLOTS
+
 MANIFEST_FILE = "manifest.json"
-SHARD_FORMAT = "michi-shard-v1"
+SHARD_FORMAT = "michi-shard-v2"  # v2: phones
 
 
 @dataclass
@@ -30,11 +33,17 @@ class Utterance:
     latents: np.ndarray  # float32 [n, D]: what the agent's audio is at each tick (raw)
     tokens: np.ndarray  # int64 [n]: the agent's text target at each tick
     split: str = "train"
+    phones: np.ndarray | None = None  # int64 [n, PHONE_SLOTS]: the phonemes of each tick's audio
 
     def __post_init__(self) -> None:
         if self.latents.ndim != 2 or self.tokens.ndim != 1 or len(self.latents) != len(self.tokens):
             raise ValueError(f"utterance {self.id}: latents {self.latents.shape} and tokens "
                              f"{self.tokens.shape} must cover the same ticks")
+        if self.phones is None:
+            self.phones = np.full((len(self.tokens), PHONE_SLOTS), NO_PHONE, dtype=np.int64)
+        if self.phones.shape != (len(self.tokens), PHONE_SLOTS):
+            raise ValueError(f"utterance {self.id}: phones {self.phones.shape}, expected "
+                             f"({len(self.tokens)}, {PHONE_SLOTS})")
 
 
 def write_shard(path: str | Path, utterances: list[Utterance]) -> Path:
@@ -47,6 +56,7 @@ def write_shard(path: str | Path, utterances: list[Utterance]) -> Path:
     tensors = {
         "latents": np.concatenate([u.latents for u in utterances]).astype(np.float16),
         "tokens": np.concatenate([u.tokens for u in utterances]).astype(np.int32),
+        "phones": np.concatenate([u.phones for u in utterances]).astype(np.int16),
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
     }
     meta = [{"id": u.id, "speaker": u.speaker, "text": u.text, "split": u.split} for u in utterances]
@@ -71,7 +81,8 @@ def read_shard(path: str | Path) -> list[Utterance]:
         a, b = int(offsets[i]), int(offsets[i + 1])
         out.append(Utterance(meta["id"], meta["speaker"], meta["text"],
                              tensors["latents"][a:b].astype(np.float32),
-                             tensors["tokens"][a:b].astype(np.int64), meta.get("split", "train")))
+                             tensors["tokens"][a:b].astype(np.int64), meta.get("split", "train"),
+                             tensors["phones"][a:b].astype(np.int64)))
     return out
 
 
@@ -118,7 +129,7 @@ def extract_latents(model, pcm24k: np.ndarray) -> np.ndarray:
 def encode_segment(model, tokenizer, vocab, segment: dict, pcm24k: np.ndarray) -> tuple[Utterance, dict]:
     """One corpus segment (its record and 24 kHz audio) -> Utterance, and the alignment stats
     (`align_words`): the one place where audio becomes latents and words become ticks."""
-    from .align import align_words, ticks_for_samples
+    from .align import align_phonemes, align_words, ticks_for_samples
 
     cfg = model.cfg
     n = ticks_for_samples(len(pcm24k), cfg.audio_delay_ticks)
@@ -126,6 +137,8 @@ def encode_segment(model, tokenizer, vocab, segment: dict, pcm24k: np.ndarray) -
     if latents.shape != (n, cfg.latent_dim):
         raise RuntimeError(f"encoder gave {latents.shape}, expected ({n}, {cfg.latent_dim})")
     stats: dict = {}
-    tokens = align_words([tuple(w) for w in segment["words"]], n, tokenizer, vocab, stats)
+    words = [tuple(w) for w in segment["words"]]
+    tokens = align_words(words, n, tokenizer, vocab, stats)
+    phones = align_phonemes(words, n, cfg.audio_delay_ticks, PHONE_SLOTS, stats)
     return Utterance(segment["id"], segment["speaker"], segment["text"], latents.astype(np.float32), tokens,
-                     segment["split"]), stats
+                     segment["split"], phones), stats

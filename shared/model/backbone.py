@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..config import BackboneConfig, MichiConfig
+from .phonemes import NO_PHONE, NUM_PHONEME_IDS
 from .tokenizer import NUM_STREAM_TOKENS, StreamVocab
 
 
@@ -125,6 +126,19 @@ class Backbone(nn.Module):
         self.user_latent_in = nn.Linear(cfg.latent_dim, hidden)
         # Tells user text apart from agent text, which share the token table.
         self.user_text_tag = nn.Parameter(torch.zeros(hidden))
+        self.phone_slots = cfg.phone_slots
+        if self.phone_slots:
+            # The agent's phoneme stream (model.phonemes): this tick's phonemes (one row per slot,
+            # so their order counts), the next one waiting, and the advance head: how many
+            # phonemes the next tick takes (0..slots).
+            self.phone_embed = nn.Embedding(NUM_PHONEME_IDS, hidden, padding_idx=NO_PHONE)
+            self.phone_slot = nn.Parameter(torch.zeros(self.phone_slots, hidden))
+            self.next_phone_embed = nn.Embedding(NUM_PHONEME_IDS, hidden, padding_idx=NO_PHONE)
+            self.phone_head = nn.Linear(hidden, self.phone_slots + 1)
+            for table in (self.phone_embed, self.next_phone_embed):
+                nn.init.normal_(table.weight, std=0.02)
+                with torch.no_grad():
+                    table.weight[NO_PHONE].zero_()
 
     @property
     def hidden_size(self) -> int:
@@ -143,14 +157,24 @@ class Backbone(nn.Module):
         return torch.where(is_stream.unsqueeze(-1), stream, text)
 
     def embed_tick(self, agent_text: torch.Tensor, agent_latent: torch.Tensor, user_latent: torch.Tensor,
-                   user_text: torch.Tensor) -> torch.Tensor:
+                   user_text: torch.Tensor, phones: torch.Tensor | None = None,
+                   next_phone: torch.Tensor | None = None) -> torch.Tensor:
         """Fuse one tick per row: agent_text [B], latents [B, D] (normalised), user_text [B, S]
-        (-1 = no token) -> [B, 1, H]."""
+        (-1 = no token), and with a phoneme stream phones [B, slots] and next_phone [B]
+        (NO_PHONE = none; both absent = none) -> [B, 1, H]."""
         present = (user_text >= 0).unsqueeze(-1).to(agent_latent.dtype)
         user_text_emb = ((self.embed_text(user_text.clamp(min=0)) + self.user_text_tag) * present).sum(1)
         fused = (self.embed_text(agent_text) + self.agent_latent_in(agent_latent)
                  + self.user_latent_in(user_latent) + user_text_emb)
+        if self.phone_slots and phones is not None:
+            fused = fused + self.embed_phones(phones, next_phone)
         return fused.unsqueeze(1)
+
+    def embed_phones(self, phones: torch.Tensor, next_phone: torch.Tensor) -> torch.Tensor:
+        """phones [..., slots], next_phone [...] -> [..., H]."""
+        phones = phones[..., : self.phone_slots]
+        slot = self.phone_slot[: phones.shape[-1]] * (phones != NO_PHONE).unsqueeze(-1).to(self.phone_slot.dtype)
+        return (self.phone_embed(phones) + slot).sum(-2) + self.next_phone_embed(next_phone)
 
     # ---- the LM -------------------------------------------------------------------------------
     def forward(self, embeds: torch.Tensor, state: BackboneState | None = None) -> torch.Tensor:
@@ -211,6 +235,10 @@ class Backbone(nn.Module):
         else:
             cache.lengths += n if advance is None else advance.to(torch.long).cpu() * n
         return model.norm(x)
+
+    def phone_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """How many phonemes the next tick takes: logits over 0..slots."""
+        return self.phone_head(hidden)
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the base vocabulary followed by the stream tokens."""

@@ -15,6 +15,7 @@ import torch
 from ..audio.io import read_wav
 from ..config import SAMPLE_RATE_HZ
 from ..data.shards import Utterance, iter_utterances
+from ..model.phonemes import NO_PHONE
 
 def load_segments(corpus_dir: str | Path, splits: Sequence[str] = ("train",),
                   speakers: Sequence[str] | None = None) -> list[dict]:
@@ -88,6 +89,9 @@ class SequenceBatch:
     prev_latents: torch.Tensor  # [B, n, D] raw
     prev_valid: torch.Tensor  # [B, n] False where there is no previous latent (first tick)
     mask: torch.Tensor  # [B, n] real ticks
+    phones: torch.Tensor  # [B, n, slots] the phonemes of each tick's audio (an input, like prev_latents)
+    next_phone: torch.Tensor  # [B, n] the first phoneme after the tick's (NO_PHONE: none)
+    phone_take: torch.Tensor  # [B, n] how many phonemes the next tick takes (the advance head's target)
 
 
 class SequenceBank:
@@ -102,6 +106,7 @@ class SequenceBank:
                              + (f" for speakers {list(speakers)}" if speakers else ""))
         self.pad = pad_token
         self.ticks = sum(len(u.tokens) for u in self.utterances)
+        self.next_phones = [next_phones(u.phones) for u in self.utterances]
 
     def latent_stats(self) -> tuple[np.ndarray, np.ndarray]:
         allv = np.concatenate([u.latents for u in self.utterances])
@@ -122,7 +127,11 @@ class SequenceBank:
         prev_latents = np.zeros((batch, n, dim), np.float32)
         prev_valid = np.zeros((batch, n), bool)
         mask = np.zeros((batch, n), bool)
-        for row, (u, a, b) in enumerate(windows):
+        slots = self.utterances[0].phones.shape[1]
+        phones = np.full((batch, n, slots), NO_PHONE, np.int64)
+        next_phone = np.full((batch, n), NO_PHONE, np.int64)
+        phone_take = np.zeros((batch, n), np.int64)
+        for row, (i, (u, a, b)) in enumerate(zip(picks, windows)):
             k = b - a
             tokens[row, :k] = u.tokens[a:b]
             latents[row, :k] = u.latents[a:b]
@@ -131,8 +140,25 @@ class SequenceBank:
             prev_tokens[row, first:k] = u.tokens[a - 1 + first:b - 1]
             prev_latents[row, first:k] = u.latents[a - 1 + first:b - 1]
             prev_valid[row, first:k] = True
+            phones[row, :k] = u.phones[a:b]
+            next_phone[row, :k] = self.next_phones[i][a:b]
+            taken = (u.phones[a + 1:b + 1] != NO_PHONE).sum(1)  # the tick after the last: 0 at the end
+            phone_take[row, : len(taken)] = taken
         t = torch.from_numpy
-        return SequenceBatch(t(tokens), t(latents), t(prev_tokens), t(prev_latents), t(prev_valid), t(mask))
+        return SequenceBatch(t(tokens), t(latents), t(prev_tokens), t(prev_latents), t(prev_valid), t(mask),
+                             t(phones), t(next_phone), t(phone_take))
+
+
+def next_phones(phones: np.ndarray) -> np.ndarray:
+    """[n, slots] phonemes per tick -> [n]: the first phoneme placed after each tick (what the
+    engine's queue shows next), NO_PHONE after the last."""
+    out = np.full(len(phones), NO_PHONE, np.int64)
+    upcoming = NO_PHONE
+    for tick in range(len(phones) - 1, -1, -1):
+        out[tick] = upcoming
+        if phones[tick, 0] != NO_PHONE:
+            upcoming = phones[tick, 0]
+    return out
 
 
 class TextBank:

@@ -165,10 +165,11 @@ class CodecStage:
 class SequenceLosses(nn.Module):
     """The backbone read tick by tick (teacher forced, in parallel) or as a plain LM on text."""
 
-    def __init__(self, model: MichiModel, flow_repeats: int = 4):
+    def __init__(self, model: MichiModel, flow_repeats: int = 4, latent_noise: float = 0.0):
         super().__init__()
         self.model = model
         self.flow_repeats = flow_repeats
+        self.latent_noise = latent_noise
         self._silence: dict[int, Tensor] = {}
 
     def silence_latents(self, n: int, device) -> Tensor:
@@ -183,22 +184,27 @@ class SequenceLosses(nn.Module):
     def forward(self, kind: str, **batch) -> dict[str, Tensor]:
         return self.speech(**batch) if kind == "speech" else self.text(**batch)
 
-    def speech(self, tokens, latents, prev_tokens, prev_latents, prev_valid, mask) -> dict[str, Tensor]:
+    def speech(self, tokens, latents, prev_tokens, prev_latents, prev_valid, mask, phones, next_phone,
+               phone_take) -> dict[str, Tensor]:
         m = self.model
         bb, norm = m.backbone, m.latent_norm
         b, n = tokens.shape
         prev = norm.normalize(prev_latents) * prev_valid[..., None]  # a call starts from zeros
+        if self.latent_noise and self.training:  # the fed-back latent is the model's own, imperfect
+            prev = prev + self.latent_noise * torch.randn_like(prev) * prev_valid[..., None]
         user = self.silence_latents(n, tokens.device)[None].expand(b, n, -1)
         no_user_text = torch.full((b * n, 1), -1, dtype=torch.long, device=tokens.device)
         fused = bb.embed_tick(prev_tokens.reshape(-1), prev.reshape(b * n, -1), user.reshape(b * n, -1),
-                              no_user_text).view(b, n, -1)
+                              no_user_text, phones.reshape(b * n, -1), next_phone.reshape(-1)).view(b, n, -1)
         hidden = bb(fused)
-        text = F.cross_entropy(bb.text_logits(hidden[mask]), tokens[mask])
+        out = {"text": F.cross_entropy(bb.text_logits(hidden[mask]), tokens[mask])}
+        if bb.phone_slots:
+            out["phones"] = F.cross_entropy(bb.phone_logits(hidden[mask]), phone_take[mask].clamp(max=bb.phone_slots))
         x = norm.normalize(latents[mask])
         cond = hidden[mask]
         r = self.flow_repeats
-        flow = m.speak_head.loss(x.repeat(r, 1), cond.repeat(r, 1))
-        return {"text": text, "flow": flow}
+        out["flow"] = m.speak_head.loss(x.repeat(r, 1), cond.repeat(r, 1))
+        return out
 
     def text(self, ids, mask) -> dict[str, Tensor]:
         bb = self.model.backbone
@@ -216,6 +222,10 @@ class SequenceConfig:
     text_ratio: float = 0.3  # fraction of joint steps that are pure text
     text_weight: float = 1.0  # weight of the agent text loss on speech batches
     flow_repeats: int = 4  # noise draws per target latent in the flow loss
+    # std of the noise on the fed-back (normalised) agent latent, so that the model reads the text
+    # and phonemes rather than copy its previous frame (DESIGN.md, "The latent")
+    latent_noise: float = 0.2
+    phone_weight: float = 1.0  # weight of the advance head's loss (models with a phoneme stream)
     # bf16 autocast of the forward passes: 1 where the device computes bf16 natively (a GPU with
     # bf16, or a CPU whose flags show amx_bf16 or avx512_bf16), 0 to force fp32.
     bf16: int = -1  # -1: decide from the device
@@ -253,12 +263,15 @@ class SequenceStage:
             trained = [bb]
         elif mode == "speak":
             trained = [model.speak_head, bb.agent_latent_in, bb.user_latent_in, bb.stream_embed]
+            if bb.phone_slots:
+                trained += [bb.phone_embed, bb.next_phone_embed, bb.phone_head]
+                bb.phone_slot.requires_grad_(True)
         else:
             trained = [bb, model.speak_head]
         for part in trained:
             for p in part.parameters():
                 p.requires_grad_(True)
-        self.losses = wrap(SequenceLosses(model, sc.flow_repeats).to(d.device), d)
+        self.losses = wrap(SequenceLosses(model, sc.flow_repeats, sc.latent_noise).to(d.device), d)
         self.modules = {"model": self.losses}
         self.optimizers = {"model": _adamw(model.parameters(), oc)}
         self.rng = torch.Generator().manual_seed(seed * 1000 + d.rank)
@@ -287,6 +300,7 @@ class SequenceStage:
             b = self.speech.batch(sc.batch_size, sc.max_ticks, self.rng)
             with autocast:
                 losses = self.losses("speech", **{k: v.to(dev) for k, v in vars(b).items()})
-            total = losses["flow"] + (0.0 if self.mode == "speak" else sc.text_weight * losses["text"])
+            total = (losses["flow"] + (0.0 if self.mode == "speak" else sc.text_weight * losses["text"])
+                     + sc.phone_weight * losses.get("phones", 0.0))
         _apply(self.optimizers["model"], total, step, self.progress, self.oc)
         return {k: v.item() for k, v in losses.items()}

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61\x63kbone/v1/backbone.proto\x12\x11michi.backbone.v1\"u\n\x04Open\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x18\n\x10text_temperature\x18\x03 \x01(\x02\x12\x31\n\x07history\x18\x04 \x03(\x0b\x32 .michi.backbone.v1.HistoryRecord\"j\n\x04Tick\x12\x0c\n\x04tick\x18\x01 \x01(\x03\x12\x13\n\x0buser_latent\x18\x02 \x03(\x02\x12\x13\n\x0buser_tokens\x18\x03 \x03(\x05\x12\x13\n\x0b\x66orced_text\x18\x04 \x03(\x05\x12\x15\n\rforced_latent\x18\x05 \x03(\x02\"\x1c\n\nTextInsert\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"w\n\rHistoryRecord\x12-\n\x04tick\x18\x01 \x01(\x0b\x32\x1d.michi.backbone.v1.TickRecordH\x00\x12-\n\x04text\x18\x02 \x01(\x0b\x32\x1d.michi.backbone.v1.TextInsertH\x00\x42\x08\n\x06record\"o\n\nTickRecord\x12\x0c\n\x04tick\x18\x01 \x01(\x03\x12\x13\n\x0buser_latent\x18\x02 \x03(\x02\x12\x13\n\x0buser_tokens\x18\x03 \x03(\x05\x12\x13\n\x0b\x61gent_token\x18\x04 \x01(\x05\x12\x14\n\x0c\x61gent_latent\x18\x05 \x03(\x02\"\"\n\x0cGenerateText\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\"\xce\x01\n\x0bStepRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.michi.backbone.v1.OpenH\x00\x12\'\n\x04tick\x18\x02 \x01(\x0b\x32\x17.michi.backbone.v1.TickH\x00\x12-\n\x04text\x18\x03 \x01(\x0b\x32\x1d.michi.backbone.v1.TextInsertH\x00\x12\x33\n\x08generate\x18\x04 \x01(\x0b\x32\x1f.michi.backbone.v1.GenerateTextH\x00\x42\t\n\x07request\"K\n\x06Opened\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x16\n\x0ereplayed_ticks\x18\x02 \x01(\x03\x12\x17\n\x0ftrained_weights\x18\x03 \x01(\x08\"\x1f\n\rGeneratedText\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"\xc1\x01\n\x0cStepResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.michi.backbone.v1.OpenedH\x00\x12-\n\x04tick\x18\x02 \x01(\x0b\x32\x1d.michi.backbone.v1.TickRecordH\x00\x12\x35\n\tgenerated\x18\x04 \x01(\x0b\x32 .michi.backbone.v1.GeneratedTextH\x00\x12\x12\n\nagent_text\x18\x03 \x01(\tB\n\n\x08response2W\n\x08\x42\x61\x63kbone\x12K\n\x04Step\x12\x1e.michi.backbone.v1.StepRequest\x1a\x1f.michi.backbone.v1.StepResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61\x63kbone/v1/backbone.proto\x12\x11michi.backbone.v1\"u\n\x04Open\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x18\n\x10text_temperature\x18\x03 \x01(\x02\x12\x31\n\x07history\x18\x04 \x03(\x0b\x32 .michi.backbone.v1.HistoryRecord\"j\n\x04Tick\x12\x0c\n\x04tick\x18\x01 \x01(\x03\x12\x13\n\x0buser_latent\x18\x02 \x03(\x02\x12\x13\n\x0buser_tokens\x18\x03 \x03(\x05\x12\x13\n\x0b\x66orced_text\x18\x04 \x03(\x05\x12\x15\n\rforced_latent\x18\x05 \x03(\x02\"\x1c\n\nTextInsert\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"w\n\rHistoryRecord\x12-\n\x04tick\x18\x01 \x01(\x0b\x32\x1d.michi.backbone.v1.TickRecordH\x00\x12-\n\x04text\x18\x02 \x01(\x0b\x32\x1d.michi.backbone.v1.TextInsertH\x00\x42\x08\n\x06record\"\x99\x01\n\nTickRecord\x12\x0c\n\x04tick\x18\x01 \x01(\x03\x12\x13\n\x0buser_latent\x18\x02 \x03(\x02\x12\x13\n\x0buser_tokens\x18\x03 \x03(\x05\x12\x13\n\x0b\x61gent_token\x18\x04 \x01(\x05\x12\x14\n\x0c\x61gent_latent\x18\x05 \x03(\x02\x12\x14\n\x0c\x61gent_phones\x18\x06 \x03(\x05\x12\x12\n\nnext_phone\x18\x07 \x01(\x05\"\"\n\x0cGenerateText\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\"\xce\x01\n\x0bStepRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.michi.backbone.v1.OpenH\x00\x12\'\n\x04tick\x18\x02 \x01(\x0b\x32\x17.michi.backbone.v1.TickH\x00\x12-\n\x04text\x18\x03 \x01(\x0b\x32\x1d.michi.backbone.v1.TextInsertH\x00\x12\x33\n\x08generate\x18\x04 \x01(\x0b\x32\x1f.michi.backbone.v1.GenerateTextH\x00\x42\t\n\x07request\"K\n\x06Opened\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x16\n\x0ereplayed_ticks\x18\x02 \x01(\x03\x12\x17\n\x0ftrained_weights\x18\x03 \x01(\x08\"\x1f\n\rGeneratedText\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"\xc1\x01\n\x0cStepResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.michi.backbone.v1.OpenedH\x00\x12-\n\x04tick\x18\x02 \x01(\x0b\x32\x1d.michi.backbone.v1.TickRecordH\x00\x12\x35\n\tgenerated\x18\x04 \x01(\x0b\x32 .michi.backbone.v1.GeneratedTextH\x00\x12\x12\n\nagent_text\x18\x03 \x01(\tB\n\n\x08response2W\n\x08\x42\x61\x63kbone\x12K\n\x04Step\x12\x1e.michi.backbone.v1.StepRequest\x1a\x1f.michi.backbone.v1.StepResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,18 +39,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTINSERT']._serialized_end=304
   _globals['_HISTORYRECORD']._serialized_start=306
   _globals['_HISTORYRECORD']._serialized_end=425
-  _globals['_TICKRECORD']._serialized_start=427
-  _globals['_TICKRECORD']._serialized_end=538
-  _globals['_GENERATETEXT']._serialized_start=540
-  _globals['_GENERATETEXT']._serialized_end=574
-  _globals['_STEPREQUEST']._serialized_start=577
-  _globals['_STEPREQUEST']._serialized_end=783
-  _globals['_OPENED']._serialized_start=785
-  _globals['_OPENED']._serialized_end=860
-  _globals['_GENERATEDTEXT']._serialized_start=862
-  _globals['_GENERATEDTEXT']._serialized_end=893
-  _globals['_STEPRESPONSE']._serialized_start=896
-  _globals['_STEPRESPONSE']._serialized_end=1089
-  _globals['_BACKBONE']._serialized_start=1091
-  _globals['_BACKBONE']._serialized_end=1178
+  _globals['_TICKRECORD']._serialized_start=428
+  _globals['_TICKRECORD']._serialized_end=581
+  _globals['_GENERATETEXT']._serialized_start=583
+  _globals['_GENERATETEXT']._serialized_end=617
+  _globals['_STEPREQUEST']._serialized_start=620
+  _globals['_STEPREQUEST']._serialized_end=826
+  _globals['_OPENED']._serialized_start=828
+  _globals['_OPENED']._serialized_end=903
+  _globals['_GENERATEDTEXT']._serialized_start=905
+  _globals['_GENERATEDTEXT']._serialized_end=936
+  _globals['_STEPRESPONSE']._serialized_start=939
+  _globals['_STEPRESPONSE']._serialized_end=1132
+  _globals['_BACKBONE']._serialized_start=1134
+  _globals['_BACKBONE']._serialized_end=1221
 # @@protoc_insertion_point(module_scope)

@@ -47,18 +47,22 @@ class HistoryRecord(_message.Message):
     def __init__(self, tick: _Optional[_Union[TickRecord, _Mapping]] = ..., text: _Optional[_Union[TextInsert, _Mapping]] = ...) -> None: ...
 
 class TickRecord(_message.Message):
-    __slots__ = ("tick", "user_latent", "user_tokens", "agent_token", "agent_latent")
+    __slots__ = ("tick", "user_latent", "user_tokens", "agent_token", "agent_latent", "agent_phones", "next_phone")
     TICK_FIELD_NUMBER: _ClassVar[int]
     USER_LATENT_FIELD_NUMBER: _ClassVar[int]
     USER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AGENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     AGENT_LATENT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_PHONES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PHONE_FIELD_NUMBER: _ClassVar[int]
     tick: int
     user_latent: _containers.RepeatedScalarFieldContainer[float]
     user_tokens: _containers.RepeatedScalarFieldContainer[int]
     agent_token: int
     agent_latent: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, tick: _Optional[int] = ..., user_latent: _Optional[_Iterable[float]] = ..., user_tokens: _Optional[_Iterable[int]] = ..., agent_token: _Optional[int] = ..., agent_latent: _Optional[_Iterable[float]] = ...) -> None: ...
+    agent_phones: _containers.RepeatedScalarFieldContainer[int]
+    next_phone: int
+    def __init__(self, tick: _Optional[int] = ..., user_latent: _Optional[_Iterable[float]] = ..., user_tokens: _Optional[_Iterable[int]] = ..., agent_token: _Optional[int] = ..., agent_latent: _Optional[_Iterable[float]] = ..., agent_phones: _Optional[_Iterable[int]] = ..., next_phone: _Optional[int] = ...) -> None: ...
 
 class GenerateText(_message.Message):
     __slots__ = ("max_tokens",)
