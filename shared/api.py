@@ -180,6 +180,11 @@ class Session:
         """Forced (TTS) tokens not yet spoken."""
         return self.engine.forced_pending(self.KEY)
 
+    @property
+    def phones_pending(self) -> int:
+        """Phonemes of the forced text not yet spoken (models with a phoneme stream)."""
+        return self.engine.phones_pending(self.KEY)
+
     # ---- inputs -------------------------------------------------------------------------------
     def push_audio(self, pcm: np.ndarray, sample_rate_hz: int = 24_000) -> None:
         """User audio, any length; resampled to 24 kHz and consumed 80 ms per tick. Each call is

@@ -126,6 +126,11 @@ class BackboneEngine:
     def forced_pending(self, key: str) -> int:
         return len(self.rows[self.index[key]].forced_text)
 
+    def phones_pending(self, key: str) -> int:
+        """Phonemes queued but not yet spoken (0 for a model without a phoneme stream)."""
+        q = self.rows[self.index[key]].phonemes
+        return len(q.queue) if q is not None else 0
+
     def prompt_latents(self, key: str, latents: torch.Tensor) -> None:
         """Teacher-force the agent's audio for the next ticks (raw latents [n, D])."""
         norm = self.model.latent_norm.normalize(latents.to(self.device))

@@ -8,6 +8,7 @@ from typing import Iterable, Union
 import numpy as np
 
 from .api import Michi, Tick
+from .model.phonemes import MAX_HOLD_TICKS
 
 # A mixed prompt: ("text", "retrieved document...") or ("audio", pcm, sample_rate_hz).
 Segment = Union[tuple[str, str], tuple[str, np.ndarray, int]]
@@ -31,12 +32,14 @@ def _collect(michi: Michi, ticks: list[Tick], skip_audio_ticks: int = 0) -> Gene
 
 def tts(michi: Michi, text: str, continue_ticks: int = 12, seed: int = 0, **options) -> Generation:
     """Causal TTS: the text is forced into the agent text stream at the pace the model asks for
-    it, then the model goes on by itself for `continue_ticks`."""
+    it (and its phonemes into the phoneme stream, where the model has one), then the model goes
+    on by itself for `continue_ticks`."""
     session = michi.session(seed=seed, **options)
     session.force_agent_text(text)
     ticks: list[Tick] = []
-    limit = session.forced_pending * (session.max_pad_ticks + 1) + 1  # forcing always progresses
-    while session.forced_pending and len(ticks) < limit:
+    # Forcing always progresses, and so does the phoneme queue (model.phonemes.PhonemeQueue).
+    limit = session.forced_pending * (session.max_pad_ticks + 1) + session.phones_pending * (MAX_HOLD_TICKS + 1) + 1
+    while (session.forced_pending or session.phones_pending) and len(ticks) < limit:
         ticks.append(session.step())
     ticks += [session.step() for _ in range(continue_ticks)]
     return _collect(michi, ticks)

@@ -24,6 +24,7 @@ from functools import lru_cache
 NUM_PHONEME_IDS = 256  # the embedding table's size: piper's ids (< 166) with room to spare
 PHONE_SLOTS = 4  # phonemes a tick holds at most (piper-joe: 12 a second, ~1 a tick)
 NO_PHONE = 0  # an empty slot (piper's id 0 is its pad symbol "_", which espeak never writes)
+MAX_HOLD_TICKS = 4  # a queue the model holds longer than this takes its next phoneme anyway
 VOICE = "en-us"
 _LOCK = threading.Lock()  # espeak-ng is one global state per process
 _WORD = re.compile(r"\S+")
@@ -81,7 +82,7 @@ class PhonemeQueue:
     model holds for more than `max_hold` ticks while phonemes wait, the next one is taken anyway.
     """
 
-    def __init__(self, decode, slots: int, max_hold: int = 4):
+    def __init__(self, decode, slots: int, max_hold: int = MAX_HOLD_TICKS):
         self.decode, self.slots, self.max_hold = decode, slots, max_hold
         self.queue: deque[int] = deque()
         self.word: list[int] = []  # token ids of the agent's own word in progress

@@ -26,7 +26,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     rc = RecipeConfig(corpus=args.corpus, out=args.out, preset=args.preset, init=args.init,
                       new_vocoder=args.new_vocoder, device=args.device,
                       seed=args.seed, tts_speakers=args.tts_speakers.split(",") if args.tts_speakers else None,
-                      text_file=args.text)
+                      text_file=args.text, snapshot_minutes=args.snapshot_minutes)
     rc.steps.update(_pairs(args.steps, int))
     rc.minutes.update(_pairs(args.minutes, float))
     rc.lr.update(_pairs(args.lr, float))
@@ -103,6 +103,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
                     "documents, or a folder of .txt (default: the offline Debian text corpus)")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--snapshot-minutes", type=float, default=None,
+                    help="a checkpoint every N minutes of the speak/joint stages in RUN/snapshots/ (for "
+                         "the learning curve: python -m michi.eval.curve RUN)")
     sp.set_defaults(func=cmd_recipe)
 
     sp = tsub.add_parser("finetune", help="fine-tune a model on one speaker from a folder of recordings")

@@ -30,6 +30,10 @@ class StageBudget:
     minutes: float | None = None  # stop early when this much wall time is spent
     log_every: int = 20
     save_every: int = 500
+    # Every snapshot_minutes of wall time (and at the end), snapshot(minutes, step) is called:
+    # the recipe writes a checkpoint there, for a learning curve.
+    snapshot_minutes: float | None = None
+    snapshot: Callable[[float, int], None] | None = None
 
 
 class Stage(Protocol):
@@ -105,6 +109,8 @@ def run_stage(stage: Stage, out_dir: str | Path, budget: StageBudget, d: Dist,
         progress(f"[{stage.name}] resuming at step {step}")
     start = time.perf_counter() - elapsed
     window: dict[str, list[float]] = {}
+    if budget.snapshot_minutes:
+        next_snapshot = (elapsed / 60 // budget.snapshot_minutes + 1) * budget.snapshot_minutes
     while step < budget.steps:
         if budget.minutes is not None and time.perf_counter() - start > 60 * budget.minutes:
             progress(f"[{stage.name}] time budget of {budget.minutes} min reached at step {step}")
@@ -131,7 +137,14 @@ def run_stage(stage: Stage, out_dir: str | Path, budget: StageBudget, d: Dist,
                          f"ETA {eta / 60:.1f} min")
         if step % budget.save_every == 0:
             _save(stage, out, step, time.perf_counter() - start, False, d)
+        if budget.snapshot and budget.snapshot_minutes:
+            wall_min = (time.perf_counter() - start) / 60
+            if wall_min >= next_snapshot:
+                budget.snapshot(wall_min, step)
+                next_snapshot = (wall_min // budget.snapshot_minutes + 1) * budget.snapshot_minutes
     _save(stage, out, step, time.perf_counter() - start, True, d)
+    if budget.snapshot:
+        budget.snapshot((time.perf_counter() - start) / 60, step)
     if d.main:
         plot_losses(out / LOG_FILE, out / "losses.png", title=f"{stage.name} stage")
     barrier(d)

@@ -64,6 +64,9 @@ class RecipeConfig:
     steps: dict[str, int] = field(default_factory=lambda: {
         "text": 2000, "codec": 3000, "vocoder": 1000, "speak": 1000, "joint": 3000})
     minutes: dict[str, float] = field(default_factory=dict)  # optional wall-time cap per stage
+    # Every this many minutes of the speak and joint stages, a checkpoint in <run>/snapshots/ (for
+    # the learning curve: `python -m michi.eval.curve RUN`); None: none.
+    snapshot_minutes: float | None = None
     lr: dict[str, float] = field(default_factory=lambda: {
         "text": 1e-3, "codec": 2e-4, "vocoder": 2e-4, "speak": 1e-3, "joint": 5e-4})
     codec: CodecConfig = field(default_factory=CodecConfig)
@@ -162,6 +165,15 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
             f"latent input projections); speak head, listen text head and codec new")
         return model.to(device)
     model, _ = load_checkpoint(rc.init, device=device)
+    if target.codec == "melpca" and target.phone_slots != model.cfg.phone_slots:
+        # The preset adds (or drops) the phoneme stream: its parts start new, the rest is copied.
+        grown = MichiModel(target, load_pretrained=False).to(device)
+        mine = grown.state_dict()
+        copied = {k: v for k, v in model.state_dict().items() if k in mine and v.shape == mine[k].shape}
+        grown.load_state_dict(copied, strict=False)
+        log(f"[init] {rc.preset} from {rc.init}: {len(copied)} tensors copied; new: "
+            f"{', '.join(sorted({k.split('.')[1] for k in mine if k not in copied})) or 'none'}")
+        return grown
     if rc.new_vocoder:
         if model.cfg.codec == "melpca":
             raise ValueError("new_vocoder: a mel-PCA model's vocoder is its analytic decoder, for now")
@@ -229,11 +241,15 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
             set_latent_stats(model, speech)
         log(f"[latents] {len(speech.utterances)} utterances, {speech.ticks} ticks "
             f"({speech.ticks * 0.08 / 60:.1f} min) for the speak and joint stages")
+    info = recipe_info(rc, out)
     for stage, mode in (("speak", "speak"), ("joint", "joint")):
         if stage in rc.stages:
+            budget = _budget(rc, stage)
+            if rc.snapshot_minutes and d.main:
+                budget.snapshot_minutes = rc.snapshot_minutes
+                budget.snapshot = lambda minutes, step, stage=stage: _snapshot(model, out, stage, minutes, step, info)
             run_stage(SequenceStage(stage, mode, model, d, rc.sequence, _optim(rc, stage), speech, texts,
-                                    seed=rc.seed), out / stage, _budget(rc, stage), d, progress=log)
-    info = recipe_info(rc, out)
+                                    seed=rc.seed), out / stage, budget, d, progress=log)
     if d.main:
         save_checkpoint(model, out / "model", info={**info, "trained": True})
         log(f"model written to {out / 'model'}")
@@ -250,6 +266,15 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
                                   "the joint stage's budget on pure text", "recipe": info["recipe"]})
     barrier(d)
     return out / "model"
+
+
+def _snapshot(model: MichiModel, out: Path, stage: str, minutes: float, step: int, info: dict) -> None:
+    """A checkpoint of the model as it is now, named by the stage's wall minutes."""
+    was_training = model.training
+    save_checkpoint(model.eval(), out / "snapshots" / f"{stage}-{minutes:05.1f}min",
+                    info={**info, "trained": True, "snapshot": {"stage": stage, "minutes": round(minutes, 2),
+                                                                "step": step}})
+    model.train(was_training)
 
 
 def recipe_info(rc: RecipeConfig, out: Path) -> dict[str, Any]:
