@@ -10,12 +10,13 @@ sample 1920 (t + 1) - 1 has arrived.
 
 Decoder (the analytic floor, no training): latent -> inverse projection + mean -> 8 log-mel frames
 -> mel magnitudes -> linear magnitudes by the mel filterbank's pseudo-inverse (clamped >= 0) -> a
-uniformly random phase per frame and bin (drawn from a seeded torch generator whose state travels in
-the decoder state) -> inverse rFFT -> synthesis Hann window -> overlap-add at hop 240. Frame f's
-samples land on the same span as its analysis window, so the output is the input's timeline
-delayed by `DECODER_DELAY` = 720 samples (30 ms, window - hop): every latent gives its 1920 samples
-at once, of which the last 720 still wait for the next latent's first frames. Output sample m
-depends only on latents t <= m // 1920.
+uniformly random phase per frame and bin (`random_phases`: an integer hash of the frame's index in
+its stream and the bin; the index travels in the decoder state) -> inverse rFFT -> synthesis Hann
+window -> overlap-add at hop 240. Frame f's samples land on the same span as its analysis window,
+so the output is the input's timeline delayed by `DECODER_DELAY` = 720 samples (30 ms, window -
+hop): every latent gives its 1920 samples at once, of which the last 720 still wait for the next
+latent's first frames. Output sample m depends only on latents t <= m // 1920. Both sides export
+to ONNX (`michi.serving.triton.export`; the rFFTs become DFT ops, the phases integer arithmetic).
 
 OLA gain. For coherent frames (true phases) the window-sum normalisation 1 / sum_m w_a w_s (= 1 /
 1.5 for a periodic Hann at a quarter-window hop) gives the signal back. Random-phase frames are
@@ -246,31 +247,52 @@ class MelPCAEncoder(nn.Module):
 
 
 # ---- streaming analytic decoder ---------------------------------------------------------------
-@functools.lru_cache(maxsize=16)
-def _seeded_rng_state(seed: int) -> Tensor:
-    return torch.Generator().manual_seed(seed).get_state()
+PHASE_MODULUS = 2**31 - 1  # the Park-Miller prime
+PHASE_MULTIPLIER = 48271  # its MINSTD multiplier
+PHASE_ROUNDS = 3
+# Frame indices wrap here (5.8 hours at 100 frames/s): every (frame, bin) of a period starts the
+# hash from its own value (PHASE_PERIOD * BINS < PHASE_MODULUS), and a float32 counter stays exact.
+PHASE_PERIOD = 2**21
+
+
+def random_phases(frames: Tensor, seed: int = 0) -> Tensor:
+    """Frame indices (int64, any shape [...]) -> phases [..., 513], uniform on the circle
+    and independent-looking across frames and bins: an exact integer hash of (seed, frame, bin).
+
+    Integer arithmetic makes it exportable and bit-identical wherever it runs (torch on any device,
+    ONNX Runtime). Each round is a Lehmer step x <- 48271 x mod (2^31 - 1) and a squaring
+    x <- x^2 + c mod (2^31 - 1): products stay below 2^62, so int64 never overflows. The squaring is
+    what makes the hash non-linear; Lehmer steps alone would give phases linear in the bin, that is
+    one time shift per frame, not a random phase."""
+    bins = torch.arange(BINS, device=frames.device)
+    x = ((frames % PHASE_PERIOD)[..., None] * BINS + bins) % (PHASE_MODULUS - 1) + 1
+    for r in range(PHASE_ROUNDS):
+        x = x * PHASE_MULTIPLIER % PHASE_MODULUS
+        x = (x * x + (seed * PHASE_ROUNDS + r + 1) % PHASE_MODULUS) % PHASE_MODULUS
+    return x.float() * (2 * math.pi / PHASE_MODULUS)
 
 
 @dataclass
 class MelPCADecoderState:
-    """What the next latent needs: the overlap-add tail and each row's phase generator."""
+    """What the next latent needs: the overlap-add tail and each row's frame counter."""
 
     tail: Tensor  # [B, 720]: partial sums of the samples after the last emitted one
-    rng: Tensor  # [B, 5056] uint8: each row's CPU torch.Generator state (torch.Generator.get_state)
-    seed: int  # a fresh (or reset) row's generator starts from manual_seed(seed)
+    # [B, 1]: the index (mod PHASE_PERIOD) of the row's next frame, which picks its random phases.
+    # float32 (exact below 2^24), not int64: the graph executions carry it like every other stream
+    # state, in the types the Triton configs and client take (FP32, FP16, BOOL).
+    frame: Tensor
 
     def reset(self, mask: Tensor) -> None:
         """Restart the masked rows as fresh streams (any tick boundary is a valid restart)."""
         self.tail = self.tail.masked_fill(_rows(mask, self.tail), 0.0)
-        rows = mask.to("cpu", torch.bool)
-        self.rng = torch.where(rows[:, None], _seeded_rng_state(self.seed)[None], self.rng)
+        self.frame = self.frame.masked_fill(_rows(mask, self.frame), 0.0)
 
 
 class MelPCADecoder(nn.Module):
     """Raw latents [B, n, K] -> audio [B, n * 1920] at 24 kHz, delayed by DECODER_DELAY (720)
     samples. No trainable parameters: the basis is a frozen buffer. Streaming: `step` takes any
-    number of latents; chunked output equals `forward` (the random phases come from the state's
-    generators, drawn in frame order)."""
+    number of latents; chunked output equals `forward` (frame f of a stream gets the phases
+    `random_phases(f, seed)`, whatever the chunking)."""
 
     def __init__(self, k: int = DEFAULT_K, seed: int = 0):
         super().__init__()
@@ -302,20 +324,8 @@ class MelPCADecoder(nn.Module):
 
     def init_state(self, batch_size: int, device: Any = None,
                    dtype: torch.dtype = torch.float32) -> MelPCADecoderState:
-        rng = _seeded_rng_state(self.seed)[None].repeat(batch_size, 1)
         return MelPCADecoderState(torch.zeros(batch_size, PAD, device=device, dtype=torch.float32),
-                                  rng, self.seed)
-
-    def _phases(self, frames: int, state: MelPCADecoderState) -> Tensor:
-        """[B, frames, 513] uniform phases in [0, 2 pi); advances each row's generator."""
-        generator = torch.Generator()
-        rows, states = [], []
-        for row in state.rng:
-            generator.set_state(row.clone())  # set_state reads the storage from its start
-            rows.append(torch.rand(frames, BINS, generator=generator))
-            states.append(generator.get_state())
-        state.rng = torch.stack(states)
-        return torch.stack(rows) * (2 * math.pi)
+                                  torch.zeros(batch_size, 1, device=device, dtype=torch.float32))
 
     def step(self, latents: Tensor, state: MelPCADecoderState) -> tuple[Tensor, MelPCADecoderState]:
         """Latents [B, n, K] (n >= 0) -> their n * 1920 samples [B, n * 1920]."""
@@ -323,7 +333,9 @@ class MelPCADecoder(nn.Module):
         if n == 0:
             return latents.new_zeros(b, 0), state
         magnitude = self.magnitudes(latents)  # [B, 8n, 513]
-        phase = self._phases(8 * n, state).to(magnitude.device)
+        first = state.frame.long()  # [B, 1]
+        phase = random_phases(first + torch.arange(8 * n, device=first.device), self.seed)
+        state.frame = ((first + 8 * n) % PHASE_PERIOD).float()
         frames = torch.fft.irfft(torch.polar(magnitude, phase), n=N_FFT)[..., :WINDOW]
         frames = frames * self.synthesis  # [B, 8n, 960]
         # Overlap-add at hop 240: frame j covers output [240 j, 240 j + 960) of this step.

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from michi.model.melpca import (DECODER_DELAY, PAD, TICK, TICK_DIM, MelPCABasis, MelPCACodec,
-                                causal_log_mel, fit_basis, tick_vectors)
+from michi.model.melpca import (BINS, DECODER_DELAY, PAD, PHASE_PERIOD, TICK, TICK_DIM, MelPCABasis,
+                                MelPCACodec, causal_log_mel, fit_basis, random_phases, tick_vectors)
 from michi.model.state import load_state_tensors, state_tensors
 
 RATE = 24_000
@@ -103,10 +103,41 @@ def test_decoder_state_flattens_and_resets(codec):
     # a reset row starts over as a fresh stream; the other row carries on
     state = codec.decoder.init_state(2)
     codec.decoder.step(latents[:, :2], state)
+    before = [t.clone() for t in state_tensors(state)]
     state.reset(torch.tensor([True, False]))
+    for t, was, fresh in zip(state_tensors(state), before, state_tensors(codec.decoder.init_state(1))):
+        assert torch.equal(t[0], fresh[0]) and torch.equal(t[1], was[1])
     out, _ = codec.decoder.step(latents[:, 2:], state)
     assert _rel(out[0], codec.decoder(latents[:1, 2:])[0]) < 1e-5
     assert _rel(out[1], whole[1, 2 * TICK:]) < 1e-5
+    assert state.frame.tolist() == [[16.0], [32.0]]  # the rows' next frames: 8 per latent
+
+
+def test_decoder_state_is_exportable(codec):
+    """The state is float32 tensors only (no generator), all zeros for a fresh stream, as the
+    ONNX and Triton executions start one."""
+    state = codec.decoder.init_state(3)
+    tensors = state_tensors(state)
+    assert [tuple(t.shape) for t in tensors] == [(3, PAD), (3, 1)]
+    assert all(t.dtype == torch.float32 and not t.any() for t in tensors)
+
+
+def test_random_phases_are_an_uncorrelated_integer_hash():
+    """Uniform on the circle, no structure across bins or frames (a phase linear in the bin would
+    be a time shift, not a random phase), fixed by (seed, frame, bin), and periodic in the frame."""
+    frames = torch.arange(2000)
+    phase = random_phases(frames)
+    assert phase.shape == (2000, BINS) and phase.dtype == torch.float32
+    assert float(phase.min()) >= 0 and float(phase.max()) <= 2 * np.pi + 1e-6
+    z = torch.polar(torch.ones_like(phase, dtype=torch.float64), phase.double())
+    for moment in (z, z[:, 1:] * z[:, :-1].conj(), z[1:] * z[:-1].conj(),
+                   z[:, 2:] * z[:, :-2] * z[:, 1:-1].conj() ** 2):
+        assert float(moment.mean().abs()) < 0.005  # ~1e-3 expected for 1e6 independent phases
+    counts = np.histogram(phase.numpy(), bins=16, range=(0, 2 * np.pi))[0]
+    assert counts.min() > 0.97 * counts.mean()
+    torch.testing.assert_close(random_phases(frames[[5, 7]]), phase[[5, 7]], atol=0, rtol=0)
+    torch.testing.assert_close(random_phases(frames[:3] + PHASE_PERIOD), phase[:3], atol=0, rtol=0)
+    assert float((random_phases(frames[:3], seed=1) - phase[:3]).abs().mean()) > 1.0
 
 
 def test_encoder_state_flattens_and_resets(codec):

@@ -1,0 +1,132 @@
+"""The mel-PCA codec (`codec: melpca`) on the graph executions: its listen encoder and analytic
+decoder steps export to ONNX (`michi triton export`) and, run through ONNX Runtime one 80 ms frame
+at a time with the state passed in and out, give what the PyTorch streaming steps give: one
+stream over a whole utterance, and a batch whose rows are at different positions."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from michi.api import Michi
+from michi.config import preset
+from michi.model.melpca import TICK, fit_basis
+from michi.model.michi import MichiModel
+from michi.model.state import state_tensors
+from michi.serving.execution import (OnnxStep, TorchEncoderStream, TorchVocoderStream, encoder_streams,
+                                     vocoder_streams)
+from michi.serving.triton.export import MODELS, ONNX_FILE, initial_state, write_repository
+
+pytestmark = pytest.mark.skipif(shutil.which("flite") is None, reason="needs flite (apt: flite)")
+
+SENTENCES = ["The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
+             "It's easy to tell the depth of a well.", "Rice is often served in round bowls."]
+
+
+@pytest.fixture(scope="module")
+def speech():
+    from michi.data.voices import synthesize
+
+    return [synthesize("flite-kal16", s) for s in SENTENCES]
+
+
+@pytest.fixture(scope="module")
+def model(speech):
+    """A random tiny-melpca model whose basis is fit on three sentences (the fourth is held out)."""
+    torch.manual_seed(0)
+    m = MichiModel(preset("tiny-melpca"), load_pretrained=False)
+    m.set_basis(fit_basis(speech[:-1], k=m.cfg.latent_dim))
+    return Michi(m)
+
+
+@pytest.fixture(scope="module")
+def repository(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("melpca-repo")
+    specs = write_repository(model, out, max_batch_size=8)
+    return out, specs
+
+
+def _step(repository, stage: str) -> OnnxStep:
+    out, specs = repository
+    return OnnxStep(out / MODELS[stage] / "1" / ONNX_FILE, specs[stage])
+
+
+def test_graph_state_is_float_and_fresh_streams_are_zeros(model, repository):
+    """The graph executions start a stream with zeros of the declared types (OnnxStep, TritonStep):
+    the codec's fresh state must be exactly that."""
+    _, specs = repository
+    for stage in MODELS:
+        states = [t for t in specs[stage].inputs if t.name.startswith("state_in_")]
+        fresh = initial_state(model, stage, 2)
+        assert [(t.dims, t.dtype) for t in states] == [(tuple(f.shape[1:]), torch.float32) for f in fresh]
+        assert all(not f.any() for f in fresh)
+    assert [t.dims for t in specs["vocoder"].inputs[1:]] == [(720,), (1,)]  # OLA tail, frame counter
+
+
+def test_streams_on_onnxruntime_equal_torch_over_an_utterance(model, repository, speech):
+    """`--execution onnxruntime` (the stages' encoder and vocoder streams), chunked at odd sizes,
+    against the PyTorch streams over a held-out sentence (3.7 s, 45 ticks)."""
+    out, _ = repository
+    pcm = speech[-1]
+    graph, torch_stream = encoder_streams(model, "onnxruntime", onnx_dir=str(out))(), TorchEncoderStream(model)
+    got, want, pos = [], [], 0
+    for size in [700, 1920, 3001, 5, 4000] * 20:
+        chunk = pcm[pos:pos + size]
+        pos += size
+        got.append(graph.encode(chunk))
+        want.append(torch_stream.encode(chunk))
+    assert pos >= len(pcm)
+    latents = torch.cat([g[0] for g in got])
+    assert latents.shape == (len(pcm) // TICK, model.cfg.latent_dim) and len(latents) > 40
+    torch.testing.assert_close(latents, torch.cat([w[0] for w in want]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([g[1] for g in got]), torch.cat([w[1] for w in want]),
+                               atol=1e-4, rtol=1e-4)
+
+    lat = latents.numpy()
+    graph, torch_stream = vocoder_streams(model, "onnxruntime", onnx_dir=str(out))(), TorchVocoderStream(model)
+    cuts = [0, 1, 3, 3, 10, len(lat)]
+    audio = np.concatenate([graph.decode(lat[a:b]) for a, b in zip(cuts, cuts[1:])])
+    reference = np.concatenate([torch_stream.decode(lat[a:b]) for a, b in zip(cuts, cuts[1:])])
+    assert audio.shape == (len(lat) * TICK,) and np.sqrt(np.mean(reference ** 2)) > 1e-2
+    np.testing.assert_allclose(audio, reference, atol=1e-4)
+
+
+def test_batched_rows_at_different_positions_equal_torch(model, repository, speech):
+    """Two streams in one batch; the second starts 3 ticks after the first (its state rows
+    fresh), as a Triton batch mixes frames of calls at different points. Each frame's outputs and
+    new state equal the PyTorch step with `state.reset` on that row."""
+    late, ticks = 3, 12
+    pcm = np.stack([speech[0][:ticks * TICK], speech[1][:ticks * TICK]])
+    rows = torch.tensor([False, True])
+
+    listen, m = _step(repository, "listen"), model.model
+    state, reference = listen.init_state(2), m.listen.init_state(2)
+    latents = []
+    with torch.no_grad():
+        for tick in range(ticks):
+            if tick == late:
+                fresh = listen.init_state(1)
+                state = [np.concatenate([s[:1], f]) for s, f in zip(state, fresh)]
+                reference.reset(rows)
+            audio = pcm[:, tick * TICK:(tick + 1) * TICK]
+            (latent, features), state = listen({"audio": audio}, state)
+            want, reference = m.listen.step(torch.from_numpy(audio), reference)
+            np.testing.assert_allclose(latent, want.latents[:, 0].numpy(), atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(features, want.features[:, 0].numpy(), atol=1e-4, rtol=1e-4)
+            for s, r in zip(state, state_tensors(reference)):
+                np.testing.assert_allclose(s, r.numpy(), atol=1e-6)
+            latents.append(latent)
+
+    vocoder = _step(repository, "vocoder")
+    state, reference = vocoder.init_state(2), m.vocoder.init_state(2)
+    with torch.no_grad():
+        for tick, latent in enumerate(latents):
+            if tick == late:
+                state = [np.concatenate([s[:1], f]) for s, f in zip(state, vocoder.init_state(1))]
+                reference.reset(rows)
+            (audio,), state = vocoder({"latent": latent}, state)
+            want, reference = m.vocoder.step(torch.from_numpy(latent)[:, None], reference)
+            np.testing.assert_allclose(audio, want.numpy(), atol=1e-4)
+            for s, r in zip(state, state_tensors(reference)):
+                np.testing.assert_allclose(s, r.numpy(), atol=1e-4)
+    assert state[1][:, 0].tolist() == [8 * ticks, 8 * (ticks - late)]  # the rows' frame counters
