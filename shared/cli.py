@@ -13,6 +13,7 @@ import torch
 from .api import UNTRAINED_WARNING, Michi, load
 from .config import MichiConfig
 from .model.backbone import backbone_config_from_hf
+from .generate import TTS_TAIL_TICKS
 from .model.michi import MichiModel
 
 MODEL_HELP = "default (the shipped trained model), a preset (tiny, full: random weights) or a checkpoint directory"
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("synth", help="text to a 24 kHz WAV (causal TTS)")
     sp.add_argument("text")
     sp.add_argument("--out", "-o", default="michi.wav")
-    sp.add_argument("--continue-ticks", type=int, default=12, help="free ticks after the text")
+    sp.add_argument("--continue-ticks", type=int, default=TTS_TAIL_TICKS, help="free ticks after the text")
     model_arg(sp)
     sp.set_defaults(func=cmd_synth)
 

@@ -10,6 +10,10 @@ import numpy as np
 from .api import Michi, Tick
 from .model.phonemes import MAX_HOLD_TICKS
 
+# Free ticks after a TTS text (and its phonemes) is spoken: room for the last sound to leave the
+# audio delay and the decoder, without the model going on to words of its own.
+TTS_TAIL_TICKS = 4
+
 # A mixed prompt: ("text", "retrieved document...") or ("audio", pcm, sample_rate_hz).
 Segment = Union[tuple[str, str], tuple[str, np.ndarray, int]]
 
@@ -30,7 +34,7 @@ def _collect(michi: Michi, ticks: list[Tick], skip_audio_ticks: int = 0) -> Gene
                       user_text="".join(t.user_text for t in ticks), trained=michi.trained)
 
 
-def tts(michi: Michi, text: str, continue_ticks: int = 12, seed: int = 0, **options) -> Generation:
+def tts(michi: Michi, text: str, continue_ticks: int = TTS_TAIL_TICKS, seed: int = 0, **options) -> Generation:
     """Causal TTS: the text is forced into the agent text stream at the pace the model asks for
     it (and its phonemes into the phoneme stream, where the model has one), then the model goes
     on by itself for `continue_ticks`."""

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..generate import TTS_TAIL_TICKS
+
 SPEECH_TASKS = ("tts", "codec", "listen")
 TEXT_TASKS = ("text", "reasoning")
 
@@ -40,7 +42,7 @@ def _speech_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--whisper-threads", type=int, default=2)
     sp.add_argument("--reference-voice", default=None,
                     help="michi.data.voices id speaking the TTS reference (default: DEFAULT_TTS_VOICE)")
-    sp.add_argument("--continue-ticks", type=int, default=12, help="free TTS ticks after the forced text")
+    sp.add_argument("--continue-ticks", type=int, default=TTS_TAIL_TICKS, help="free TTS ticks after the forced text")
     sp.add_argument("--asterisk-limit", type=int, default=None,
                     help="Asterisk prompts (real speech) for codec and listen (default: --limit; 0: none)")
     sp.add_argument("--save-wavs", type=int, default=3, help="WAVs kept per evaluation, next to the report")

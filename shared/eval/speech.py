@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..generate import TTS_TAIL_TICKS
+
 from ..audio.io import as_mono_float32, read_wav, resample, write_wav
 from .wer import char_errors, normalize_text, summary, word_errors
 
@@ -224,7 +226,7 @@ def _safe(name: str) -> str:
 # ---- TTS --------------------------------------------------------------------------------------
 def eval_tts(michi, sentences: Sequence[str | SpeechItem], judge: Judge,
              reference_voice: str | Synthesizer | None | bool = None, seed: int = 0,
-             continue_ticks: int = 12, wav_dir: str | Path | None = None, save_wavs: int = 3,
+             continue_ticks: int = TTS_TAIL_TICKS, wav_dir: str | Path | None = None, save_wavs: int = 3,
              progress: Progress = _no_progress) -> dict[str, Any]:
     """The model speaks each sentence (causal TTS: the text forced into its text stream, then
     `continue_ticks` free ticks); the judge transcribes; corpus WER. `reference_voice` (a voice id,

@@ -112,41 +112,58 @@ class SequenceBank:
         allv = np.concatenate([u.latents for u in self.utterances])
         return allv.mean(0), allv.std(0) + 1e-5
 
-    def batch(self, batch: int, max_ticks: int, gen: torch.Generator) -> SequenceBatch:
-        picks = torch.randint(len(self.utterances), (batch,), generator=gen).tolist()
-        windows = []
-        for i in picks:
-            u = self.utterances[i]
-            start = int(torch.randint(max(1, len(u.tokens) - max_ticks + 1), (1,), generator=gen))
-            windows.append((u, start, min(len(u.tokens), start + max_ticks)))
-        n = max(b - a for _, a, b in windows)
+    def batch(self, batch: int, max_ticks: int, gen: torch.Generator, pack: bool = False) -> SequenceBatch:
+        """`batch` rows of tick windows: each a random window of one utterance (rows padded to the
+        longest, `mask` marks the real ticks), or with `pack` every row filled to `max_ticks` with
+        utterances one after another (the first from a random tick, the next ones whole), so no
+        compute goes to padding; a packed row's later utterances have the earlier ones as context."""
+        rows = [self._row(max_ticks, gen, pack) for _ in range(batch)]
+        n = max(sum(b - a for _, a, b in pieces) for pieces in rows)
         dim = self.utterances[0].latents.shape[1]
+        slots = self.utterances[0].phones.shape[1]
         tokens = np.full((batch, n), self.pad, np.int64)
         prev_tokens = np.full((batch, n), self.pad, np.int64)
         latents = np.zeros((batch, n, dim), np.float32)
         prev_latents = np.zeros((batch, n, dim), np.float32)
         prev_valid = np.zeros((batch, n), bool)
         mask = np.zeros((batch, n), bool)
-        slots = self.utterances[0].phones.shape[1]
         phones = np.full((batch, n, slots), NO_PHONE, np.int64)
         next_phone = np.full((batch, n), NO_PHONE, np.int64)
         phone_take = np.zeros((batch, n), np.int64)
-        for row, (i, (u, a, b)) in enumerate(zip(picks, windows)):
-            k = b - a
-            tokens[row, :k] = u.tokens[a:b]
-            latents[row, :k] = u.latents[a:b]
-            mask[row, :k] = True
-            first = 1 if a == 0 else 0  # tick 0 of an utterance has no tick before it
-            prev_tokens[row, first:k] = u.tokens[a - 1 + first:b - 1]
-            prev_latents[row, first:k] = u.latents[a - 1 + first:b - 1]
-            prev_valid[row, first:k] = True
-            phones[row, :k] = u.phones[a:b]
-            next_phone[row, :k] = self.next_phones[i][a:b]
-            taken = (u.phones[a + 1:b + 1] != NO_PHONE).sum(1)  # the tick after the last: 0 at the end
-            phone_take[row, : len(taken)] = taken
+        for row, pieces in enumerate(rows):
+            at = 0
+            for i, a, b in pieces:
+                u, k = self.utterances[i], b - a
+                cols = slice(at, at + k)
+                tokens[row, cols] = u.tokens[a:b]
+                latents[row, cols] = u.latents[a:b]
+                mask[row, cols] = True
+                first = 1 if a == 0 else 0  # tick 0 of an utterance has no tick before it
+                prev_tokens[row, at + first:at + k] = u.tokens[a - 1 + first:b - 1]
+                prev_latents[row, at + first:at + k] = u.latents[a - 1 + first:b - 1]
+                prev_valid[row, at + first:at + k] = True
+                phones[row, cols] = u.phones[a:b]
+                next_phone[row, cols] = self.next_phones[i][a:b]
+                taken = (u.phones[a + 1:b + 1] != NO_PHONE).sum(1)  # after the utterance's end: 0
+                phone_take[row, at:at + len(taken)] = taken
+                at += k
         t = torch.from_numpy
         return SequenceBatch(t(tokens), t(latents), t(prev_tokens), t(prev_latents), t(prev_valid), t(mask),
                              t(phones), t(next_phone), t(phone_take))
+
+    def _row(self, max_ticks: int, gen: torch.Generator, pack: bool) -> list[tuple[int, int, int]]:
+        """(utterance, first tick, end tick) pieces of one row."""
+        i = int(torch.randint(len(self.utterances), (1,), generator=gen))
+        length = len(self.utterances[i].tokens)
+        start = int(torch.randint(max(1, length - max_ticks + 1), (1,), generator=gen))
+        pieces = [(i, start, min(length, start + max_ticks))]
+        filled = pieces[0][2] - start
+        while pack and filled < max_ticks:
+            i = int(torch.randint(len(self.utterances), (1,), generator=gen))
+            end = min(len(self.utterances[i].tokens), max_ticks - filled)
+            pieces.append((i, 0, end))
+            filled += end
+        return pieces
 
 
 def next_phones(phones: np.ndarray) -> np.ndarray:

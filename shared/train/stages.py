@@ -226,6 +226,7 @@ class SequenceConfig:
     # and phonemes rather than copy its previous frame (DESIGN.md, "The latent")
     latent_noise: float = 0.2
     phone_weight: float = 1.0  # weight of the advance head's loss (models with a phoneme stream)
+    pack: int = 1  # fill every row with utterances back to back (no padding); 0: one utterance a row
     # bf16 autocast of the forward passes: 1 where the device computes bf16 natively (a GPU with
     # bf16, or a CPU whose flags show amx_bf16 or avx512_bf16), 0 to force fp32.
     bf16: int = -1  # -1: decide from the device
@@ -297,7 +298,7 @@ class SequenceStage:
                 losses = self.losses("text", ids=ids.to(dev), mask=mask.to(dev))
             total = losses["lm"]
         else:
-            b = self.speech.batch(sc.batch_size, sc.max_ticks, self.rng)
+            b = self.speech.batch(sc.batch_size, sc.max_ticks, self.rng, pack=bool(sc.pack))
             with autocast:
                 losses = self.losses("speech", **{k: v.to(dev) for k, v in vars(b).items()})
             total = (losses["flow"] + (0.0 if self.mode == "speak" else sc.text_weight * losses["text"])

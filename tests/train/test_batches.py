@@ -44,3 +44,24 @@ def test_text_windows_start_with_bos():
     stream = b"hello world\xffsecond passage\xff"  # 0xff stands in for EOS, after every passage
     for row in ids[:, 1:].tolist():
         assert bytes(255 if t == 301 else t for t in row) in stream
+
+
+def test_packed_rows_are_full_and_keep_each_utterance_whole(tmp_path):
+    utts = _corpus(tmp_path)
+    bank = SequenceBank(tmp_path, pad_token=-7)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        b = bank.batch(3, max_ticks=12, gen=gen, pack=True)
+        assert b.mask.shape == (3, 12) and b.mask.all()  # no padding
+        for row in range(3):
+            toks = b.tokens[row].tolist()
+            starts = [t for t, v in enumerate(b.prev_valid[row].tolist()) if not v]
+            # A tick without a previous one starts an utterance: its token ends in 0 (tokens count
+            # up from 10 * index); the previous tick is the input everywhere else.
+            assert all(toks[t] % 10 == 0 for t in starts)
+            valid = b.prev_valid[row]
+            assert (b.prev_tokens[row][valid] == b.tokens[row][valid] - 1).all()
+            # Between starts the ticks run on within one utterance (only the row's end cuts one).
+            for t in range(1, 12):
+                if t not in starts:
+                    assert toks[t] == toks[t - 1] + 1
