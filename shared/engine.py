@@ -121,15 +121,16 @@ class BackboneEngine:
         tokens = list(tokens)
         r.forced_text.extend(tokens)
         if r.phonemes is not None:
-            r.phonemes.add_text(self.decode([t for t in tokens if self.vocab.is_text(t)]))
+            r.phonemes.add_text(self.decode([t for t in tokens if self.vocab.is_text(t)]), forced=True)
 
     def forced_pending(self, key: str) -> int:
         return len(self.rows[self.index[key]].forced_text)
 
     def phones_pending(self, key: str) -> int:
-        """Phonemes queued but not yet spoken (0 for a model without a phoneme stream)."""
+        """Phonemes of the forced text not yet spoken (0 for a model without a phoneme stream);
+        the agent's own words queued after them do not count."""
         q = self.rows[self.index[key]].phonemes
-        return len(q.queue) if q is not None else 0
+        return q.forced if q is not None else 0
 
     def prompt_latents(self, key: str, latents: torch.Tensor) -> None:
         """Teacher-force the agent's audio for the next ticks (raw latents [n, D])."""

@@ -85,13 +85,15 @@ class PhonemeQueue:
     def __init__(self, decode, slots: int, max_hold: int = MAX_HOLD_TICKS):
         self.decode, self.slots, self.max_hold = decode, slots, max_hold
         self.queue: deque[int] = deque()
+        self.forced = 0  # how many at the queue's front came from forced text (what TTS waits for)
         self.word: list[int] = []  # token ids of the agent's own word in progress
         self.take = 0
         self.held = 0
 
-    def add_text(self, text: str) -> None:
+    def add_text(self, text: str, forced: bool = False) -> None:
         for ids in text_phonemes(text):
             self.queue.extend(ids)
+            self.forced += len(ids) if forced else 0
 
     def own_token(self, token: int, is_text: bool) -> None:
         if is_text:
@@ -114,5 +116,6 @@ class PhonemeQueue:
         n = min(take, len(self.queue), self.slots)
         if n:
             self.held = 0
+            self.forced = max(0, self.forced - n)
         phones = [self.queue.popleft() for _ in range(n)] + [NO_PHONE] * (self.slots - n)
         return phones, self.queue[0] if self.queue else NO_PHONE

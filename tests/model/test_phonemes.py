@@ -51,7 +51,8 @@ def test_next_phone_is_the_first_one_after_each_tick():
 def test_queue_paces_forced_text_and_phonemizes_own_words():
     tok = ByteTokenizer()
     q = PhonemeQueue(tok.decode, slots=2, max_hold=2)
-    q.add_text("cat sat")
+    q.add_text("cat sat", forced=True)
+    assert q.forced == len(word_phonemes("cat") + word_phonemes("sat"))
     want = list(word_phonemes("cat") + word_phonemes("sat"))
     got = []
     for take in (1, 2, 0, 0, 0, 2, 2, 2, 2, 2):
@@ -63,13 +64,14 @@ def test_queue_paces_forced_text_and_phonemizes_own_words():
             assert len(taken) == 1
         got += taken
         assert nxt == (q.queue[0] if q.queue else NO_PHONE)
-    assert got == want
+    assert got == want and q.forced == 0
     own = PhonemeQueue(tok.decode, slots=2)
     for t in tok.encode("hi there"):
         own.own_token(t, True)
     assert list(own.queue) == list(word_phonemes("hi"))  # "there" is not over yet
     own.own_token(-1, False)  # a stream token ends it
     assert list(own.queue) == list(word_phonemes("hi") + word_phonemes(" there"))
+    assert own.forced == 0  # the agent's own words: TTS does not wait for them
 
 
 @pytest.fixture(scope="module")
