@@ -1,28 +1,74 @@
-"""The shipped default model: trained by this project's recipe, used unless told otherwise."""
+"""The shipped default model: trained by this project's recipe, used unless told otherwise. It is a
+tiny-melpca model with the phoneme stream (a fixed log-mel PCA latent and an analytic decoder);
+the learned-codec model it replaced ships beside it as michi-tiny-learned."""
 import json
+
+import numpy as np
+import soundfile as sf
+import torch
+from safetensors import safe_open
 
 import michi
 from michi.checkpoint import read_checkpoint_config
 from michi.cli import main
 
+LEARNED = michi.DEFAULT_MODEL.parent / "michi-tiny-learned"
 
-def test_default_model_is_trained_and_loads():
+
+def test_default_model_is_a_trained_melpca_model_with_phonemes():
     m = michi.load()
-    assert m.trained and m.cfg.preset == "tiny"
+    assert m.trained and m.cfg.preset == "tiny-melpca" and not m.warnings
+    assert m.cfg.codec == "melpca" and m.cfg.phone_slots == 4 and m.cfg.latent_dim == 64
+    assert m.basis_fitted
     _, info = read_checkpoint_config(michi.DEFAULT_MODEL)
     assert info["what"].startswith("trained by michi's recipe")
-    assert list(info["stages"]) == ["text", "codec", "vocoder", "speak", "joint"]
-    # The shipped vocoder is the tiny preset's design (the iSTFT head), trained on the shipped encoder.
-    assert m.cfg.vocoder == michi.config.tiny().vocoder
+    assert info["recipe"]["preset"] == "tiny-melpca" and "joint" in info["recipe"]["stages"]
+    # The basis is orthonormal: stored exactly, not rounded to fp16.
+    comps = m.model.basis.components
+    np.testing.assert_allclose((comps @ comps.T).numpy(), np.eye(64), atol=1e-4)
+
+
+def test_default_weights_are_fp16_with_an_fp32_basis():
+    model = michi.load().model
+    exact = model.full_precision_keys()
+    with safe_open(str(michi.DEFAULT_MODEL / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    basis = {k for k in dtypes if k.startswith(("listen.", "vocoder."))}
+    assert {"listen.components", "vocoder.components", "listen.mean", "vocoder.mean"} <= basis
+    assert all(dtypes[k] == "F32" for k in dtypes if k.startswith(exact))
+    assert all(dtypes[k] == "F16" for k in dtypes if not k.startswith(exact))
+    assert sum(dtypes[k] == "F16" for k in dtypes) > 50
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # loaded back as fp32
 
 
 def test_model_card_names_the_shipped_weights():
     card = (michi.DEFAULT_MODEL / "MODEL_CARD.md").read_text()
     sha = json.loads((michi.DEFAULT_MODEL / "config.json").read_text())["weights"]["sha256"]
     assert sha[:16] in card  # the card describes these weights, not an older file
+    assert "tiny-melpca" in card
+
+
+def test_the_learned_codec_model_ships_beside_it():
+    cfg, info = read_checkpoint_config(LEARNED)
+    assert cfg.codec == "learned" and cfg.preset == "tiny" and info["trained"]
+    assert list(info["stages"]) == ["text", "codec", "vocoder", "speak", "joint"]
+    assert cfg.vocoder == michi.config.tiny().vocoder  # the iSTFT head, trained on the shipped encoder
+    card = (LEARNED / "MODEL_CARD.md").read_text()
+    assert info["sha256"][:16] in card and "No longer the default" in card
 
 
 def test_cli_uses_the_default_model(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "michi-tiny" in out and "UNTRAINED" not in out
+    assert "michi-tiny" in out and "michi-tiny-learned" not in out and "UNTRAINED" not in out
+
+
+def test_synth_speaks_a_forced_text_with_the_default_model(tmp_path, capsys):
+    out = tmp_path / "hello.wav"
+    assert main(["--threads", "2", "synth", "Hello there.", "--out", str(out), "--continue-ticks", "4"]) == 0
+    printed = capsys.readouterr()
+    assert "agent text: 'Hello there." in printed.out and "UNTRAINED" not in printed.err
+    audio, rate = sf.read(out, dtype="float32")
+    assert rate == 24_000 and len(audio) % 1920 == 0 and len(audio) >= 1920 * 10
+    rms = float(np.sqrt(np.mean(np.square(audio))))
+    assert np.isfinite(audio).all() and 1e-3 < rms < 1.0

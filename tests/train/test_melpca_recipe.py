@@ -5,6 +5,7 @@ import json
 import torch
 
 import michi
+from michi.checkpoint import save_checkpoint
 from michi.cli import main
 from michi.config import preset
 from michi.model.melpca import MelPCABasis
@@ -17,6 +18,7 @@ from michi.train.recipe import encode_corpus
 from michi.train.stages import OptimConfig, SequenceConfig, SequenceStage
 
 CPU = Dist()
+LEARNED = michi.DEFAULT_MODEL.parent / "michi-tiny-learned"  # the learned-codec model
 SMALL = SequenceConfig(batch_size=4, max_ticks=32, text_batch_size=4, max_text_tokens=48, flow_repeats=2)
 
 
@@ -58,10 +60,10 @@ def test_basis_stage_then_a_speak_step(mini_corpus, tmp_path):
     assert torch.equal(model.listen.components, basis.components)  # the basis is frozen
 
 
-def test_recipe_cli_on_tiny_melpca_from_the_shipped_backbone(mini_corpus, text_file, tmp_path, capsys):
+def test_recipe_cli_on_tiny_melpca_from_the_learned_model_backbone(mini_corpus, text_file, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--threads", "2", "train", "recipe", "--preset", "tiny-melpca", "--corpus", str(mini_corpus),
-            "--text", str(text_file), "--out", str(out), "--device", "cpu", "--init", str(michi.DEFAULT_MODEL),
+            "--text", str(text_file), "--out", str(out), "--device", "cpu", "--init", str(LEARNED),
             "--stages", "basis,codec,speak,joint", "--steps", "speak=2,joint=2", "--basis", "max_minutes=0.25",
             "--sequence", "batch_size=2,max_ticks=32,text_batch_size=2,max_text_tokens=32,flow_repeats=1"]
     assert main(args) == 0
@@ -74,9 +76,10 @@ def test_recipe_cli_on_tiny_melpca_from_the_shipped_backbone(mini_corpus, text_f
     assert model.info["stages"]["basis"]["fit"]["variance_kept"] > 0.9
     saved = MelPCABasis.load(out / "basis" / BASIS_FILE)
     assert torch.equal(model.model.listen.components, saved.components)
-    shipped = michi.load()
+    shipped = michi.load(LEARNED)
+    assert shipped.cfg.codec == "learned"
     for name in ("lm.model.layers.0.self_attn.q_proj.weight", "lm.model.embed_tokens.weight"):
-        # the joint stage moved the backbone a little from the shipped one it started from
+        # the joint stage moved the backbone a little from the learned-codec one it started from
         a, b = model.model.backbone.state_dict()[name], shipped.model.backbone.state_dict()[name]
         assert _rel(a, b) < 0.05, name
     assert model.model.backbone.agent_latent_in.weight.shape == (256, 64)
@@ -89,13 +92,25 @@ def _rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm())
 
 
+def _phoneless_melpca(corpus, tmp_path):
+    """A tiny-melpca checkpoint without the phoneme stream, its basis fit on `corpus`."""
+    cfg = preset("tiny-melpca")
+    cfg.phone_slots = 0
+    torch.manual_seed(0)
+    model = MichiModel(cfg)
+    run_basis_stage(model, corpus, tmp_path / "basis", BasisConfig(max_minutes=0.25), progress=lambda _: None)
+    assert model.basis_fitted
+    return save_checkpoint(model.eval(), tmp_path / "phoneless", info={"trained": False, "what": "test init"},
+                           dtype=torch.float16)
+
+
 def test_recipe_adds_the_phoneme_stream_snapshots_and_the_curve(mini_corpus, text_file, tmp_path, capsys):
-    """--init from a mel-PCA model without phonemes (the first candidate): the preset's phoneme
+    """--init from a mel-PCA model without phonemes (like the first candidate): the preset's phoneme
     parts start new, the rest is copied; --snapshot-minutes writes checkpoints the learning curve
     evaluates with the real Whisper judge."""
     from michi.eval import curve
 
-    candidate = michi.DEFAULT_MODEL.parent / "michi-tiny-melpca"
+    candidate = _phoneless_melpca(mini_corpus, tmp_path)
     out = tmp_path / "run"
     args = ["--threads", "2", "train", "recipe", "--preset", "tiny-melpca", "--corpus", str(mini_corpus),
             "--text", str(text_file), "--out", str(out), "--device", "cpu", "--init", str(candidate),
