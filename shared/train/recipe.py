@@ -241,15 +241,16 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
             set_latent_stats(model, speech)
         log(f"[latents] {len(speech.utterances)} utterances, {speech.ticks} ticks "
             f"({speech.ticks * 0.08 / 60:.1f} min) for the speak and joint stages")
-    info = recipe_info(rc, out)
     for stage, mode in (("speak", "speak"), ("joint", "joint")):
         if stage in rc.stages:
             budget = _budget(rc, stage)
             if rc.snapshot_minutes and d.main:
                 budget.snapshot_minutes = rc.snapshot_minutes
-                budget.snapshot = lambda minutes, step, stage=stage: _snapshot(model, out, stage, minutes, step, info)
+                budget.snapshot = lambda minutes, step, stage=stage: _snapshot(model, out, stage, minutes, step,
+                                                                               recipe_info(rc, out))
             run_stage(SequenceStage(stage, mode, model, d, rc.sequence, _optim(rc, stage), speech, texts,
                                     seed=rc.seed), out / stage, budget, d, progress=log)
+    info = recipe_info(rc, out)
     if d.main:
         save_checkpoint(model, out / "model", info={**info, "trained": True})
         log(f"model written to {out / 'model'}")
