@@ -1,0 +1,46 @@
+"""The feedback probe decodes what it says: teacher forcing reads the real latents, own feedback
+reads the model's own, and the two agree exactly where the fed-back latent cannot matter."""
+import numpy as np
+import torch
+
+import michi
+from michi.data.shards import Utterance
+from michi.eval.feedback import decodings
+from michi.model.phonemes import PHONE_SLOTS, word_phonemes
+from michi.train.batches import next_phones
+
+
+def _model():
+    return michi.load().model.eval()  # the shipped model: its speak head listens to the backbone
+
+
+def _utterance(n=12):
+    rng = np.random.default_rng(0)
+    phones = np.zeros((n, PHONE_SLOTS), np.int64)
+    for t, p in enumerate(word_phonemes("hello")):
+        phones[2 + t, 0] = p
+    return Utterance("u", "piper-joe", "hello", rng.normal(size=(n, 64)).astype(np.float32),
+                     np.full(n, 260), "train", phones)
+
+
+def test_real_is_the_decoder_and_the_first_tick_needs_no_feedback():
+    m, u = _model(), _utterance()
+    out = decodings(m, u, next_phones(u.phones), temperature=0.0, seed=0)
+    with torch.no_grad():
+        real = m.vocoder(torch.from_numpy(u.latents)[None])[0].numpy()
+    np.testing.assert_allclose(out["real"], real, atol=1e-6)
+    assert {k: len(v) for k, v in out.items()} == {k: 12 * 1920 for k in out}
+    # Tick 0 reads no previous latent in either decoding; later ticks read different ones.
+    first = slice(0, 1920 - 720)  # the decoder's delay: the first tick's own samples
+    np.testing.assert_allclose(out["teacher_forced"][first], out["own_feedback"][first], rtol=1e-4, atol=1e-9)
+    diff = np.abs(out["teacher_forced"] - out["own_feedback"]).max()
+    assert diff > 0.05 * np.abs(out["teacher_forced"]).max()
+
+
+def test_without_a_latent_input_both_decodings_are_the_same():
+    m, u = _model(), _utterance()
+    with torch.no_grad():
+        m.backbone.agent_latent_in.weight.zero_()
+        m.backbone.agent_latent_in.bias.zero_()
+    out = decodings(m, u, next_phones(u.phones), temperature=0.0, seed=0)
+    np.testing.assert_allclose(out["teacher_forced"], out["own_feedback"], rtol=1e-4, atol=1e-9)
