@@ -258,7 +258,7 @@ def test_tls_gateway(mesh, tmp_path):
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
     port = free_port()
-    gateway = subprocess.Popen([sys.executable, "-m", "michi.services.gateway", "--port", str(port),
+    gateway = subprocess.Popen([sys.executable, "-m", "michi.services.gateway", "--port", str(port), "--model", mesh.model,
                                 "--listen", mesh.addresses["listen"][0], "--backbone", mesh.addresses["backbone"][0],
                                 "--vocoder", mesh.addresses["vocoder"][0], "--tls-cert", str(cert), "--tls-key", str(key)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

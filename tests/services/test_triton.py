@@ -125,7 +125,8 @@ def test_bad_requests_and_missing_models_are_clear_errors(model, triton):
     with pytest.raises(TritonError, match="no ready model 'michi_nothing'"):
         TritonStep(triton.url, "michi_nothing")
     step = TritonStep(triton.url, "michi_vocoder")
-    with pytest.raises(ValueError, match=r"michi_vocoder.latent: expected \[batch, \[32\]\]"):
+    dim = model.cfg.latent_dim  # 64 for the default (mel-PCA) model
+    with pytest.raises(ValueError, match=rf"michi_vocoder.latent: expected \[batch, \[{dim}\]\]"):
         step({"latent": np.zeros((1, 7), np.float32)}, step.init_state())
     with pytest.raises(ValueError, match="execution triton needs a Triton server address"):
         encoder_streams(model, "triton", None)
