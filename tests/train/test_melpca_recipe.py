@@ -114,8 +114,12 @@ def test_recipe_adds_the_phoneme_stream_snapshots_and_the_curve(mini_corpus, tex
     out = tmp_path / "run"
     args = ["--threads", "2", "train", "recipe", "--preset", "tiny-melpca", "--corpus", str(mini_corpus),
             "--text", str(text_file), "--out", str(out), "--device", "cpu", "--init", str(candidate),
-            "--stages", "joint", "--steps", "joint=3", "--snapshot-minutes", "0.001",
+            "--stages", "joint", "--steps", "joint=100000", "--minutes", "joint=0.15", "--lr", "joint=1e-6",
+            "--snapshot-minutes", "0.001",
             "--sequence", "batch_size=2,max_ticks=32,text_batch_size=2,max_text_tokens=32,flow_repeats=1"]
+    # A snapshot's directory is named by its minutes to 0.1 min (a later one of the same name replaces
+    # it): a 0.15 min joint stage leaves at least two, one from the first tenth and the final one. The
+    # small learning rate keeps the copied weights near where they started, however many steps fit.
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "new: next_phone_embed, phone_embed, phone_head, phone_slot" in printed, printed
