@@ -208,7 +208,10 @@ def test_listen_stage_on_triton_hears_as_in_process(model, triton_mesh, speech):
     for i in range(0, len(pcm), rate // 10):
         want += local.push((np.clip(pcm[i:i + rate // 10], -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32768)
     assert len(frames) == len(want) > 20
-    np.testing.assert_allclose(np.array([f.latent for f in frames]), np.stack([w[0] for w in want]), atol=1e-4)
+    # ONNX Runtime sums in another order than torch: fp32 differences of ~1e-4 on latents that
+    # reach +-150 here (2e-6 of their range; seen 1.2e-4 once in CI)
+    got, expected = np.array([f.latent for f in frames]), np.stack([w[0] for w in want])
+    np.testing.assert_allclose(got, expected, atol=2e-6 * np.abs(expected).max())
     assert [list(f.tokens) for f in frames] == [w[1] for w in want]
 
 
