@@ -111,6 +111,11 @@ class MichiConfig:
     # as a second input beside the text, paced by the backbone's advance head. 0: no phoneme
     # stream (a config without this key, written before it existed).
     phone_slots: int = 0
+    # Whether the agent's own last latent is fed back into the backbone. Off, the agent's audio is
+    # a function of its text, phonemes and what it heard: no frame to copy, so no exposure bias on
+    # its own samples (the default model's card: the feedback probe). A config without this key
+    # (written before it existed) feeds it back.
+    agent_feedback: bool = True
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -190,9 +195,10 @@ def tiny_melpca() -> MichiConfig:
     """`tiny` on the mel-PCA latent: K = 64 principal directions of stacked log-mel (about 99 % of
     one voice's variance; the analytic decoder keeps the words with no training). Its basis is fit
     on the training corpus by the recipe's `basis` stage; until then it is all zeros. The agent's
-    words also enter as phonemes, up to 4 a tick."""
+    words also enter as phonemes, up to 4 a tick; its own latent is not fed back."""
     cfg = tiny()
     cfg.preset, cfg.latent_dim, cfg.codec, cfg.phone_slots = "tiny-melpca", 64, "melpca", 4
+    cfg.agent_feedback = False
     return cfg
 
 

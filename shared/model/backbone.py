@@ -122,7 +122,7 @@ class Backbone(nn.Module):
         self.stream_head = nn.Linear(hidden, NUM_STREAM_TOKENS, bias=False)
         nn.init.normal_(self.stream_embed.weight, std=0.02)
         nn.init.normal_(self.stream_head.weight, std=0.02)
-        self.agent_latent_in = nn.Linear(cfg.latent_dim, hidden)
+        self.agent_latent_in = nn.Linear(cfg.latent_dim, hidden) if cfg.agent_feedback else None
         self.user_latent_in = nn.Linear(cfg.latent_dim, hidden)
         # Tells user text apart from agent text, which share the token table.
         self.user_text_tag = nn.Parameter(torch.zeros(hidden))
@@ -164,8 +164,9 @@ class Backbone(nn.Module):
         (NO_PHONE = none; both absent = none) -> [B, 1, H]."""
         present = (user_text >= 0).unsqueeze(-1).to(agent_latent.dtype)
         user_text_emb = ((self.embed_text(user_text.clamp(min=0)) + self.user_text_tag) * present).sum(1)
-        fused = (self.embed_text(agent_text) + self.agent_latent_in(agent_latent)
-                 + self.user_latent_in(user_latent) + user_text_emb)
+        fused = self.embed_text(agent_text) + self.user_latent_in(user_latent) + user_text_emb
+        if self.agent_latent_in is not None:
+            fused = fused + self.agent_latent_in(agent_latent)
         if self.phone_slots and phones is not None:
             fused = fused + self.embed_phones(phones, next_phone)
         return fused.unsqueeze(1)

@@ -165,14 +165,21 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
             f"latent input projections); speak head, listen text head and codec new")
         return model.to(device)
     model, _ = load_checkpoint(rc.init, device=device)
-    if target.codec == "melpca" and target.phone_slots != model.cfg.phone_slots:
-        # The preset adds (or drops) the phoneme stream: its parts start new, the rest is copied.
+    reshaped = (target.phone_slots, target.agent_feedback) != (model.cfg.phone_slots, model.cfg.agent_feedback)
+    if target.codec == "melpca" and reshaped:
+        # The preset adds (or drops) the phoneme stream or the latent feedback: new parts start
+        # new, dropped ones are left behind, the rest is copied.
         grown = MichiModel(target, load_pretrained=False).to(device)
         mine = grown.state_dict()
         copied = {k: v for k, v in model.state_dict().items() if k in mine and v.shape == mine[k].shape}
         grown.load_state_dict(copied, strict=False)
+
+        def parts(names):
+            return ', '.join(sorted({k.split('.')[1] for k in names})) or 'none'
+
         log(f"[init] {rc.preset} from {rc.init}: {len(copied)} tensors copied; new: "
-            f"{', '.join(sorted({k.split('.')[1] for k in mine if k not in copied})) or 'none'}")
+            f"{parts(k for k in mine if k not in copied)}; left behind: "
+            f"{parts(k for k in model.state_dict() if k not in copied)}")
         return grown
     if rc.new_vocoder:
         if model.cfg.codec == "melpca":

@@ -263,7 +263,9 @@ class SequenceStage:
         if mode == "text":
             trained = [bb]
         elif mode == "speak":
-            trained = [model.speak_head, bb.agent_latent_in, bb.user_latent_in, bb.stream_embed]
+            trained = [model.speak_head, bb.user_latent_in, bb.stream_embed]
+            if bb.agent_latent_in is not None:
+                trained.append(bb.agent_latent_in)
             if bb.phone_slots:
                 trained += [bb.phone_embed, bb.next_phone_embed, bb.phone_head]
                 bb.phone_slot.requires_grad_(True)

@@ -10,8 +10,16 @@ from michi.model.phonemes import PHONE_SLOTS, word_phonemes
 from michi.train.batches import next_phones
 
 
-def _model():
-    return michi.load().model.eval()  # the shipped model: its speak head listens to the backbone
+def _model(feedback=True):
+    """The shipped model (its speak head listens to the backbone), with or without a latent input.
+    Where the shipped model reads no feedback (config agent_feedback), a random input is added."""
+    m = michi.load().model.eval()
+    if not feedback:
+        m.backbone.agent_latent_in = None
+    elif m.backbone.agent_latent_in is None:
+        torch.manual_seed(0)
+        m.backbone.agent_latent_in = torch.nn.Linear(m.cfg.latent_dim, m.backbone.hidden_size)
+    return m
 
 
 def _utterance(n=12):
@@ -38,9 +46,6 @@ def test_real_is_the_decoder_and_the_first_tick_needs_no_feedback():
 
 
 def test_without_a_latent_input_both_decodings_are_the_same():
-    m, u = _model(), _utterance()
-    with torch.no_grad():
-        m.backbone.agent_latent_in.weight.zero_()
-        m.backbone.agent_latent_in.bias.zero_()
+    m, u = _model(feedback=False), _utterance()
     out = decodings(m, u, next_phones(u.phones), temperature=0.0, seed=0)
     np.testing.assert_allclose(out["teacher_forced"], out["own_feedback"], rtol=1e-4, atol=1e-9)

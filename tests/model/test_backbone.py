@@ -91,6 +91,20 @@ def test_tick_fusion_sums_streams():
     assert backbone.text_logits(emb).shape[-1] == v.size
 
 
+def test_without_agent_feedback_the_agent_latent_is_not_read():
+    cfg = tiny()
+    cfg.agent_feedback = False
+    torch.manual_seed(0)
+    backbone = Backbone(cfg).eval()
+    assert backbone.agent_latent_in is None
+    none, d = torch.full((2, 3), -1), cfg.latent_dim
+    with torch.no_grad():
+        a = backbone.embed_tick(torch.tensor([5, 7]), torch.zeros(2, d), torch.ones(2, d), none)
+        b = backbone.embed_tick(torch.tensor([5, 7]), torch.randn(2, d), torch.ones(2, d), none)
+        c = backbone.embed_tick(torch.tensor([5, 7]), torch.zeros(2, d), torch.randn(2, d), none)
+    assert torch.equal(a, b) and not torch.allclose(a, c)  # the user latent is still heard
+
+
 def test_loads_local_hugging_face_checkpoint(tmp_path):
     cfg = tiny()
     torch.manual_seed(1)

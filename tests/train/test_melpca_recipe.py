@@ -82,7 +82,8 @@ def test_recipe_cli_on_tiny_melpca_from_the_learned_model_backbone(mini_corpus, 
         # the joint stage moved the backbone a little from the learned-codec one it started from
         a, b = model.model.backbone.state_dict()[name], shipped.model.backbone.state_dict()[name]
         assert _rel(a, b) < 0.05, name
-    assert model.model.backbone.agent_latent_in.weight.shape == (256, 64)
+    assert model.model.backbone.agent_latent_in is None  # the preset feeds back no agent latent
+    assert model.model.backbone.user_latent_in.weight.shape == (256, 64)
     speech = model.session(seed=0)
     speech.force_agent_text("hi")
     assert speech.step().agent_audio.shape == (1920,)
@@ -95,7 +96,7 @@ def _rel(a, b):
 def _phoneless_melpca(corpus, tmp_path):
     """A tiny-melpca checkpoint without the phoneme stream, its basis fit on `corpus`."""
     cfg = preset("tiny-melpca")
-    cfg.phone_slots = 0
+    cfg.phone_slots, cfg.agent_feedback = 0, True
     torch.manual_seed(0)
     model = MichiModel(cfg)
     run_basis_stage(model, corpus, tmp_path / "basis", BasisConfig(max_minutes=0.25), progress=lambda _: None)
@@ -105,8 +106,9 @@ def _phoneless_melpca(corpus, tmp_path):
 
 
 def test_recipe_adds_the_phoneme_stream_snapshots_and_the_curve(mini_corpus, text_file, tmp_path, capsys):
-    """--init from a mel-PCA model without phonemes (like the first candidate): the preset's phoneme
-    parts start new, the rest is copied; --snapshot-minutes writes checkpoints the learning curve
+    """--init from a mel-PCA model without phonemes that feeds its latent back (like the first
+    candidate): the preset's phoneme parts start new, the latent feedback is left behind, the rest
+    is copied; --snapshot-minutes writes checkpoints the learning curve
     evaluates with the real Whisper judge."""
     from michi.eval import curve
 
@@ -122,9 +124,10 @@ def test_recipe_adds_the_phoneme_stream_snapshots_and_the_curve(mini_corpus, tex
     # small learning rate keeps the copied weights near where they started, however many steps fit.
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "new: next_phone_embed, phone_embed, phone_head, phone_slot" in printed, printed
+    assert "new: next_phone_embed, phone_embed, phone_head, phone_slot; left behind: agent_latent_in" in printed, printed
     old, new = michi.load(candidate).model, michi.load(out / "model").model
     assert old.cfg.phone_slots == 0 and new.cfg.phone_slots == 4
+    assert old.backbone.agent_latent_in is not None and new.backbone.agent_latent_in is None
     assert torch.equal(new.listen.components, old.listen.components)  # the basis came along
     assert 0 < _rel(new.backbone.lm.model.embed_tokens.weight, old.backbone.lm.model.embed_tokens.weight.float()) < 0.05
     snaps = curve.snapshots(out)
