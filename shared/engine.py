@@ -208,8 +208,8 @@ class BackboneEngine:
                                 [r.top_k for r in rows], [r.generator for r in rows]).tolist()
         tokens = [self._forced_text(r, token) for r, token in zip(rows, sampled)]
         if self.phone_slots:
-            for r, take in zip(rows, m.backbone.phone_logits(hidden).argmax(-1).tolist()):
-                r.phonemes.take = take
+            for r, probs in zip(rows, m.backbone.phone_logits(hidden).float().softmax(-1).tolist()):
+                r.phonemes.pace(probs)
         lap("text_head")
         noise = torch.stack([torch.randn(dim, generator=r.generator) for r in rows])
         temps = [r.audio_temperature for r in rows]

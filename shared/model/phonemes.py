@@ -78,8 +78,9 @@ class PhonemeQueue:
     forced: its words are known ahead of their audio, as in training, where a word's phonemes
     start with its audio while its text leads. The agent's own sampled text is phonemized word by
     word as each word ends (a space or a stream token after it), so its sound lags its text by
-    one tick more. Each tick takes `take` phonemes (the advance head's last answer); if the
-    model holds for more than `max_hold` ticks while phonemes wait, the next one is taken anyway.
+    one tick more. Each tick takes `take` phonemes (set from the advance head's last answer by
+    `pace`); if the model holds for more than `max_hold` ticks while phonemes wait, the next one
+    is taken anyway.
     """
 
     def __init__(self, decode, slots: int, max_hold: int = MAX_HOLD_TICKS):
@@ -89,6 +90,7 @@ class PhonemeQueue:
         self.word: list[int] = []  # token ids of the agent's own word in progress
         self.take = 0
         self.held = 0
+        self.credit = 0.0  # expected phonemes asked for and not yet taken (see `pace`)
 
     def add_text(self, text: str, forced: bool = False) -> None:
         for ids in text_phonemes(text):
@@ -106,6 +108,15 @@ class PhonemeQueue:
     def _flush(self) -> None:
         self.add_text(self.decode(self.word))
         self.word = []
+
+    def pace(self, probs) -> None:
+        """The advance head's distribution over 0..slots phonemes for the next tick. The tick
+        takes the expected count, rounded, the remainder carried on: a head that gives a 40 %
+        chance of moving on each tick moves on two ticks in five, at the pace it was trained
+        on, where its argmax would hold every time (until max_hold)."""
+        self.credit += sum(k * float(p) for k, p in enumerate(probs))
+        self.take = int(self.credit + 0.5) if self.queue else 0
+        self.credit = self.credit - self.take if self.queue else 0.0
 
     def next_tick(self) -> tuple[list[int], int]:
         """This tick's phonemes (padded to `slots`) and the next one waiting (NO_PHONE: none)."""

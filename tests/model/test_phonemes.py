@@ -48,6 +48,24 @@ def test_next_phone_is_the_first_one_after_each_tick():
     assert next_phones(phones).tolist() == [5, 7, 7, 0, 0]
 
 
+def test_an_uncertain_head_moves_at_its_expected_pace():
+    """p(take one) = 0.4 each tick: two phonemes in five ticks, none held to max_hold; a sure head
+    takes what it says; an empty queue carries no credit into the next text."""
+    q = PhonemeQueue(ByteTokenizer().decode, slots=2, max_hold=10)
+    q.add_text("strengths", forced=True)
+    takes = []
+    for _ in range(10):
+        q.pace([0.6, 0.4, 0.0])
+        takes.append(sum(p != NO_PHONE for p in q.next_tick()[0]))
+    assert sum(takes) == 4 and max(takes) == 1 and q.held < 3, takes
+    q.pace([0.0, 0.0, 1.0])
+    assert q.take == 2
+    empty = PhonemeQueue(ByteTokenizer().decode, slots=2)
+    for _ in range(5):
+        empty.pace([0.5, 0.5, 0.0])
+    assert empty.take == 0 and empty.credit == 0.0
+
+
 def test_queue_paces_forced_text_and_phonemizes_own_words():
     tok = ByteTokenizer()
     q = PhonemeQueue(tok.decode, slots=2, max_hold=2)
