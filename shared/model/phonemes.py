@@ -114,9 +114,12 @@ class PhonemeQueue:
         takes the expected count, rounded, the remainder carried on: a head that gives a 40 %
         chance of moving on each tick moves on two ticks in five, at the pace it was trained
         on, where its argmax would hold every time (until max_hold)."""
+        if not self.queue:  # nothing waits: no credit carried into the next text
+            self.take, self.credit = 0, 0.0
+            return
         self.credit += sum(k * float(p) for k, p in enumerate(probs))
-        self.take = int(self.credit + 0.5) if self.queue else 0
-        self.credit = self.credit - self.take if self.queue else 0.0
+        self.take = int(self.credit + 0.5)
+        self.credit -= self.take
 
     def next_tick(self) -> tuple[list[int], int]:
         """This tick's phonemes (padded to `slots`) and the next one waiting (NO_PHONE: none)."""

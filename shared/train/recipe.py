@@ -170,8 +170,8 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
         # The preset adds (or drops) the phoneme stream or the latent feedback: new parts start
         # new, dropped ones are left behind, the rest is copied.
         grown = MichiModel(target, load_pretrained=False).to(device)
-        mine = grown.state_dict()
-        copied = {k: v for k, v in model.state_dict().items() if k in mine and v.shape == mine[k].shape}
+        mine, theirs = grown.state_dict(), model.state_dict()
+        copied = {k: v for k, v in theirs.items() if k in mine and v.shape == mine[k].shape}
         grown.load_state_dict(copied, strict=False)
 
         def parts(names):
@@ -179,7 +179,7 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
 
         log(f"[init] {rc.preset} from {rc.init}: {len(copied)} tensors copied; new: "
             f"{parts(k for k in mine if k not in copied)}; left behind: "
-            f"{parts(k for k in model.state_dict() if k not in copied)}")
+            f"{parts(k for k in theirs if k not in copied)}")
         return grown
     if rc.new_vocoder:
         if model.cfg.codec == "melpca":
