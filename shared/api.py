@@ -44,10 +44,20 @@ class Michi:
         self.info = info or {"trained": False}
         self.tokenizer: Tokenizer = load_tokenizer(self.cfg.backbone.tokenizer, self.cfg.backbone.vocab_size)
         self.vocab = StreamVocab(self.cfg.backbone.vocab_size)
+        self.model.listen_text.enabled = self.hears_text
 
     @property
     def trained(self) -> bool:
         return bool(self.info.get("trained"))
+
+    @property
+    def hears_text(self) -> bool:
+        """Whether the listen text head was trained on this model's latent, so that the user text
+        it emits (the backbone's user text stream, `UserTranscript`) means something. A learned
+        codec trains it with the codec; a mel-PCA model's checkpoint says so in its info
+        (`listen_text_trained`). An untrained head emits nothing: its random tokens, fed to a
+        backbone trained without user text, would steer what the agent says."""
+        return bool(self.info.get("listen_text_trained", self.cfg.codec == "learned"))
 
     @property
     def basis_fitted(self) -> bool:

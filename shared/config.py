@@ -116,14 +116,27 @@ class MichiConfig:
     # its own samples (the default model's card: the feedback probe). A config without this key
     # (written before it existed) feeds it back.
     agent_feedback: bool = True
+    # The phoneme stream as frame labels (`model.phonemes`, "frames"): the phoneme sounding in each
+    # 10 ms frame of the tick's latent, in place of the slots (then phone_slots is 0). A config
+    # without this key (written before it existed) has slots or no stream.
+    phone_frames: bool = False
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, not {self.codec!r}")
         if not 0 <= self.phone_slots <= 4:
             raise ValueError(f"phone_slots must be in 0..4 (the shards hold 4), got {self.phone_slots}")
+        if self.phone_frames and self.phone_slots:
+            raise ValueError("a phoneme stream has slots or frames, not both: set phone_slots to 0")
         if self.codec == "melpca" and not 0 < self.latent_dim <= MELPCA_FEATURE_DIM:
             raise ValueError(f"a melpca latent_dim (K) must be in 1..{MELPCA_FEATURE_DIM}, got {self.latent_dim}")
+
+    @property
+    def phone_width(self) -> int:
+        """Phoneme inputs a tick reads: frame labels, slots, or 0 without a phoneme stream."""
+        from .model.phonemes import FRAMES_PER_TICK
+
+        return FRAMES_PER_TICK if self.phone_frames else self.phone_slots
 
     @property
     def listen_feature_dim(self) -> int:
@@ -195,9 +208,10 @@ def tiny_melpca() -> MichiConfig:
     """`tiny` on the mel-PCA latent: K = 64 principal directions of stacked log-mel (about 99 % of
     one voice's variance; the analytic decoder keeps the words with no training). Its basis is fit
     on the training corpus by the recipe's `basis` stage; until then it is all zeros. The agent's
-    words also enter as phonemes, up to 4 a tick; its own latent is not fed back."""
+    words also enter as phonemes, one label per 10 ms frame of the latent; its own latent is not
+    fed back."""
     cfg = tiny()
-    cfg.preset, cfg.latent_dim, cfg.codec, cfg.phone_slots = "tiny-melpca", 64, "melpca", 4
+    cfg.preset, cfg.latent_dim, cfg.codec, cfg.phone_frames = "tiny-melpca", 64, "melpca", True
     cfg.agent_feedback = False
     return cfg
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .model.michi import MichiModel
-from .model.phonemes import NO_PHONE, PhonemeQueue
+from .model.phonemes import NO_PHONE, FrameQueue, PhonemeQueue
 from .model.tokenizer import StreamVocab, load_tokenizer
 
 
@@ -58,6 +58,7 @@ class _Row:
     audio_temperature: float
     max_pad_ticks: int
     forced_text: deque = field(default_factory=deque)
+    held_words: deque = field(default_factory=deque)  # forced words (token lists) not yet due
     prompt_latents: deque = field(default_factory=deque)  # normalised
     pad_run: int = 0
     phonemes: PhonemeQueue | None = None  # models with a phoneme stream
@@ -77,8 +78,8 @@ class BackboneEngine:
                                          dtype=next(model.parameters()).dtype)
         self.index: dict[str, int] = {}
         self.flow = dict(steps=euler_steps, cfg_scale=cfg_scale)
-        self.phone_slots = model.cfg.phone_slots
-        if self.phone_slots:
+        self.phone_width = model.cfg.phone_width  # phoneme inputs a tick reads (0: no stream)
+        if self.phone_width:
             b = model.cfg.backbone
             self.decode = load_tokenizer(b.tokenizer, b.vocab_size).decode
 
@@ -99,9 +100,15 @@ class BackboneEngine:
         self.agent_latents[row] = 0.0
         temp = self.model.cfg.speak_head.temperature if audio_temperature is None else audio_temperature
         self.rows[row] = _Row(torch.Generator().manual_seed(seed), text_temperature, top_k, temp, max_pad_ticks,
-                              phonemes=PhonemeQueue(self.decode, self.phone_slots) if self.phone_slots else None)
+                              phonemes=self._phoneme_queue())
         self.index[key] = row
         return row
+
+    def _phoneme_queue(self) -> PhonemeQueue | None:
+        cfg = self.model.cfg
+        if cfg.phone_frames:
+            return FrameQueue(self.decode)
+        return PhonemeQueue(self.decode, cfg.phone_slots) if cfg.phone_slots else None
 
     def close(self, key: str) -> None:
         row = self.index.pop(key, None)
@@ -116,15 +123,35 @@ class BackboneEngine:
         return len(self.index)
 
     def force_text(self, key: str, tokens: Iterable[int]) -> None:
-        """Queue text for the agent to say (its words' phonemes are queued now, whole)."""
+        """Queue text for the agent to say. With a phoneme stream its words' phonemes are queued
+        now, whole, and each word's text is held until its sound is due (`PhonemeQueue.words_due`)."""
         r = self.rows[self.index[key]]
         tokens = list(tokens)
-        r.forced_text.extend(tokens)
-        if r.phonemes is not None:
-            r.phonemes.add_text(self.decode([t for t in tokens if self.vocab.is_text(t)]), forced=True)
+        if r.phonemes is None:
+            r.forced_text.extend(tokens)
+            return
+        r.phonemes.add_text(self.decode([t for t in tokens if self.vocab.is_text(t)]), forced=True)
+        r.held_words.extend(self._words(tokens))
+
+    def _words(self, tokens: list[int]) -> list[list[int]]:
+        """Tokens grouped into whitespace-separated words, each with the spaces before it (the words
+        `PhonemeQueue.add_text` phonemizes)."""
+        words: list[list[int]] = []
+        spoken = False  # the current word has more than spaces
+        for t in tokens:
+            piece = self.decode([t]) if self.vocab.is_text(t) else ""
+            if not words or (spoken and piece[:1].isspace()):
+                words.append([])
+                spoken = False
+            words[-1].append(t)
+            spoken = spoken or bool(piece.strip())
+        if len(words) > 1 and not spoken:  # trailing spaces belong to the last word
+            words[-2] += words.pop()
+        return words
 
     def forced_pending(self, key: str) -> int:
-        return len(self.rows[self.index[key]].forced_text)
+        r = self.rows[self.index[key]]
+        return len(r.forced_text) + sum(map(len, r.held_words))
 
     def phones_pending(self, key: str) -> int:
         """Phonemes of the forced text not yet spoken (0 for a model without a phoneme stream);
@@ -192,9 +219,9 @@ class BackboneEngine:
             advance = torch.zeros(n_rows, dtype=torch.bool).index_fill_(0, index, True)
         device_index = index if everyone else index.to(self.device)
         phones = next_phone = None
-        if self.phone_slots:  # each row's phonemes for this tick, from its queue
+        if self.phone_width:  # each row's phonemes for this tick, from its queue
             taken = [r.phonemes.next_tick() for r in rows]
-            phones = torch.full((n_rows, self.phone_slots), NO_PHONE, dtype=torch.long)
+            phones = torch.full((n_rows, self.phone_width), NO_PHONE, dtype=torch.long)
             next_phone = torch.full((n_rows,), NO_PHONE, dtype=torch.long)
             phones[index] = torch.tensor([p for p, _ in taken], dtype=torch.long)
             next_phone[index] = torch.tensor([n for _, n in taken], dtype=torch.long)
@@ -206,9 +233,12 @@ class BackboneEngine:
         lap("backbone")
         sampled = sample_tokens(m.backbone.text_logits(hidden), [r.text_temperature for r in rows],
                                 [r.top_k for r in rows], [r.generator for r in rows]).tolist()
+        for r in rows:  # forced words whose sound is due may now be said
+            for _ in range(r.phonemes.words_due() if r.phonemes is not None else 0):
+                r.forced_text.extend(r.held_words.popleft() if r.held_words else [])
         tokens = [self._forced_text(r, token) for r, token in zip(rows, sampled)]
-        if self.phone_slots:
-            for r, probs in zip(rows, m.backbone.phone_logits(hidden).float().softmax(-1).tolist()):
+        if self.phone_width:
+            for r, probs in zip(rows, m.backbone.phone_probs(hidden).tolist()):
                 r.phonemes.pace(probs)
         lap("text_head")
         noise = torch.stack([torch.randn(dim, generator=r.generator) for r in rows])
@@ -223,7 +253,7 @@ class BackboneEngine:
         self.agent_tokens[index] = torch.tensor(tokens, dtype=torch.long)
         self.agent_latents[device_index] = latents
         raw = m.latent_norm.denormalize(latents)
-        if self.phone_slots:
+        if self.phone_width:
             outputs = {key: TickOutput(token, latent, tuple(p), n)
                        for key, token, latent, (p, n) in zip(inputs, tokens, raw, taken)}
         else:
@@ -237,6 +267,8 @@ class BackboneEngine:
         v = self.vocab
         if r.forced_text and (v.is_text(token) or token == v.epad or r.pad_run >= r.max_pad_ticks):
             token = r.forced_text.popleft()
+        elif r.held_words and v.is_text(token):  # forced words wait for their sound: no own words now
+            token = v.pad
         elif r.phonemes is not None:  # the agent's own text: its words are phonemized as they end
             r.phonemes.own_token(token, v.is_text(token))
         r.pad_run = r.pad_run + 1 if token == v.pad else 0
@@ -254,9 +286,9 @@ class BackboneEngine:
             if isinstance(item, HistoryTick):
                 user_tokens = torch.tensor([list(item.user_tokens) or [-1]], device=self.device)
                 phones = next_phone = None
-                if self.phone_slots:
-                    ids = list(item.phones)[: self.phone_slots]
-                    phones = torch.tensor([ids + [NO_PHONE] * (self.phone_slots - len(ids))], device=self.device)
+                if self.phone_width:
+                    ids = list(item.phones)[: self.phone_width]
+                    phones = torch.tensor([ids + [NO_PHONE] * (self.phone_width - len(ids))], device=self.device)
                     next_phone = torch.tensor([item.next_phone], device=self.device)
                 positions.append(m.backbone.embed_tick(
                     self.agent_tokens[row:row + 1].to(self.device), self.agent_latents[row:row + 1],

@@ -28,6 +28,24 @@ def test_default_model_is_a_trained_melpca_model_with_phonemes():
     np.testing.assert_allclose((comps @ comps.T).numpy(), np.eye(64), atol=1e-4)
 
 
+def test_an_untrained_listen_text_head_feeds_no_user_text():
+    """The default model's listen text head was never trained on its latent: it emits nothing, so
+    the backbone (trained without user text) is not steered by random tokens. The learned-codec
+    model trained its head with its codec, and hears."""
+    m = michi.load()
+    assert not m.hears_text and not m.model.listen_text.enabled
+    session = m.session(seed=0)
+    session.push_audio(np.random.default_rng(0).normal(0, 0.1, 24_000).astype(np.float32))
+    assert all(session.step().user_tokens == [] for _ in range(14))
+    # The head itself still computes: enabled, the same logits give tokens.
+    logits = torch.zeros(1, m.cfg.listen.text_slots, m.model.listen_text.blank + 1)
+    logits[..., 65] = 1.0
+    m.model.listen_text.enabled = True
+    tokens, _ = m.model.listen_text.greedy_step(logits, m.model.listen_text.initial_last_token(1))
+    assert tokens[0, 0] == 65
+    assert michi.load(LEARNED).hears_text
+
+
 def test_default_weights_are_fp16_with_an_fp32_basis():
     model = michi.load().model
     exact = model.full_precision_keys()

@@ -6,6 +6,10 @@ model's audio delay prepended as silence (see `shards.extract_latents`), so on t
 axis the text of a word leads its audio by `audio_delay_ticks`: the words are chosen before they
 are spoken, as at inference. A word whose start tick is still taken by the previous word's tokens
 starts late (text that runs faster than one token per tick lags its audio).
+
+Phonemes sit on the audio, not ahead of it: one label per 10 ms frame of the latent
+(`align_frames`), from the voice's own phoneme timings where it has them (piper) or from word
+times (`word_phone_times`).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..config import FRAME_RATE_HZ, FRAME_SAMPLES
+from ..model.phonemes import FRAMES_PER_TICK
 from ..model.tokenizer import StreamVocab, Tokenizer
 
 FRAME_S = 1.0 / FRAME_RATE_HZ
@@ -54,37 +59,61 @@ def align_words(words: Sequence[tuple[str, float, float]], n_ticks: int, tokeniz
     return tokens
 
 
-def align_phonemes(words: Sequence[tuple[str, float, float]], n_ticks: int, delay_ticks: int,
-                   slots: int, stats: dict | None = None) -> np.ndarray:
-    """words (word, start_s, end_s) in time order -> int64 [n_ticks, slots] phoneme ids per tick
-    (`model.phonemes`; NO_PHONE in empty slots).
-
-    Unlike the text, phonemes sit on the audio: each word's phonemes are spread evenly over the
-    ticks its audio spans (delay included, as the latents are), so a tick's phonemes are the
-    sounds of that tick's latent. A tick takes at most `slots`; the rest move to the next ticks,
-    and a word never starts before the previous word's phonemes are placed. `stats`, if given,
-    receives `phonemes` (placed) and `phonemes_dropped` (past the end)."""
+def word_phone_times(words: Sequence[tuple[str, float, float]]) -> list[tuple[int, float]]:
+    """Phoneme timings from word times alone (voices that cannot tell their own): each word's
+    phonemes spread evenly over its span, silence from its end to the next word's start."""
     from ..model.phonemes import NO_PHONE, word_phonemes
 
-    out = np.full((n_ticks, slots), NO_PHONE, dtype=np.int64)
-    fill = np.zeros(n_ticks, dtype=np.int64)
-    cursor = placed = dropped = 0
-    for word, start_s, end_s in words:
+    out: list[tuple[int, float]] = []
+    for i, (word, start_s, end_s) in enumerate(words):
         ids = word_phonemes(word)
         if not ids:
             continue
-        first = int(start_s / FRAME_S) + delay_ticks
-        span = max(1, round(end_s / FRAME_S) + delay_ticks - first)
-        for i, pid in enumerate(ids):
-            tick = max(cursor, first + (i * span) // len(ids))
-            while tick < n_ticks and fill[tick] >= slots:
-                tick += 1
-            if tick >= n_ticks:
-                dropped += 1
-                continue
-            out[tick, fill[tick]] = pid
-            fill[tick] += 1
-            cursor, placed = tick, placed + 1
+        out += [(pid, start_s + k * (end_s - start_s) / len(ids)) for k, pid in enumerate(ids)]
+        following = words[i + 1][1] if i + 1 < len(words) else math.inf
+        if following > end_s:
+            out.append((NO_PHONE, end_s))
+    return out
+
+
+def align_frames(phone_times: Sequence[tuple[int, float]], n_ticks: int, delay_ticks: int,
+                 stats: dict | None = None) -> np.ndarray:
+    """(phoneme id, start s) in time order -> int64 [n_ticks, FRAMES_PER_TICK]: the phoneme
+    sounding in each 10 ms frame of the latent (`model.phonemes`, "frames"), START added where one
+    begins.
+
+    A frame is labelled at the centre of its analysis window (`model.melpca`: frame f of the
+    delayed stream spans samples [240 f - 720, 240 f + 240)), on the latents' time axis, the audio
+    delay included. Silence is NO_PHONE; a silence after silence or before the first phoneme does
+    not count as a start (at inference nothing is taken then). `stats`, if given, receives
+    `phonemes` (placed) and `phonemes_dropped` (too short for a frame of their own, or past the
+    end)."""
+    from ..model.phonemes import FRAME_START, NO_PHONE
+
+    hop = FRAME_SAMPLES // FRAMES_PER_TICK
+    frames = np.arange(n_ticks * FRAMES_PER_TICK)
+    centre_s = ((frames - 1) * hop - delay_ticks * FRAME_SAMPLES) / (FRAME_SAMPLES * FRAME_RATE_HZ)
+    ids = np.array([p for p, _ in phone_times] or [NO_PHONE], np.int64)
+    starts = np.array([t for _, t in phone_times] or [math.inf])
+    entry = np.searchsorted(starts, centre_s, side="right") - 1  # -1: before the first
+    label = np.where(entry >= 0, ids[np.maximum(entry, 0)], NO_PHONE)
+    previous = np.concatenate([[-1], entry[:-1]])
+    begins = (entry != previous) & (entry >= 0)
+    begins &= ~((label == NO_PHONE) & (np.concatenate([[NO_PHONE], label[:-1]]) == NO_PHONE))
     if stats is not None:
-        stats.update(phonemes=placed, phonemes_dropped=dropped)
+        placed = int((begins & (label != NO_PHONE)).sum())
+        stats.update(phonemes=placed, phonemes_dropped=int((ids != NO_PHONE).sum()) - placed)
+    return (label + FRAME_START * begins).reshape(n_ticks, FRAMES_PER_TICK)
+
+
+def frame_slots(frames: np.ndarray, slots: int) -> np.ndarray:
+    """[n, FRAMES_PER_TICK] frame labels -> [n, slots]: the phonemes that begin in each tick, in
+    order (NO_PHONE in empty slots; past `slots`, the rest of a tick's are left out)."""
+    from ..model.phonemes import FRAME_START, NO_PHONE
+
+    out = np.full((len(frames), slots), NO_PHONE, np.int64)
+    for tick, j in zip(*np.nonzero(frames > FRAME_START)):
+        free = np.flatnonzero(out[tick] == NO_PHONE)
+        if len(free):
+            out[tick, free[0]] = frames[tick, j] - FRAME_START
     return out

@@ -2,9 +2,9 @@
 
 A shard is one safetensors file holding every utterance of a slice of the corpus end to end:
 `latents` [total_ticks, D] float16 (raw listen-encoder latents, audio delay already prepended),
-`tokens` [total_ticks] int32 (agent text targets per tick: text ids or PAD), `phones`
-[total_ticks, PHONE_SLOTS] int16 (the phonemes of each tick's audio, `align.align_phonemes`) and `offsets`
-[utterances + 1] int64; the utterances' id, speaker, text and split travel in the metadata.
+`tokens` [total_ticks] int32 (agent text targets per tick: text ids or PAD), `frames`
+[total_ticks, 8] int16 (the phoneme of each 10 ms frame of the audio, `align.align_frames`) and
+`offsets` [utterances + 1] int64; the utterances' id, speaker, text and split travel in the metadata.
 `manifest.json` beside the `shards/` folder lists the shards and how they were made.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from ..model.phonemes import NO_PHONE, PHONE_SLOTS
+from ..model.phonemes import FRAMES_PER_TICK, NO_PHONE, PHONE_SLOTS
 
 MANIFEST_FILE = "manifest.json"
-SHARD_FORMAT = "michi-shard-v2"  # v2: phones
+SHARD_FORMAT = "michi-shard-v3"  # v2: phoneme slots; v3: phoneme frames
 
 
 @dataclass
@@ -33,17 +33,24 @@ class Utterance:
     latents: np.ndarray  # float32 [n, D]: what the agent's audio is at each tick (raw)
     tokens: np.ndarray  # int64 [n]: the agent's text target at each tick
     split: str = "train"
-    phones: np.ndarray | None = None  # int64 [n, PHONE_SLOTS]: the phonemes of each tick's audio
+    frames: np.ndarray | None = None  # int64 [n, 8]: the phoneme of each 10 ms frame of its audio
 
     def __post_init__(self) -> None:
         if self.latents.ndim != 2 or self.tokens.ndim != 1 or len(self.latents) != len(self.tokens):
             raise ValueError(f"utterance {self.id}: latents {self.latents.shape} and tokens "
                              f"{self.tokens.shape} must cover the same ticks")
-        if self.phones is None:
-            self.phones = np.full((len(self.tokens), PHONE_SLOTS), NO_PHONE, dtype=np.int64)
-        if self.phones.shape != (len(self.tokens), PHONE_SLOTS):
-            raise ValueError(f"utterance {self.id}: phones {self.phones.shape}, expected "
-                             f"({len(self.tokens)}, {PHONE_SLOTS})")
+        if self.frames is None:
+            self.frames = np.full((len(self.tokens), FRAMES_PER_TICK), NO_PHONE, dtype=np.int64)
+        if self.frames.shape != (len(self.tokens), FRAMES_PER_TICK):
+            raise ValueError(f"utterance {self.id}: frames {self.frames.shape}, expected "
+                             f"({len(self.tokens)}, {FRAMES_PER_TICK})")
+
+    @property
+    def phones(self) -> np.ndarray:
+        """int64 [n, PHONE_SLOTS]: the phonemes that begin in each tick (the slot stream)."""
+        from .align import frame_slots
+
+        return frame_slots(self.frames, PHONE_SLOTS)
 
 
 def write_shard(path: str | Path, utterances: list[Utterance]) -> Path:
@@ -56,7 +63,7 @@ def write_shard(path: str | Path, utterances: list[Utterance]) -> Path:
     tensors = {
         "latents": np.concatenate([u.latents for u in utterances]).astype(np.float16),
         "tokens": np.concatenate([u.tokens for u in utterances]).astype(np.int32),
-        "phones": np.concatenate([u.phones for u in utterances]).astype(np.int16),
+        "frames": np.concatenate([u.frames for u in utterances]).astype(np.int16),
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
     }
     meta = [{"id": u.id, "speaker": u.speaker, "text": u.text, "split": u.split} for u in utterances]
@@ -82,7 +89,7 @@ def read_shard(path: str | Path) -> list[Utterance]:
         out.append(Utterance(meta["id"], meta["speaker"], meta["text"],
                              tensors["latents"][a:b].astype(np.float32),
                              tensors["tokens"][a:b].astype(np.int64), meta.get("split", "train"),
-                             tensors["phones"][a:b].astype(np.int64)))
+                             tensors["frames"][a:b].astype(np.int64)))
     return out
 
 
@@ -129,7 +136,7 @@ def extract_latents(model, pcm24k: np.ndarray) -> np.ndarray:
 def encode_segment(model, tokenizer, vocab, segment: dict, pcm24k: np.ndarray) -> tuple[Utterance, dict]:
     """One corpus segment (its record and 24 kHz audio) -> Utterance, and the alignment stats
     (`align_words`): the one place where audio becomes latents and words become ticks."""
-    from .align import align_phonemes, align_words, ticks_for_samples
+    from .align import align_frames, align_words, ticks_for_samples, word_phone_times
 
     cfg = model.cfg
     n = ticks_for_samples(len(pcm24k), cfg.audio_delay_ticks)
@@ -139,6 +146,7 @@ def encode_segment(model, tokenizer, vocab, segment: dict, pcm24k: np.ndarray) -
     stats: dict = {}
     words = [tuple(w) for w in segment["words"]]
     tokens = align_words(words, n, tokenizer, vocab, stats)
-    phones = align_phonemes(words, n, cfg.audio_delay_ticks, PHONE_SLOTS, stats)
+    times = [tuple(p) for p in segment["phones"]] if "phones" in segment else word_phone_times(words)
+    frames = align_frames(times, n, cfg.audio_delay_ticks, stats)
     return Utterance(segment["id"], segment["speaker"], segment["text"], latents.astype(np.float32), tokens,
-                     segment["split"], phones), stats
+                     segment["split"], frames), stats

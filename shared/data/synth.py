@@ -12,7 +12,9 @@ Plan (deterministic):
 Work: one Luigi task per chunk of one voice's items (`SynthChunk`): synthesise, trim silence to
 0.2 s, transcribe with Whisper and map its word times onto the known words (`wordtimes.py`),
 pad the end with silence where the text needs more ticks than the audio has
-(`corpus.text_fit_padding`, ~6 % of clips, ~0.2 s), write `audio/<id>.flac`. Several clips
+(`corpus.text_fit_padding`, ~6 % of clips, ~0.2 s), write `audio/<id>.flac`. A piper clip's
+record also carries the start of every phoneme it spoke (`phones`: [id, s], from piper's own
+alignments), which the shards turn into one label per 10 ms frame. Several clips
 are packed into one 30 s Whisper window (one encoder pass for ~5 clips, the dominant cost).
 A chunk writes `work/synth/<voice>/<split>-<k>.jsonl` (segments and failures) last, atomically,
 so a finished chunk is never redone. `SynthCorpus` then gathers the chunks of the current plan into `segments.jsonl` and `bad_files.jsonl`.
@@ -121,19 +123,18 @@ def synth_items(items: list[SynthItem], out_dir: Path, whisper_model) -> list[di
 
     voice = items[0].voice
     records: dict[str, dict] = {}
-    clips: list[tuple[SynthItem, np.ndarray, float]] = []  # item, trimmed audio, speech start
-    pcms = synthesize_batch(voice, [it.text for it in items])
-    for it, pcm in zip(items, pcms):
-        if isinstance(pcm, Exception):
+    clips: list[tuple[SynthItem, np.ndarray, list | None]] = []  # item, trimmed audio, phone times
+    for it, clip in zip(items, synthesize_batch(voice, [it.text for it in items])):
+        if isinstance(clip, Exception):
             records[it.id] = {"bad": True, "input": f"synth:{it.voice}:{it.text}", "id": it.id,
-                              "reason": f"synthesis failed: {pcm}"}
+                              "reason": f"synthesis failed: {clip}"}
             continue
-        pcm, _ = trim_silence(pcm, SAMPLE_RATE_HZ, KEEP_SILENCE_S)
+        pcm, cut_s = trim_silence(clip.pcm, SAMPLE_RATE_HZ, KEEP_SILENCE_S)
         if len(pcm) < SAMPLE_RATE_HZ * 2 * KEEP_SILENCE_S + 1920:
             records[it.id] = {"bad": True, "input": f"synth:{it.voice}:{it.text}", "id": it.id,
                               "reason": "synthesis produced (almost) no speech"}
             continue
-        clips.append((it, pcm, KEEP_SILENCE_S))
+        clips.append((it, pcm, shift_times(clip.phone_times, cut_s)))
 
     for pack in _packs(clips):
         gap = np.zeros(int(PACK_GAP_S * SAMPLE_RATE_HZ), np.float32)
@@ -145,7 +146,7 @@ def synth_items(items: list[SynthItem], out_dir: Path, whisper_model) -> list[di
         tr = transcribe(whisper_model, np.concatenate(audio), SAMPLE_RATE_HZ)
         speech = [(KEEP_SILENCE_S, len(pcm) / SAMPLE_RATE_HZ - KEEP_SILENCE_S) for _, pcm, _ in pack]
         aligned = align_known_words([it.text for it, _, _ in pack], spans, speech, tr.words)
-        for (it, pcm, _), res in zip(pack, aligned):
+        for (it, pcm, times), res in zip(pack, aligned):
             pad = text_fit_padding(res.words, len(pcm))  # fast speech: room for every text byte
             if pad:
                 pcm = np.concatenate([pcm, np.zeros(pad, np.float32)])
@@ -155,7 +156,18 @@ def synth_items(items: list[SynthItem], out_dir: Path, whisper_model) -> list[di
                 "words": [list(w) for w in res.words], "duration_s": round(len(pcm) / SAMPLE_RATE_HZ, 4),
                 "split": it.split, "source": f"synth:{VOICES[it.voice].engine}:{VOICES[it.voice].name}",
                 "asr": res.asr_text, "matched": round(res.matched, 3)}
+            if times is not None:
+                records[it.id]["phones"] = [list(t) for t in times]
     return [records[it.id] for it in items]
+
+
+def shift_times(times: list[tuple[int, float]] | None, cut_s: float) -> list[tuple[int, float]] | None:
+    """Phone times of a clip after `cut_s` seconds were cut from its start (negative: padded):
+    what started before the cut starts at 0."""
+    if times is None:
+        return None
+    shifted = [(p, round(max(0.0, float(t) - cut_s), 5)) for p, t in times]
+    return [pt for i, pt in enumerate(shifted) if i + 1 == len(shifted) or shifted[i + 1][1] > 0]
 
 
 def _packs(clips: list) -> list[list]:

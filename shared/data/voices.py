@@ -98,7 +98,7 @@ def synthesize(voice_id: str, text: str, rate: float = 1.0, seed: int | None = N
     if not text:
         raise ValueError("nothing to say: empty text")
     if voice.engine == "piper":
-        pcm, sr = _piper(voice, text, voice.stretch / rate, seed)
+        pcm, sr, _ = _piper(voice, text, voice.stretch / rate, seed)
     else:
         pcm, sr = _ENGINES[voice.engine](voice, text, voice.stretch / rate)
     out = _finish(voice, text, pcm, sr)
@@ -107,23 +107,43 @@ def synthesize(voice_id: str, text: str, rate: float = 1.0, seed: int | None = N
     return out
 
 
-def synthesize_batch(voice_id: str, texts: list[str], rate: float = 1.0) -> list[np.ndarray | Exception]:
-    """`synthesize` for many texts: one array per text, or the exception that text raised.
-    Festival runs once for the whole batch (its start-up, ~0.25 s, dominates a short sentence)."""
+@dataclass
+class Clip:
+    """A synthesised clip: float32 mono at 24 kHz, and where the voice can tell (piper), when
+    each phoneme it spoke starts: (phoneme id of `model.phonemes`, start s), NO_PHONE for
+    silence, in time order; spaces between words belong to the phoneme before them."""
+
+    pcm: np.ndarray
+    phone_times: list[tuple[int, float]] | None = None
+
+
+def synthesize_batch(voice_id: str, texts: list[str], rate: float = 1.0) -> list[Clip | Exception]:
+    """`synthesize` for many texts: one clip per text, or the exception that text raised.
+    Festival runs once for the whole batch (its start-up, ~0.25 s, dominates a short sentence);
+    piper clips carry its phoneme timings."""
     voice = get_voice(voice_id)
     if voice.engine == "festival" and len(texts) > 1:
         try:
             raw = _festival_batch(voice, [" ".join(t.split()) for t in texts], voice.stretch / rate)
-            return [_finish(voice, text, pcm, sr) for text, (pcm, sr) in zip(texts, raw)]
+            return [_clip(_finish(voice, text, pcm, sr)) for text, (pcm, sr) in zip(texts, raw)]
         except VoiceError:
             pass  # one bad text fails the batch: fall back to one at a time, to find it
-    out: list[np.ndarray | Exception] = []
+    out: list[Clip | Exception] = []
     for text in texts:
         try:
-            out.append(synthesize(voice_id, text, rate))
+            if voice.engine == "piper":
+                text = " ".join(text.split())
+                pcm, sr, times = _piper(voice, text, voice.stretch / rate, timings=True)
+                out.append(_clip(_finish(voice, text, pcm, sr), times))
+            else:
+                out.append(Clip(synthesize(voice_id, text, rate)))
         except (VoiceError, ValueError) as e:
             out.append(e)
     return out
+
+
+def _clip(pcm: np.ndarray | Exception, times=None) -> Clip | Exception:
+    return pcm if isinstance(pcm, Exception) else Clip(pcm, times)
 
 
 def _finish(voice: Voice, text: str, pcm: np.ndarray, sr: int) -> np.ndarray | Exception:
@@ -211,7 +231,7 @@ def _festival_batch(voice: Voice, texts: list[str], stretch: float) -> list[tupl
 
 @lru_cache(maxsize=4)
 def _piper_voice(name: str):
-    return load_piper(name)
+    return load_piper(name, alignments=True)
 
 
 _ORT_SEED_LOCK = threading.Lock()
@@ -253,18 +273,45 @@ def load_piper(name: str, seed: int | None = None, alignments: bool = False):
     return PiperVoice(session=session, config=config)
 
 
-def _piper(voice: Voice, text: str, stretch: float, seed: int | None = None) -> tuple[np.ndarray, int]:
+def _piper(voice: Voice, text: str, stretch: float, seed: int | None = None,
+           timings: bool = False) -> tuple[np.ndarray, int, list[tuple[int, float]] | None]:
+    """Audio, its rate and, with `timings` (unseeded only), the phoneme timings (`Clip`)."""
     from piper.config import SynthesisConfig
 
     pv = _piper_voice(voice.name) if seed is None else load_piper(voice.name, seed)
-    chunks = list(pv.synthesize(text, SynthesisConfig(length_scale=stretch, normalize_audio=True)))
+    chunks = list(pv.synthesize(text, SynthesisConfig(length_scale=stretch, normalize_audio=True),
+                                include_alignments=timings and seed is None))
     if not chunks:
         raise VoiceError(f"{voice.id}: no audio for {text!r}")
-    pause = np.zeros(int(0.25 * pv.config.sample_rate), np.float32)
-    parts = []
+    rate = pv.config.sample_rate
+    pause = np.zeros(int(0.25 * rate), np.float32)
+    parts: list[np.ndarray] = []
+    times: list[tuple[int, float]] | None = [] if timings and seed is None else None
     for i, c in enumerate(chunks):
-        parts += ([pause] if i else []) + [c.audio_float_array]
-    return np.concatenate(parts), pv.config.sample_rate
+        parts += ([pause] if i else [])
+        if times is not None:
+            if c.phoneme_alignments is None:
+                raise VoiceError(f"{voice.id}: piper gave no phoneme alignments for {text!r}")
+            times += piper_phone_times(c.phoneme_alignments, sum(map(len, parts)) / rate, rate)
+        parts.append(c.audio_float_array)
+    return np.concatenate(parts), rate, times
+
+
+def piper_phone_times(alignments, start_s: float, rate: int) -> list[tuple[int, float]]:
+    """piper's per-symbol alignments of one sentence (its `PhonemeAlignment`s: symbol, sample
+    count with the pad after it) -> (phoneme id, start s) from `start_s` on: the begin and end
+    symbols are silence (NO_PHONE), a space joins the phoneme before it, and the other symbols
+    are the phonemes `model.phonemes` queues."""
+    from ..model.phonemes import NO_PHONE, phoneme_id
+
+    out: list[tuple[int, float]] = []
+    at = start_s
+    for a in alignments:
+        pid = NO_PHONE if a.phoneme in ("^", "$") else phoneme_id(a.phoneme)
+        if pid is not None and not (out and pid == NO_PHONE == out[-1][0]):
+            out.append((pid, round(float(at), 5)))
+        at += a.num_samples / rate
+    return out
 
 
 _ENGINES = {"espeak": _espeak, "flite": _flite, "festival": _festival, "piper": _piper}

@@ -42,14 +42,20 @@ def cumulative(points: list[tuple[str, float, Path]], start_minutes: float) -> l
     return [offsets[stage] + minutes for stage, minutes, _ in points]
 
 
-def evaluate(model_dir: Path, sentences, judge, seed: int) -> dict:
+def evaluate(model_dir: Path, sentences, judge, seed: int, temperature: float | None = None,
+             euler_steps: int | None = None) -> dict:
+    """TTS judge WER of one checkpoint; `temperature` and `euler_steps` override its speak head's
+    sampling (temperature 0 with one Euler step is the head's conditional mean)."""
     import michi
 
     from .speech import eval_tts
 
     t0 = time.perf_counter()
-    result = eval_tts(michi.load(str(model_dir), device="cpu", seed=seed), sentences, judge,
-                      reference_voice=False, seed=seed, save_wavs=0)
+    model = michi.load(str(model_dir), device="cpu", seed=seed)
+    head = model.model.speak_head.cfg
+    head.temperature = head.temperature if temperature is None else temperature
+    head.euler_steps = euler_steps or head.euler_steps
+    result = eval_tts(model, sentences, judge, reference_voice=False, seed=seed, save_wavs=0)
     return {"wer": result["wer"], "eval_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -81,12 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-minutes", type=float, default=0.0, help="training minutes before this run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--whisper-model", default=None)
+    ap.add_argument("--temperature", type=float, default=None, help="override the speak head's sampling temperature")
+    ap.add_argument("--euler-steps", type=int, default=None, help="override its Euler steps")
+    ap.add_argument("--out", default="curve", help="file stem of the JSON and PNG written in the run directory")
     args = ap.parse_args(argv)
 
     from . import speech
 
     run = Path(args.run)
-    out_json = run / "curve.json"
+    out_json = run / f"{args.out}.json"
     done = {p["path"]: p for p in json.loads(out_json.read_text())["points"]} if out_json.is_file() else {}
     every = speech.load_segments(args.corpus, splits=("heldout_sentence",))["heldout_sentence"]
     sentences = speech.spread(list({it.text: it for it in every}.values()), args.limit)
@@ -99,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         point = done.get(str(path))
         if point is None:
             point = {"path": str(path), "stage": stage, "minutes": round(minutes, 2),
-                     **evaluate(path, sentences, judge, args.seed)}
+                     **evaluate(path, sentences, judge, args.seed, args.temperature, args.euler_steps)}
         points.append(point)
         print(f"[curve] {i + 1}/{len(todo)} {stage} {minutes:6.1f} min: WER {100 * point['wer']:.1f} %", flush=True)
         out_json.write_text(json.dumps({"corpus": str(Path(args.corpus).resolve()), "sentences": len(sentences),
-                                        "seed": args.seed, "points": points}, indent=2))
-    plot(points, run / "curve.png", f"{run.name}: held-out TTS WER, {len(sentences)} sentences")
-    print(f"curve: {out_json}, {run / 'curve.png'}")
+                                        "seed": args.seed, "temperature": args.temperature,
+                                        "euler_steps": args.euler_steps, "points": points}, indent=2))
+    png = plot(points, run / f"{args.out}.png", f"{run.name}: held-out TTS WER, {len(sentences)} sentences")
+    print(f"curve: {out_json}, {png}")
     return 0
 
 

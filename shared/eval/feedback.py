@@ -24,7 +24,7 @@ import torch
 
 
 @torch.inference_mode()
-def decodings(model, utt, next_phone: np.ndarray, temperature: float, seed: int) -> dict[str, np.ndarray]:
+def decodings(model, utt, phones: np.ndarray, next_phone: np.ndarray, temperature: float, seed: int) -> dict[str, np.ndarray]:
     from ..train.stages import SequenceLosses
 
     bb, norm = model.backbone, model.latent_norm
@@ -33,7 +33,7 @@ def decodings(model, utt, next_phone: np.ndarray, temperature: float, seed: int)
     prev_tokens = torch.tensor(np.r_[bb.vocab.pad, utt.tokens[:-1]])
     user = SequenceLosses(model).silence_latents(n, "cpu")
     no_text = torch.full((n, 1), -1)
-    phones, nxt = torch.from_numpy(utt.phones), torch.from_numpy(next_phone)
+    phones, nxt = torch.from_numpy(phones), torch.from_numpy(next_phone)
 
     def hidden(prev: torch.Tensor, upto: int) -> torch.Tensor:
         fused = bb.embed_tick(prev_tokens[:upto], prev[:upto], user[:upto], no_text[:upto], phones[:upto], nxt[:upto])
@@ -71,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     model = michi.load(args.model, device="cpu").model.eval()
-    if not model.cfg.phone_slots:
-        raise SystemExit(f"{args.model}: no phoneme stream (phone_slots 0); this probe reads the phoneme schedule")
+    if not model.cfg.phone_width:
+        raise SystemExit(f"{args.model}: no phoneme stream; this probe reads the phoneme schedule")
     bank = SequenceBank(args.latents, args.split, [args.speaker], pad_token=model.backbone.vocab.pad)
     picks = spread(list(range(len(bank.utterances))), args.limit)
     judge = WhisperJudge()
     rows: dict[str, list[dict]] = {"real": [], "teacher_forced": [], "own_feedback": []}
     for k, i in enumerate(picks):
         utt = bank.utterances[i]
-        for name, audio in decodings(model, utt, bank.next_phones[i], args.temperature, args.seed + k).items():
+        for name, audio in decodings(model, utt, bank.phone_stream(i, model.cfg.phone_frames), bank.next_phones[i], args.temperature, args.seed + k).items():
             rows[name].append({"id": utt.id, "ref": utt.text, "hyp": judge(audio, model.cfg.sample_rate_hz)})
         print(f"[feedback] {k + 1}/{len(picks)} {utt.text!r}: " + " | ".join(
             f"{name} {rows[name][-1]['hyp']!r}" for name in rows), flush=True)

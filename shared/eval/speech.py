@@ -442,7 +442,8 @@ def eval_listen(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Sp
             progress("listen", len(rows), total)
     per_set = {name: summary([r for r in rows if r["set"] == name]) for name in sets}
     return {"task": "listen", **summary(rows), "sets": per_set, "decode_s": decode_s, "audio_s": audio_s,
-            "decoder": "greedy CTC, streaming greedy_step per 80 ms frame", "rows": rows}
+            "decoder": "greedy CTC, streaming greedy_step per 80 ms frame",
+            "head_enabled": michi.model.listen_text.enabled, "rows": rows}
 
 
 def finite(x: Any) -> bool:

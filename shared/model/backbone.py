@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..config import BackboneConfig, MichiConfig
-from .phonemes import NO_PHONE, NUM_PHONEME_IDS
+from .phonemes import FRAMES_PER_TICK, NO_PHONE, NUM_PHONEME_IDS
 from .tokenizer import NUM_STREAM_TOKENS, StreamVocab
 
 
@@ -126,9 +126,21 @@ class Backbone(nn.Module):
         self.user_latent_in = nn.Linear(cfg.latent_dim, hidden)
         # Tells user text apart from agent text, which share the token table.
         self.user_text_tag = nn.Parameter(torch.zeros(hidden))
-        self.phone_slots = cfg.phone_slots
-        if self.phone_slots:
-            # The agent's phoneme stream (model.phonemes): this tick's phonemes (one row per slot,
+        self.phone_slots, self.phone_frames = cfg.phone_slots, cfg.phone_frames
+        self.phone_width = cfg.phone_width  # 0: no phoneme stream
+        if self.phone_frames:
+            # The agent's phoneme stream as frame labels (model.phonemes): one table row per frame
+            # position, phoneme and start flag, so the sum keeps which phoneme sounds where; the
+            # next one waiting; and the advance head: per frame of the next tick, does one begin.
+            self.phone_embed = nn.Embedding(FRAMES_PER_TICK * 2 * NUM_PHONEME_IDS, hidden)
+            self.next_phone_embed = nn.Embedding(NUM_PHONEME_IDS, hidden, padding_idx=NO_PHONE)
+            self.phone_head = nn.Linear(hidden, FRAMES_PER_TICK)
+            nn.init.normal_(self.phone_embed.weight, std=0.02 / FRAMES_PER_TICK ** 0.5)
+            nn.init.normal_(self.next_phone_embed.weight, std=0.02)
+            with torch.no_grad():
+                self.next_phone_embed.weight[NO_PHONE].zero_()
+        elif self.phone_slots:
+            # The agent's phoneme stream as slots: this tick's phonemes (one row per slot,
             # so their order counts), the next one waiting, and the advance head: how many
             # phonemes the next tick takes (0..slots).
             self.phone_embed = nn.Embedding(NUM_PHONEME_IDS, hidden, padding_idx=NO_PHONE)
@@ -161,18 +173,21 @@ class Backbone(nn.Module):
                    next_phone: torch.Tensor | None = None) -> torch.Tensor:
         """Fuse one tick per row: agent_text [B], latents [B, D] (normalised), user_text [B, S]
         (-1 = no token), and with a phoneme stream phones [B, slots] and next_phone [B]
-        (NO_PHONE = none; both absent = none) -> [B, 1, H]."""
+        (NO_PHONE = none; both absent = none), or with frame labels phones [B, 8] -> [B, 1, H]."""
         present = (user_text >= 0).unsqueeze(-1).to(agent_latent.dtype)
         user_text_emb = ((self.embed_text(user_text.clamp(min=0)) + self.user_text_tag) * present).sum(1)
         fused = self.embed_text(agent_text) + self.user_latent_in(user_latent) + user_text_emb
         if self.agent_latent_in is not None:
             fused = fused + self.agent_latent_in(agent_latent)
-        if self.phone_slots and phones is not None:
+        if self.phone_width and phones is not None:
             fused = fused + self.embed_phones(phones, next_phone)
         return fused.unsqueeze(1)
 
     def embed_phones(self, phones: torch.Tensor, next_phone: torch.Tensor) -> torch.Tensor:
-        """phones [..., slots], next_phone [...] -> [..., H]."""
+        """phones [..., slots] or frame labels [..., 8], next_phone [...] -> [..., H]."""
+        if self.phone_frames:
+            rows = torch.arange(FRAMES_PER_TICK, device=phones.device) * (2 * NUM_PHONEME_IDS) + phones
+            return self.phone_embed(rows).sum(-2) + self.next_phone_embed(next_phone)
         phones = phones[..., : self.phone_slots]
         slot = self.phone_slot[: phones.shape[-1]] * (phones != NO_PHONE).unsqueeze(-1).to(self.phone_slot.dtype)
         return (self.phone_embed(phones) + slot).sum(-2) + self.next_phone_embed(next_phone)
@@ -238,8 +253,14 @@ class Backbone(nn.Module):
         return model.norm(x)
 
     def phone_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """How many phonemes the next tick takes: logits over 0..slots."""
+        """The advance head. Slots: how many phonemes the next tick takes, logits over 0..slots.
+        Frames: per frame of the next tick, the logit that a phoneme begins there."""
         return self.phone_head(hidden)
+
+    def phone_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The advance head's answer as the phoneme queue reads it (`model.phonemes`)."""
+        logits = self.phone_head(hidden).float()
+        return logits.sigmoid() if self.phone_frames else logits.softmax(-1)
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the base vocabulary followed by the stream tokens."""

@@ -223,6 +223,9 @@ class ListenTextHead(nn.Module):
         self.conv = StreamingConv1d(feature_dim, dim, 3)
         self.to_slots = nn.Linear(dim, self.slots * dim)
         self.out = nn.Linear(dim, text_vocab_size + 1)  # shared by the slots
+        # False for a head no training has reached (`michi.load` decides from the checkpoint): it
+        # then emits nothing, as on silence, instead of random tokens the backbone never saw.
+        self.enabled = True
 
     def _run(self, features: Tensor, state: ConvState | None) -> Tensor:
         b, n, _ = features.shape
@@ -265,8 +268,10 @@ class ListenTextHead(nn.Module):
 
         Returns tokens [B, slots] (-1 where nothing is emitted) and the new last_token [B]: the
         arg-max of the last slot, blank included, so repeats collapse across frame boundaries.
-        To reset a row, set its last_token to `self.blank`.
+        To reset a row, set its last_token to `self.blank`. A head that is not `enabled` emits nothing.
         """
+        if not self.enabled:
+            return torch.full(logits_frame.shape[:-1], -1, dtype=torch.long, device=logits_frame.device), last_token
         best = logits_frame.argmax(-1)  # [B, slots]
         previous = torch.cat([last_token[:, None].to(best), best[:, :-1]], dim=1)
         emit = (best != self.blank) & (best != previous)

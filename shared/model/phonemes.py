@@ -10,9 +10,13 @@ Symbols are the Unicode code points espeak-ng writes (IPA letters, stress and le
 word's trailing punctuation), numbered by piper's fixed phoneme table (`PHONEME_IDS`, 0 unused
 here); spaces are dropped. Ids are < `NUM_PHONEME_IDS`.
 
-On the tick axis a word's phonemes are spread evenly over the ticks its audio spans
-(`data.align.align_phonemes`), at most `phone_slots` a tick; at inference the model's advance
-head says how many the next tick takes from a queue (`engine.BackboneEngine`).
+Two ways onto the tick axis (`data.align`), both from when each phoneme starts in the audio:
+- slots: the phonemes that begin in a tick, at most `phone_slots`; the advance head says how
+  many the next tick takes from the queue (`PhonemeQueue`).
+- frames: the phoneme sounding in each of the tick's 8 frames of 10 ms (the latent's own frames,
+  `model.melpca`), `FRAME_START` added where one begins; the advance head says, per frame of the
+  next tick, whether a new one begins there (`FrameQueue`). A latent whose frames change
+  phoneme mid-tick is told where.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ from functools import lru_cache
 
 NUM_PHONEME_IDS = 256  # the embedding table's size: piper's ids (< 166) with room to spare
 PHONE_SLOTS = 4  # phonemes a tick holds at most (piper-joe: 12 a second, ~1 a tick)
-NO_PHONE = 0  # an empty slot (piper's id 0 is its pad symbol "_", which espeak never writes)
+NO_PHONE = 0  # an empty slot; silence in a frame (piper's id 0 is its pad "_", never written)
+FRAMES_PER_TICK = 8  # frame labels of a tick: the latent's 10 ms frames
+FRAME_START = NUM_PHONEME_IDS  # added to a frame's label where its phoneme (or a silence) begins
 MAX_HOLD_TICKS = 4  # a queue the model holds longer than this takes its next phoneme anyway
 VOICE = "en-us"
 _LOCK = threading.Lock()  # espeak-ng is one global state per process
@@ -53,10 +59,16 @@ def word_phonemes(word: str) -> tuple[int, ...]:
     word = word.strip()
     if not word:
         return ()
-    phonemizer, ids = _tables()
+    phonemizer, _ = _tables()
     with _LOCK:
         sentences = phonemizer.phonemize(VOICE, word)
-    return tuple(ids[s] for sent in sentences for s in sent if s in ids and not s.isspace())
+    return tuple(p for sent in sentences for s in sent if (p := phoneme_id(s)) is not None)
+
+
+def phoneme_id(symbol: str) -> int | None:
+    """The id of one symbol espeak-ng writes, None for what the stream leaves out (spaces)."""
+    _, ids = _tables()
+    return None if symbol.isspace() or symbol in ("^", "$", "_") else ids.get(symbol)
 
 
 def text_phonemes(text: str) -> list[tuple[int, ...]]:
@@ -91,11 +103,26 @@ class PhonemeQueue:
         self.take = 0
         self.held = 0
         self.credit = 0.0  # expected phonemes asked for and not yet taken (see `pace`)
+        self.added = 0  # forced phonemes ever queued
+        self.word_starts: deque[int] = deque()  # forced words not yet due: `added` at their start
 
     def add_text(self, text: str, forced: bool = False) -> None:
         for ids in text_phonemes(text):
+            if forced:
+                self.word_starts.append(self.added)
+                self.added += len(ids)
+                self.forced += len(ids)
             self.queue.extend(ids)
-            self.forced += len(ids) if forced else 0
+
+    def words_due(self) -> int:
+        """How many more forced words may be said now: those whose first phoneme is next in the
+        queue or already taken. In training a word's text leads its sound by about a tick
+        (`data.align`); forced text far ahead of its sound is a state the model never saw."""
+        due = 0
+        while self.word_starts and self.word_starts[0] <= self.added - self.forced:
+            self.word_starts.popleft()
+            due += 1
+        return due
 
     def own_token(self, token: int, is_text: bool) -> None:
         if is_text:
@@ -133,3 +160,40 @@ class PhonemeQueue:
             self.forced = max(0, self.forced - n)
         phones = [self.queue.popleft() for _ in range(n)] + [NO_PHONE] * (self.slots - n)
         return phones, self.queue[0] if self.queue else NO_PHONE
+
+
+class FrameQueue(PhonemeQueue):
+    """`PhonemeQueue` for the frame stream: a tick reads 8 frame labels, the phoneme sounding in
+    each (`FRAME_START` added where one begins), and the advance head gives, per frame of the next
+    tick, the chance that a new phoneme begins there. The tick takes the expected number of starts
+    (rounded, remainder carried, as `PhonemeQueue.pace`), at its most likely frames. A start after
+    the last queued phoneme begins a silence."""
+
+    def __init__(self, decode, max_hold: int = MAX_HOLD_TICKS):
+        super().__init__(decode, FRAMES_PER_TICK, max_hold)
+        self.current = NO_PHONE  # what sounds now
+        self.probs: list[float] = [0.0] * FRAMES_PER_TICK
+
+    def pace(self, probs) -> None:
+        self.probs = [float(p) for p in probs]
+
+    def next_tick(self) -> tuple[list[int], int]:
+        waiting = len(self.queue) + (self.current != NO_PHONE)  # starts that change something
+        if not waiting:
+            self.credit = 0.0
+            return [NO_PHONE] * FRAMES_PER_TICK, NO_PHONE
+        self.credit += sum(self.probs)
+        take = min(int(self.credit + 0.5), waiting, FRAMES_PER_TICK)
+        self.credit -= take
+        if take == 0 and self.queue:
+            self.held += 1
+            take = int(self.held > self.max_hold)
+        at = set(sorted(range(FRAMES_PER_TICK), key=lambda j: -self.probs[j])[:take])
+        labels = []
+        for j in range(FRAMES_PER_TICK):
+            if j in at:
+                self.held = 0
+                self.current = self.queue.popleft() if self.queue else NO_PHONE
+                self.forced = max(0, self.forced - (self.current != NO_PHONE))
+            labels.append(self.current + FRAME_START * (j in at))
+        return labels, self.queue[0] if self.queue else NO_PHONE

@@ -15,7 +15,7 @@ import torch
 from ..audio.io import read_wav
 from ..config import SAMPLE_RATE_HZ
 from ..data.shards import Utterance, iter_utterances
-from ..model.phonemes import NO_PHONE
+from ..model.phonemes import FRAME_START, NO_PHONE
 
 def load_segments(corpus_dir: str | Path, splits: Sequence[str] = ("train",),
                   speakers: Sequence[str] | None = None) -> list[dict]:
@@ -89,9 +89,13 @@ class SequenceBatch:
     prev_latents: torch.Tensor  # [B, n, D] raw
     prev_valid: torch.Tensor  # [B, n] False where there is no previous latent (first tick)
     mask: torch.Tensor  # [B, n] real ticks
-    phones: torch.Tensor  # [B, n, slots] the phonemes of each tick's audio (an input, like prev_latents)
+    # The phonemes of each tick's audio (an input, like prev_latents; `model.phonemes`): slots
+    # [B, n, slots] or frame labels [B, n, 8]
+    phones: torch.Tensor
     next_phone: torch.Tensor  # [B, n] the first phoneme after the tick's (NO_PHONE: none)
-    phone_take: torch.Tensor  # [B, n] how many phonemes the next tick takes (the advance head's target)
+    # The advance head's target: slots, how many phonemes the next tick takes [B, n]; frames,
+    # which of the next tick's frames begin one [B, n, 8] (float, 0 or 1)
+    phone_take: torch.Tensor
 
 
 class SequenceBank:
@@ -106,30 +110,37 @@ class SequenceBank:
                              + (f" for speakers {list(speakers)}" if speakers else ""))
         self.pad = pad_token
         self.ticks = sum(len(u.tokens) for u in self.utterances)
-        self.next_phones = [next_phones(u.phones) for u in self.utterances]
+        self.next_phones = [next_phones(u.frames) for u in self.utterances]
+        self.slots = [u.phones for u in self.utterances]
+
+    def phone_stream(self, i: int, frames: bool) -> np.ndarray:
+        """Utterance i's phoneme stream (`model.phonemes`): frame labels [n, 8] or slots."""
+        return self.utterances[i].frames if frames else self.slots[i]
 
     def latent_stats(self) -> tuple[np.ndarray, np.ndarray]:
         allv = np.concatenate([u.latents for u in self.utterances])
         return allv.mean(0), allv.std(0) + 1e-5
 
-    def batch(self, batch: int, max_ticks: int, gen: torch.Generator, pack: bool = False) -> SequenceBatch:
+    def batch(self, batch: int, max_ticks: int, gen: torch.Generator, pack: bool = False,
+              phone_frames: bool = False) -> SequenceBatch:
         """`batch` rows of tick windows: each a random window of one utterance (rows padded to the
         longest, `mask` marks the real ticks), or with `pack` every row filled to `max_ticks` with
         utterances one after another (the first from a random tick, the next ones whole), so no
-        compute goes to padding; a packed row's later utterances have the earlier ones as context."""
+        compute goes to padding; a packed row's later utterances have the earlier ones as context.
+        The phoneme stream is the one a model with (`phone_frames`) or without frames reads."""
         rows = [self._row(max_ticks, gen, pack) for _ in range(batch)]
         n = max(sum(b - a for _, a, b in pieces) for pieces in rows)
         dim = self.utterances[0].latents.shape[1]
-        slots = self.utterances[0].phones.shape[1]
+        width = self.phone_stream(0, phone_frames).shape[1]
         tokens = np.full((batch, n), self.pad, np.int64)
         prev_tokens = np.full((batch, n), self.pad, np.int64)
         latents = np.zeros((batch, n, dim), np.float32)
         prev_latents = np.zeros((batch, n, dim), np.float32)
         prev_valid = np.zeros((batch, n), bool)
         mask = np.zeros((batch, n), bool)
-        phones = np.full((batch, n, slots), NO_PHONE, np.int64)
+        phones = np.full((batch, n, width), NO_PHONE, np.int64)
         next_phone = np.full((batch, n), NO_PHONE, np.int64)
-        phone_take = np.zeros((batch, n), np.int64)
+        phone_take = (np.zeros((batch, n, width), np.float32) if phone_frames else np.zeros((batch, n), np.int64))
         for row, pieces in enumerate(rows):
             at = 0
             for i, a, b in pieces:
@@ -142,9 +153,11 @@ class SequenceBank:
                 prev_tokens[row, at + first:at + k] = u.tokens[a - 1 + first:b - 1]
                 prev_latents[row, at + first:at + k] = u.latents[a - 1 + first:b - 1]
                 prev_valid[row, at + first:at + k] = True
-                phones[row, cols] = u.phones[a:b]
+                stream = self.phone_stream(i, phone_frames)
+                phones[row, cols] = stream[a:b]
                 next_phone[row, cols] = self.next_phones[i][a:b]
-                taken = (u.phones[a + 1:b + 1] != NO_PHONE).sum(1)  # after the utterance's end: 0
+                after = stream[a + 1:b + 1]  # the next ticks (after the utterance's end: nothing)
+                taken = after >= FRAME_START if phone_frames else (after != NO_PHONE).sum(1)
                 phone_take[row, at:at + len(taken)] = taken
                 at += k
         t = torch.from_numpy
@@ -166,15 +179,16 @@ class SequenceBank:
         return pieces
 
 
-def next_phones(phones: np.ndarray) -> np.ndarray:
-    """[n, slots] phonemes per tick -> [n]: the first phoneme placed after each tick (what the
+def next_phones(frames: np.ndarray) -> np.ndarray:
+    """[n, 8] frame labels -> [n]: the first phoneme that begins after each tick (what the
     engine's queue shows next), NO_PHONE after the last."""
-    out = np.full(len(phones), NO_PHONE, np.int64)
+    out = np.full(len(frames), NO_PHONE, np.int64)
     upcoming = NO_PHONE
-    for tick in range(len(phones) - 1, -1, -1):
+    for tick in range(len(frames) - 1, -1, -1):
         out[tick] = upcoming
-        if phones[tick, 0] != NO_PHONE:
-            upcoming = phones[tick, 0]
+        begun = frames[tick][frames[tick] > FRAME_START]
+        if len(begun):
+            upcoming = begun[0] - FRAME_START
     return out
 
 

@@ -32,7 +32,7 @@ def speech_loss(model, bank: SequenceBank, batches: int = 8, seed: int = 0) -> d
     model.eval()
     sums = {"flow": 0.0, "text": 0.0}
     for _ in range(batches):
-        b = bank.batch(8, 128, gen)
+        b = bank.batch(8, 128, gen, phone_frames=model.cfg.phone_frames)
         out = losses.speech(**{k: v.to(dev) for k, v in vars(b).items()})
         for key in sums:
             sums[key] += out[key].item() / batches

@@ -165,7 +165,7 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
             f"latent input projections); speak head, listen text head and codec new")
         return model.to(device)
     model, _ = load_checkpoint(rc.init, device=device)
-    reshaped = (target.phone_slots, target.agent_feedback) != (model.cfg.phone_slots, model.cfg.agent_feedback)
+    reshaped = any(getattr(target, k) != getattr(model.cfg, k) for k in ("phone_slots", "phone_frames", "agent_feedback"))
     if target.codec == "melpca" and reshaped:
         # The preset adds (or drops) the phoneme stream or the latent feedback: new parts start
         # new, dropped ones are left behind, the rest is copied.

@@ -198,7 +198,9 @@ class SequenceLosses(nn.Module):
                               no_user_text, phones.reshape(b * n, -1), next_phone.reshape(-1)).view(b, n, -1)
         hidden = bb(fused)
         out = {"text": F.cross_entropy(bb.text_logits(hidden[mask]), tokens[mask])}
-        if bb.phone_slots:
+        if bb.phone_frames:
+            out["phones"] = F.binary_cross_entropy_with_logits(bb.phone_logits(hidden[mask]).float(), phone_take[mask])
+        elif bb.phone_slots:
             out["phones"] = F.cross_entropy(bb.phone_logits(hidden[mask]), phone_take[mask].clamp(max=bb.phone_slots))
         x = norm.normalize(latents[mask])
         cond = hidden[mask]
@@ -266,8 +268,9 @@ class SequenceStage:
             trained = [model.speak_head, bb.user_latent_in, bb.stream_embed]
             if bb.agent_latent_in is not None:
                 trained.append(bb.agent_latent_in)
-            if bb.phone_slots:
+            if bb.phone_width:
                 trained += [bb.phone_embed, bb.next_phone_embed, bb.phone_head]
+            if bb.phone_slots:
                 bb.phone_slot.requires_grad_(True)
         else:
             trained = [bb, model.speak_head]
@@ -300,7 +303,8 @@ class SequenceStage:
                 losses = self.losses("text", ids=ids.to(dev), mask=mask.to(dev))
             total = losses["lm"]
         else:
-            b = self.speech.batch(sc.batch_size, sc.max_ticks, self.rng, pack=bool(sc.pack))
+            b = self.speech.batch(sc.batch_size, sc.max_ticks, self.rng, pack=bool(sc.pack),
+                                  phone_frames=self.model.cfg.phone_frames)
             with autocast:
                 losses = self.losses("speech", **{k: v.to(dev) for k, v in vars(b).items()})
             total = (losses["flow"] + (0.0 if self.mode == "speak" else sc.text_weight * losses["text"])

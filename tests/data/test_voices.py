@@ -25,7 +25,7 @@ def test_defaults_and_batch():
     assert held.engine != "espeak"
     assert all(voices.VOICES[v].speaker != held.speaker for v in voices.DEFAULT_TRAIN_VOICES)
     out = voices.synthesize_batch("festival-kal", ["Hello there my friend.", "Good night to you all."])
-    assert all(isinstance(x, np.ndarray) and len(x) > 24000 for x in out)
+    assert all(isinstance(x, voices.Clip) and len(x.pcm) > 24000 and x.phone_times is None for x in out)
     with pytest.raises(ValueError, match="unknown voice"):
         voices.synthesize("nobody", "hi")
 
@@ -50,3 +50,22 @@ def test_trim_silence_keeps_point_two_seconds():
     assert abs(len(out) / sr - 1.4) < 0.03 and abs(cut - 0.8) < 0.02
     out2, cut2 = voices.trim_silence(tone, sr, keep_s=0.2)  # no silence: padded
     assert abs(len(out2) / sr - 1.4) < 0.03 and abs(cut2 + 0.2) < 0.02
+
+
+def test_piper_clips_carry_its_phoneme_timings():
+    """piper's own alignments: the phonemes it spoke, in order, starting with silence, each
+    within the clip; the same ids the phoneme stream queues for these words."""
+    import difflib
+
+    from michi.model.phonemes import NO_PHONE, text_phonemes
+
+    text = "Good night to you all."
+    (clip,) = voices.synthesize_batch("piper-joe", [text])
+    times = clip.phone_times
+    assert times[0] == (NO_PHONE, 0.0) and times[-1][0] == NO_PHONE
+    starts = [t for _, t in times]
+    assert starts == sorted(starts) and starts[-1] < len(clip.pcm) / 24_000
+    spoken = [p for p, _ in times if p != NO_PHONE]
+    queued = [p for word in text_phonemes(text) for p in word]
+    # piper phonemizes the sentence, the queue word by word: the two differ in a stress mark or so
+    assert difflib.SequenceMatcher(a=spoken, b=queued).ratio() > 0.85

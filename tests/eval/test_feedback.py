@@ -6,7 +6,7 @@ import torch
 import michi
 from michi.data.shards import Utterance
 from michi.eval.feedback import decodings
-from michi.model.phonemes import PHONE_SLOTS, word_phonemes
+from michi.model.phonemes import FRAME_START, FRAMES_PER_TICK, word_phonemes
 from michi.train.batches import next_phones
 
 
@@ -24,16 +24,17 @@ def _model(feedback=True):
 
 def _utterance(n=12):
     rng = np.random.default_rng(0)
-    phones = np.zeros((n, PHONE_SLOTS), np.int64)
+    frames = np.zeros((n, FRAMES_PER_TICK), np.int64)
     for t, p in enumerate(word_phonemes("hello")):
-        phones[2 + t, 0] = p
+        frames[2 + t] = p
+        frames[2 + t, 0] = p + FRAME_START
     return Utterance("u", "piper-joe", "hello", rng.normal(size=(n, 64)).astype(np.float32),
-                     np.full(n, 260), "train", phones)
+                     np.full(n, 260), "train", frames)
 
 
 def test_real_is_the_decoder_and_the_first_tick_needs_no_feedback():
     m, u = _model(), _utterance()
-    out = decodings(m, u, next_phones(u.phones), temperature=0.0, seed=0)
+    out = decodings(m, u, u.phones, next_phones(u.frames), temperature=0.0, seed=0)
     with torch.no_grad():
         real = m.vocoder(torch.from_numpy(u.latents)[None])[0].numpy()
     np.testing.assert_allclose(out["real"], real, atol=1e-6)
@@ -47,5 +48,5 @@ def test_real_is_the_decoder_and_the_first_tick_needs_no_feedback():
 
 def test_without_a_latent_input_both_decodings_are_the_same():
     m, u = _model(feedback=False), _utterance()
-    out = decodings(m, u, next_phones(u.phones), temperature=0.0, seed=0)
+    out = decodings(m, u, u.phones, next_phones(u.frames), temperature=0.0, seed=0)
     np.testing.assert_allclose(out["teacher_forced"], out["own_feedback"], rtol=1e-4, atol=1e-9)

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from michi.config import tiny_melpca
-from michi.data.align import align_phonemes
+from michi.data.align import align_frames, frame_slots, word_phone_times
 from michi.engine import BackboneEngine, HistoryTick, TickInput
 from michi.model.michi import MichiModel
-from michi.model.phonemes import NO_PHONE, PHONE_SLOTS, PhonemeQueue, symbols, text_phonemes, word_phonemes
+from michi.model.phonemes import (FRAME_START, NO_PHONE, PHONE_SLOTS, FrameQueue, PhonemeQueue, symbols,
+                                  text_phonemes, word_phonemes)
 from michi.model.tokenizer import ByteTokenizer
 from michi.train.batches import next_phones
 
@@ -22,30 +23,31 @@ def test_words_become_espeak_phonemes():
     assert all(0 < i < 256 for w in text_phonemes("The quick brown fox.") for i in w)
 
 
-def test_phonemes_spread_over_their_words_audio():
-    words = [("cat", 0.16, 0.48), ("sat", 0.48, 0.80)]  # ticks 2..6 and 6..10, delay 1
-    stats = {}
-    phones = align_phonemes(words, n_ticks=14, delay_ticks=1, slots=PHONE_SLOTS, stats=stats)
-    placed = [(t, int(p)) for t in range(14) for p in phones[t] if p != NO_PHONE]
+def test_word_times_give_evenly_spread_phonemes_and_silence_between():
+    words = [("cat", 0.16, 0.48), ("sat", 0.6, 0.9)]
+    times = word_phone_times(words)
     cat, sat = word_phonemes("cat"), word_phonemes("sat")
-    assert [p for _, p in placed] == list(cat + sat)  # all of them, in order
-    assert stats == {"phonemes": len(cat) + len(sat), "phonemes_dropped": 0}
-    cat_ticks = [t for t, _ in placed[: len(cat)]]
-    assert cat_ticks[0] == 3 and cat_ticks[-1] < 3 + 4  # first at its start (+ delay), within its span
-    assert placed[len(cat)][0] >= 7  # "sat" starts where its audio does, not before
-    # Slots are a hard limit: a long word in one tick overflows to the next ticks, in order.
-    crammed = align_phonemes([("unbelievable", 0.0, 0.01)], 10, 0, 2)
-    flat = [int(p) for row in crammed for p in row if p != NO_PHONE]
-    assert flat == list(word_phonemes("unbelievable")) and (crammed != NO_PHONE).sum(1).max() == 2
-    # Past the end: dropped and counted.
+    assert [p for p, _ in times] == list(cat) + [NO_PHONE] + list(sat) + [NO_PHONE]
+    assert times[0][1] == 0.16 and times[len(cat)] == (NO_PHONE, 0.48) and times[-1] == (NO_PHONE, 0.9)
+    starts = [t for _, t in times]
+    assert starts == sorted(starts) and times[1][1] == pytest.approx(0.16 + 0.32 / len(cat))
+
+
+def test_frames_carry_the_phoneme_of_each_10_ms_frame_and_where_it_begins():
+    # Frame f of the delayed stream is labelled at its window's centre: (f - 1) * 10 ms - delay.
+    times = [(5, 0.10), (6, 0.135), (7, 0.138), (NO_PHONE, 0.30), (NO_PHONE, 0.35)]
     stats = {}
-    align_phonemes([("unbelievable", 0.0, 0.01)], 2, 0, 2, stats)
-    assert stats["phonemes"] == 4 and stats["phonemes_dropped"] == len(word_phonemes("unbelievable")) - 4
-
-
-def test_next_phone_is_the_first_one_after_each_tick():
-    phones = np.array([[0, 0], [5, 6], [0, 0], [7, 0], [0, 0]])
-    assert next_phones(phones).tolist() == [5, 7, 7, 0, 0]
+    frames = align_frames(times, n_ticks=6, delay_ticks=1, stats=stats)
+    flat = frames.reshape(-1)
+    assert (flat[:19] == NO_PHONE).all()  # before the first phoneme: silence, no start
+    assert flat[19] == 5 + FRAME_START and (flat[20:23] == 5).all()  # 0.10 s: frame 19 = tick 2, frame 3
+    assert flat[23] == 7 + FRAME_START  # phoneme 6 (3 ms) is too short for a frame: dropped
+    assert (flat[24:39] == 7).all() and flat[39] == FRAME_START  # a silence begins after the last
+    assert (flat[40:] == NO_PHONE).all()  # and a silence after silence is no new start
+    assert stats == {"phonemes": 2, "phonemes_dropped": 1}
+    slots = frame_slots(frames, PHONE_SLOTS)
+    assert slots[2].tolist() == [5, 7, 0, 0] and (np.delete(slots, 2, 0) == NO_PHONE).all()
+    assert next_phones(frames).tolist() == [5, 5, 0, 0, 0, 0]
 
 
 def test_an_uncertain_head_moves_at_its_expected_pace():
@@ -92,12 +94,58 @@ def test_queue_paces_forced_text_and_phonemizes_own_words():
     assert own.forced == 0  # the agent's own words: TTS does not wait for them
 
 
-@pytest.fixture(scope="module")
-def model():
+def test_frame_queue_moves_at_the_heads_pace_and_ends_in_silence():
+    """Starts at the expected count (1.2 a tick here), at the most likely frames; every queued
+    phoneme is spoken in order, each from the frame where it begins; after the last, silence."""
+    q = FrameQueue(ByteTokenizer().decode, max_hold=10)
+    q.add_text("cat sat", forced=True)
+    want = list(word_phonemes("cat") + word_phonemes("sat"))
+    probs = [0.05] * 8
+    probs[5] = 0.85
+    labels = []
+    for _ in range(12):
+        q.pace(probs)
+        tick, nxt = q.next_tick()
+        assert len(tick) == 8 and nxt == (q.queue[0] if q.queue else NO_PHONE)
+        labels += tick
+    begun = [lab - FRAME_START for lab in labels if lab >= FRAME_START]
+    assert begun[: len(want)] == want and q.forced == 0  # all spoken, in order
+    assert begun[len(want)] == NO_PHONE and labels[-1] == NO_PHONE  # then a silence, which stays
+    assert all(lab >= FRAME_START for lab in labels[5::8][:5])  # the likeliest frame starts first
+    # Between starts a frame carries the phoneme still sounding.
+    first = labels.index(want[0] + FRAME_START)
+    assert labels[first + 1] == want[0]
+    # A head that never moves is overruled after max_hold ticks; an empty queue reads silence.
+    held = FrameQueue(ByteTokenizer().decode, max_hold=2)
+    held.add_text("hi")
+    ticks = []
+    for _ in range(3):
+        held.pace([0.0] * 8)
+        ticks.append(held.next_tick()[0])
+    assert ticks[0] == ticks[1] == [NO_PHONE] * 8 and ticks[2][0] == word_phonemes("hi")[0] + FRAME_START
+    empty = FrameQueue(ByteTokenizer().decode)
+    empty.pace([0.9] * 8)
+    assert empty.next_tick() == ([NO_PHONE] * 8, NO_PHONE) and empty.credit == 0.0
+
+
+def _pace(queue, take: int) -> None:
+    """Drive the pace by hand (a random head says anything): `take` starts next tick."""
+    if isinstance(queue, FrameQueue):
+        queue.pace([take / 8] * 8)
+    else:
+        queue.take = take
+
+
+@pytest.fixture(scope="module", params=["slots", "frames"])
+def model(request):
     torch.manual_seed(0)
-    m = MichiModel(tiny_melpca()).eval()  # random weights and an unfitted basis: plumbing only
+    cfg = tiny_melpca()
+    if request.param == "slots":
+        cfg.phone_frames, cfg.phone_slots = False, PHONE_SLOTS
+    m = MichiModel(cfg).eval()  # random weights and an unfitted basis: plumbing only
     with torch.no_grad():
-        m.backbone.phone_slot.normal_()
+        if request.param == "slots":
+            m.backbone.phone_slot.normal_()
     return m
 
 
@@ -112,9 +160,10 @@ def test_call_rebuilt_by_replay_goes_on_with_the_same_phonemes(model):
     xs = [TickInput(torch.randn(dim, generator=gen)) for _ in range(10)]
     outs = []
     for i, x in enumerate(xs):
-        live.rows[0].phonemes.take = i % 3  # drive the pace by hand: a random head says anything
+        _pace(live.rows[0].phonemes, i % 3)
         outs.append(live.tick({"a": x})["a"])
-    assert sum(p != NO_PHONE for o in outs for p in o.phones) == sum(i % 3 for i in range(9))
+    starts = [p for o in outs for p in o.phones if (p > FRAME_START if model.cfg.phone_frames else p != NO_PHONE)]
+    assert len(starts) == sum(i % 3 for i in range(9))
     rebuilt = BackboneEngine(model, rows=1)
     rebuilt.open("b", seed=3)
     history = [HistoryTick(x.user_latent, [], o.agent_token, o.agent_latent, o.phones, o.next_phone)
@@ -124,8 +173,10 @@ def test_call_rebuilt_by_replay_goes_on_with_the_same_phonemes(model):
     rebuilt.rows[0].forced_text = live.rows[0].forced_text.copy()
     rebuilt.rows[0].pad_run = live.rows[0].pad_run
     rebuilt.rows[0].generator.set_state(live.rows[0].generator.get_state())
+    if model.cfg.phone_frames:
+        rebuilt.rows[0].phonemes.current = live.rows[0].phonemes.current
     for r in (live.rows[0], rebuilt.rows[0]):
-        r.phonemes.take = 2
+        _pace(r.phonemes, 2)
     x = TickInput(torch.randn(dim, generator=gen))
     a, b = live.tick({"a": x})["a"], rebuilt.tick({"b": x})["b"]
     assert a.phones == b.phones and a.agent_token == b.agent_token
@@ -136,3 +187,31 @@ def test_call_rebuilt_by_replay_goes_on_with_the_same_phonemes(model):
     blind.replay("c", [HistoryTick(h.user_latent, [], h.agent_token, h.agent_latent) for h in history])
     blind.rows[0].generator.set_state(live.rows[0].generator.get_state())
     assert not torch.allclose(blind.tick({"c": x})["c"].agent_latent, a.agent_latent, atol=1e-5)
+
+
+def test_forced_words_are_said_when_their_sound_is_due():
+    """With a phoneme stream a forced word's text waits until its first phoneme is next (in
+    training a word's text leads its sound by about a tick), and the agent says no words of its
+    own meanwhile; TTS counts the held words as pending."""
+    torch.manual_seed(0)
+    engine = BackboneEngine(MichiModel(tiny_melpca()).eval(), rows=1)  # random weights: plumbing
+    engine.open("a", seed=0)
+    text = "cat sat on"
+    engine.force_text("a", list(text.encode()))
+    row = engine.rows[0]
+    assert [bytes(w).decode() for w in row.held_words] == ["cat", " sat", " on"]
+    assert engine.forced_pending("a") == len(text)
+    q = row.phonemes
+    said, sounding = b"", []
+    starts = {b" s": len(word_phonemes("cat")), b" o": len(word_phonemes("cat") + word_phonemes("sat"))}
+    for _ in range(40):
+        q.pace([0.6 / 8] * 8)  # the pace this tick's phonemes are taken at (the engine reads it first)
+        out = engine.tick({"a": TickInput(torch.zeros(engine.model.cfg.latent_dim))})["a"]
+        sounding.append(q.added - q.forced)  # forced phonemes begun so far
+        said += bytes([out.agent_token]) if out.agent_token < 256 else b""
+        for word, begun in starts.items():
+            if word in said:  # a word's text never comes before the words ahead of it have begun
+                assert sounding[-1] >= begun, (said, sounding)
+        if not engine.forced_pending("a"):
+            break
+    assert said == text.encode()

@@ -65,3 +65,30 @@ def test_packed_rows_are_full_and_keep_each_utterance_whole(tmp_path):
             for t in range(1, 12):
                 if t not in starts:
                     assert toks[t] == toks[t - 1] + 1
+
+
+def test_phoneme_stream_and_advance_targets_in_both_shapes(tmp_path):
+    """The same shard feeds a slot model (phonemes begun per tick, and how many the next tick
+    takes) and a frame model (the 8 frame labels, and which of the next tick's frames begin one)."""
+    from michi.model.phonemes import FRAME_START
+
+    n = 6
+    frames = np.zeros((n, 8), np.int64)
+    frames[1, 2:] = 5
+    frames[1, 2] += FRAME_START
+    frames[2, :] = 5
+    frames[2, 4] = 7 + FRAME_START
+    frames[2, 5:] = 7
+    frames[3, 0] = FRAME_START  # silence begins
+    utt = Utterance("u", "s", "t", np.zeros((n, 2), np.float32), np.arange(n), frames=frames)
+    write_shard(tmp_path / "shards/train-0.safetensors", [utt])
+    write_manifest(tmp_path, {"shards": [{"path": "shards/train-0.safetensors", "split": "train"}]})
+    gen = torch.Generator().manual_seed(0)
+    slots = SequenceBank(tmp_path).batch(1, max_ticks=n, gen=gen)
+    assert slots.phones[0, :4].tolist() == [[0, 0, 0, 0], [5, 0, 0, 0], [7, 0, 0, 0], [0, 0, 0, 0]]
+    assert slots.phone_take[0].tolist() == [1, 1, 0, 0, 0, 0] and slots.next_phone[0].tolist() == [5, 7, 0, 0, 0, 0]
+    framed = SequenceBank(tmp_path).batch(1, max_ticks=n, gen=gen, phone_frames=True)
+    assert torch.equal(framed.phones[0], torch.from_numpy(frames))
+    assert framed.phone_take.dtype == torch.float32 and framed.phone_take.shape == (1, n, 8)
+    assert torch.equal(framed.phone_take[0, :-1], torch.from_numpy(frames[1:] >= FRAME_START).float())
+    assert not framed.phone_take[0, -1].any()

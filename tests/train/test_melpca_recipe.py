@@ -96,7 +96,7 @@ def _rel(a, b):
 def _phoneless_melpca(corpus, tmp_path):
     """A tiny-melpca checkpoint without the phoneme stream, its basis fit on `corpus`."""
     cfg = preset("tiny-melpca")
-    cfg.phone_slots, cfg.agent_feedback = 0, True
+    cfg.phone_frames, cfg.agent_feedback = False, True
     torch.manual_seed(0)
     model = MichiModel(cfg)
     run_basis_stage(model, corpus, tmp_path / "basis", BasisConfig(max_minutes=0.25), progress=lambda _: None)
@@ -124,9 +124,9 @@ def test_recipe_adds_the_phoneme_stream_snapshots_and_the_curve(mini_corpus, tex
     # small learning rate keeps the copied weights near where they started, however many steps fit.
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "new: next_phone_embed, phone_embed, phone_head, phone_slot; left behind: agent_latent_in" in printed, printed
+    assert "new: next_phone_embed, phone_embed, phone_head; left behind: agent_latent_in" in printed, printed
     old, new = michi.load(candidate).model, michi.load(out / "model").model
-    assert old.cfg.phone_slots == 0 and new.cfg.phone_slots == 4
+    assert not old.cfg.phone_width and new.cfg.phone_frames and new.cfg.phone_width == 8
     assert old.backbone.agent_latent_in is not None and new.backbone.agent_latent_in is None
     assert torch.equal(new.listen.components, old.listen.components)  # the basis came along
     assert 0 < _rel(new.backbone.lm.model.embed_tokens.weight, old.backbone.lm.model.embed_tokens.weight.float()) < 0.05
