@@ -1,5 +1,5 @@
 """The shipped default model: trained by this project's recipe, used unless told otherwise. It is a
-tiny-melpca model with the phoneme stream (a fixed log-mel PCA latent and an analytic decoder);
+tiny-melpca model with the phoneme frame stream (a fixed log-mel PCA latent and an analytic decoder);
 the learned-codec model it replaced ships beside it as michi-tiny-learned."""
 import json
 
@@ -18,7 +18,7 @@ LEARNED = michi.DEFAULT_MODEL.parent / "michi-tiny-learned"
 def test_default_model_is_a_trained_melpca_model_with_phonemes():
     m = michi.load()
     assert m.trained and m.cfg.preset == "tiny-melpca" and not m.warnings
-    assert m.cfg.codec == "melpca" and m.cfg.phone_slots == 4 and m.cfg.latent_dim == 64
+    assert m.cfg.codec == "melpca" and m.cfg.phone_frames and m.cfg.latent_dim == 64
     assert m.basis_fitted
     _, info = read_checkpoint_config(michi.DEFAULT_MODEL)
     assert info["what"].startswith("trained by michi's recipe")

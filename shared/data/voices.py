@@ -133,6 +133,8 @@ def synthesize_batch(voice_id: str, texts: list[str], rate: float = 1.0) -> list
         try:
             if voice.engine == "piper":
                 text = " ".join(text.split())
+                if not text:
+                    raise ValueError("nothing to say: empty text")
                 pcm, sr, times = _piper(voice, text, voice.stretch / rate, timings=True)
                 out.append(_clip(_finish(voice, text, pcm, sr), times))
             else:

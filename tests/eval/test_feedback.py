@@ -32,9 +32,14 @@ def _utterance(n=12):
                      np.full(n, 260), "train", frames)
 
 
+def _stream(m, u):
+    """The phoneme stream the model reads: frame labels or slots."""
+    return u.frames if m.cfg.phone_frames else u.phones
+
+
 def test_real_is_the_decoder_and_the_first_tick_needs_no_feedback():
     m, u = _model(), _utterance()
-    out = decodings(m, u, u.phones, next_phones(u.frames), temperature=0.0, seed=0)
+    out = decodings(m, u, _stream(m, u), next_phones(u.frames), temperature=0.0, seed=0)
     with torch.no_grad():
         real = m.vocoder(torch.from_numpy(u.latents)[None])[0].numpy()
     np.testing.assert_allclose(out["real"], real, atol=1e-6)
@@ -48,5 +53,6 @@ def test_real_is_the_decoder_and_the_first_tick_needs_no_feedback():
 
 def test_without_a_latent_input_both_decodings_are_the_same():
     m, u = _model(feedback=False), _utterance()
-    out = decodings(m, u, u.phones, next_phones(u.frames), temperature=0.0, seed=0)
-    np.testing.assert_allclose(out["teacher_forced"], out["own_feedback"], rtol=1e-4, atol=1e-9)
+    out = decodings(m, u, _stream(m, u), next_phones(u.frames), temperature=0.0, seed=0)
+    np.testing.assert_allclose(out["teacher_forced"], out["own_feedback"], rtol=1e-4,
+                               atol=1e-4 * np.abs(out["teacher_forced"]).max())  # one model, two batch shapes
