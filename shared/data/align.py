@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..config import FRAME_RATE_HZ, FRAME_SAMPLES
-from ..model.phonemes import FRAMES_PER_TICK
+from ..model.phonemes import FRAME_START, FRAMES_PER_TICK, NO_PHONE, word_phonemes
 from ..model.tokenizer import StreamVocab, Tokenizer
 
 FRAME_S = 1.0 / FRAME_RATE_HZ
@@ -62,8 +62,6 @@ def align_words(words: Sequence[tuple[str, float, float]], n_ticks: int, tokeniz
 def word_phone_times(words: Sequence[tuple[str, float, float]]) -> list[tuple[int, float]]:
     """Phoneme timings from word times alone (voices that cannot tell their own): each word's
     phonemes spread evenly over its span, silence from its end to the next word's start."""
-    from ..model.phonemes import NO_PHONE, word_phonemes
-
     out: list[tuple[int, float]] = []
     for i, (word, start_s, end_s) in enumerate(words):
         ids = word_phonemes(word)
@@ -88,8 +86,6 @@ def align_frames(phone_times: Sequence[tuple[int, float]], n_ticks: int, delay_t
     not count as a start (at inference nothing is taken then). `stats`, if given, receives
     `phonemes` (placed) and `phonemes_dropped` (too short for a frame of their own, or past the
     end)."""
-    from ..model.phonemes import FRAME_START, NO_PHONE
-
     hop = FRAME_SAMPLES // FRAMES_PER_TICK
     frames = np.arange(n_ticks * FRAMES_PER_TICK)
     centre_s = ((frames - 1) * hop - delay_ticks * FRAME_SAMPLES) / (FRAME_SAMPLES * FRAME_RATE_HZ)
@@ -109,8 +105,6 @@ def align_frames(phone_times: Sequence[tuple[int, float]], n_ticks: int, delay_t
 def frame_slots(frames: np.ndarray, slots: int) -> np.ndarray:
     """[n, FRAMES_PER_TICK] frame labels -> [n, slots]: the phonemes that begin in each tick, in
     order (NO_PHONE in empty slots; past `slots`, the rest of a tick's are left out)."""
-    from ..model.phonemes import FRAME_START, NO_PHONE
-
     out = np.full((len(frames), slots), NO_PHONE, np.int64)
     for tick, j in zip(*np.nonzero(frames > FRAME_START)):
         free = np.flatnonzero(out[tick] == NO_PHONE)

@@ -87,26 +87,6 @@ def get_voice(voice_id: str) -> Voice:
         raise ValueError(f"unknown voice {voice_id!r}; choose from {sorted(VOICES)}") from None
 
 
-def synthesize(voice_id: str, text: str, rate: float = 1.0, seed: int | None = None) -> np.ndarray:
-    """Speak `text` with a registered voice: float32 mono at 24 kHz, peak 0.9. Piper samples
-    (noise inside its ONNX graph): with a `seed`, the same text gives the same audio; without,
-    every call differs. The other engines are rule-based and deterministic either way."""
-    voice = get_voice(voice_id)
-    if rate <= 0:
-        raise ValueError(f"rate must be > 0, got {rate}")
-    text = " ".join(text.split())
-    if not text:
-        raise ValueError("nothing to say: empty text")
-    if voice.engine == "piper":
-        pcm, sr, _ = _piper(voice, text, voice.stretch / rate, seed)
-    else:
-        pcm, sr = _ENGINES[voice.engine](voice, text, voice.stretch / rate)
-    out = _finish(voice, text, pcm, sr)
-    if isinstance(out, Exception):
-        raise out
-    return out
-
-
 @dataclass
 class Clip:
     """A synthesised clip: float32 mono at 24 kHz, and where the voice can tell (piper), when
@@ -115,6 +95,32 @@ class Clip:
 
     pcm: np.ndarray
     phone_times: list[tuple[int, float]] | None = None
+
+
+def synthesize(voice_id: str, text: str, rate: float = 1.0, seed: int | None = None) -> np.ndarray:
+    """Speak `text` with a registered voice: float32 mono at 24 kHz, peak 0.9. Piper samples
+    (noise inside its ONNX graph): with a `seed`, the same text gives the same audio; without,
+    every call differs. The other engines are rule-based and deterministic either way."""
+    return _speak(voice_id, text, rate, seed).pcm
+
+
+def _speak(voice_id: str, text: str, rate: float, seed: int | None = None, timings: bool = False) -> Clip:
+    """`synthesize`, with piper's phoneme timings when asked (`timings`, unseeded)."""
+    voice = get_voice(voice_id)
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0, got {rate}")
+    text = " ".join(text.split())
+    if not text:
+        raise ValueError("nothing to say: empty text")
+    times = None
+    if voice.engine == "piper":
+        pcm, sr, times = _piper(voice, text, voice.stretch / rate, seed, timings)
+    else:
+        pcm, sr = _ENGINES[voice.engine](voice, text, voice.stretch / rate)
+    out = _finish(voice, text, pcm, sr)
+    if isinstance(out, Exception):
+        raise out
+    return Clip(out, times)
 
 
 def synthesize_batch(voice_id: str, texts: list[str], rate: float = 1.0) -> list[Clip | Exception]:
@@ -131,21 +137,14 @@ def synthesize_batch(voice_id: str, texts: list[str], rate: float = 1.0) -> list
     out: list[Clip | Exception] = []
     for text in texts:
         try:
-            if voice.engine == "piper":
-                text = " ".join(text.split())
-                if not text:
-                    raise ValueError("nothing to say: empty text")
-                pcm, sr, times = _piper(voice, text, voice.stretch / rate, timings=True)
-                out.append(_clip(_finish(voice, text, pcm, sr), times))
-            else:
-                out.append(Clip(synthesize(voice_id, text, rate)))
+            out.append(_speak(voice_id, text, rate, timings=True))
         except (VoiceError, ValueError) as e:
             out.append(e)
     return out
 
 
-def _clip(pcm: np.ndarray | Exception, times=None) -> Clip | Exception:
-    return pcm if isinstance(pcm, Exception) else Clip(pcm, times)
+def _clip(pcm: np.ndarray | Exception) -> Clip | Exception:
+    return pcm if isinstance(pcm, Exception) else Clip(pcm)
 
 
 def _finish(voice: Voice, text: str, pcm: np.ndarray, sr: int) -> np.ndarray | Exception:
@@ -281,14 +280,15 @@ def _piper(voice: Voice, text: str, stretch: float, seed: int | None = None,
     from piper.config import SynthesisConfig
 
     pv = _piper_voice(voice.name) if seed is None else load_piper(voice.name, seed)
+    timings = timings and seed is None  # a seeded voice is built without the alignment output
     chunks = list(pv.synthesize(text, SynthesisConfig(length_scale=stretch, normalize_audio=True),
-                                include_alignments=timings and seed is None))
+                                include_alignments=timings))
     if not chunks:
         raise VoiceError(f"{voice.id}: no audio for {text!r}")
     rate = pv.config.sample_rate
     pause = np.zeros(int(0.25 * rate), np.float32)
     parts: list[np.ndarray] = []
-    times: list[tuple[int, float]] | None = [] if timings and seed is None else None
+    times: list[tuple[int, float]] | None = [] if timings else None
     for i, c in enumerate(chunks):
         parts += ([pause] if i else [])
         if times is not None:

@@ -24,7 +24,8 @@ import torch
 
 
 @torch.inference_mode()
-def decodings(model, utt, phones: np.ndarray, next_phone: np.ndarray, temperature: float, seed: int) -> dict[str, np.ndarray]:
+def decodings(model, utt, phones: np.ndarray, next_phone: np.ndarray, temperature: float,
+              seed: int) -> dict[str, np.ndarray]:
     from ..train.stages import SequenceLosses
 
     bb, norm = model.backbone, model.latent_norm
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict]] = {"real": [], "teacher_forced": [], "own_feedback": []}
     for k, i in enumerate(picks):
         utt = bank.utterances[i]
-        for name, audio in decodings(model, utt, bank.phone_stream(i, model.cfg.phone_frames), bank.next_phones[i], args.temperature, args.seed + k).items():
+        phones = bank.phone_stream(i, model.cfg.phone_frames)
+        for name, audio in decodings(model, utt, phones, bank.next_phones[i], args.temperature, args.seed + k).items():
             rows[name].append({"id": utt.id, "ref": utt.text, "hyp": judge(audio, model.cfg.sample_rate_hz)})
         print(f"[feedback] {k + 1}/{len(picks)} {utt.text!r}: " + " | ".join(
             f"{name} {rows[name][-1]['hyp']!r}" for name in rows), flush=True)
