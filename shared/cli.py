@@ -45,7 +45,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{'trained' if info.get('trained') else 'UNTRAINED'} ({about})")
     print(f"backbone: hidden {b.hidden_size}, {b.num_layers} layers, {b.num_heads}/{b.num_kv_heads} heads, "
           f"FFN {b.ffn_size}, vocab {b.vocab_size} (+stream tokens), tokenizer {b.tokenizer}")
-    codec = cfg.codec + (" (mel-PCA: fixed log-mel projection, analytic decoder)" if cfg.codec == "melpca" else "")
+    codec = cfg.codec + (f" (mel-PCA: fixed log-mel projection, {cfg.decoder} decoder)" if cfg.codec == "melpca" else "")
     print(f"audio: {cfg.sample_rate_hz} Hz, {cfg.frame_samples} samples per 80 ms tick, latent dim {cfg.latent_dim}, "
           f"codec {codec}")
     print("parameters:")

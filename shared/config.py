@@ -83,6 +83,7 @@ class VocoderConfig:
 
 
 CODECS = ("learned", "melpca")
+DECODERS = ("analytic", "voiced")  # a mel-PCA model's decoders
 MELPCA_FEATURE_DIM = 640  # mel-PCA features: 8 stacked 80-bin log-mel frames per tick
 
 
@@ -120,10 +121,16 @@ class MichiConfig:
     # 10 ms frame of the tick's latent, in place of the slots (then phone_slots is 0). A config
     # without this key (written before it existed) has slots or no stream.
     phone_frames: bool = False
+    # A mel-PCA model's decoder: "analytic" (no training; a random phase, whispered) or "voiced"
+    # (a voicing net predicts f0 and voicing, a harmonic excitation gives the phase;
+    # michi.model.voiced). A config without this key (written before it existed) is analytic.
+    decoder: str = "analytic"
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, not {self.codec!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, not {self.decoder!r}")
         if not 0 <= self.phone_slots <= 4:
             raise ValueError(f"phone_slots must be in 0..4 (the shards hold 4), got {self.phone_slots}")
         if self.phone_frames and self.phone_slots:
@@ -209,10 +216,10 @@ def tiny_melpca() -> MichiConfig:
     one voice's variance; the analytic decoder keeps the words with no training). Its basis is fit
     on the training corpus by the recipe's `basis` stage; until then it is all zeros. The agent's
     words also enter as phonemes, one label per 10 ms frame of the latent; its own latent is not
-    fed back."""
+    fed back. Its decoder is the voiced one (its voicing net trained by the `voicing` stage)."""
     cfg = tiny()
     cfg.preset, cfg.latent_dim, cfg.codec, cfg.phone_frames = "tiny-melpca", 64, "melpca", True
-    cfg.agent_feedback = False
+    cfg.agent_feedback, cfg.decoder = False, "voiced"
     return cfg
 
 

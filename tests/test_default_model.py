@@ -1,5 +1,5 @@
 """The shipped default model: trained by this project's recipe, used unless told otherwise. It is a
-tiny-melpca model with the phoneme frame stream (a fixed log-mel PCA latent and an analytic decoder);
+tiny-melpca model with the phoneme frame stream (a fixed log-mel PCA latent and a voiced decoder);
 the learned-codec model it replaced ships beside it as michi-tiny-learned."""
 import json
 

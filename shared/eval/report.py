@@ -234,7 +234,11 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         comp = r.get("mel_l1_delay_compensated")
         lines.append(f"codec   WER resynthesis {_pct(r['wer_resynth'])} vs original {_pct(r['wer_original'])} "
                      f"on {r['items']} items; log-mel L1 {mel if mel is None else f'{mel:.3f}'} "
-                     f"({comp if comp is None else f'{comp:.3f}'} at {r['delay_ms']:.1f} ms delay)")
+                     f"({comp if comp is None else f'{comp:.3f}'} at {r['delay_ms']:.1f} ms delay); voicing "
+                     f"agreement {_pct(r.get('voicing_agreement'))}, f0 agreement {_pct(r.get('f0_agreement'))}")
+        for name, s in r.get("sets", {}).items():
+            lines.append(f"        {name}: WER {_pct(s['wer_resynth'])} vs {_pct(s['wer_original'])}, voicing "
+                         f"agreement {_pct(s.get('voicing_agreement'))}")
     if "listen" in results:
         r = results["listen"]
         per = ", ".join(f"{name} {_pct(s['wer'])} (CER {_pct(s['cer'])}, {s['items']})"

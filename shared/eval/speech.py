@@ -31,6 +31,7 @@ import torch
 from ..generate import TTS_TAIL_TICKS
 
 from ..audio.io import as_mono_float32, read_wav, resample, write_wav
+from .voicing import voicing_counts, voicing_figures
 from .wer import char_errors, normalize_text, summary, word_errors
 
 RATE_HZ = 24_000
@@ -330,6 +331,8 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
     reported raw (lag 0) and at the one lag (0..max_delay_ms, in mel frames) that minimises the L1
     over the whole evaluation (`delay_ms`). The per-item waveform cross-correlation peak is also
     reported (median over items, `xcorr_delay_ms`); it is meaningless for an untrained codec.
+    Voicing (`michi.eval.voicing`, the decoder's own delay removed): how many of the original's
+    frames keep their voiced/unvoiced decision, the voiced recall and the f0 agreement.
     """
     sets = dict(segments) if isinstance(segments, Mapping) else {"segments": list(segments)}
     sets = {name: list(items) for name, items in sets.items() if len(items)}
@@ -342,6 +345,7 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
     lag_stats: dict[str, list[np.ndarray]] = {}
     done = 0
     codec_s = audio_s = 0.0
+    delay = int(getattr(michi.model.vocoder, "delay", 0))  # the decoder's own (the mel-PCA decoders')
     for set_name, items in sets.items():
         sums, counts = np.zeros(max_lag + 1), np.zeros(max_lag + 1)
         for item in items:
@@ -358,7 +362,8 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
             row.update({"hyp_original": orig["hyp"], "wer_original": orig["wer"], "errors_original": orig["errors"],
                         "hyp_resynth": res["hyp"], "wer_resynth": res["wer"], "errors_resynth": res["errors"],
                         "mel_l1": float(s[0] / c[0]) if c[0] else None,
-                        "xcorr_delay_ms": 1000 * _xcorr_delay(original, resynth, max_lag_samples) / RATE_HZ})
+                        "xcorr_delay_ms": 1000 * _xcorr_delay(original, resynth, max_lag_samples) / RATE_HZ,
+                        "voicing": voicing_counts(original, resynth[delay:])})
             if wav_dir is not None and done < save_wavs:
                 stem = f"codec_{done:02d}_{_safe(item.id)}"
                 row["wav_original"] = _save(wav_dir, f"{stem}_original.wav", original)
@@ -382,7 +387,8 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
                 "counts_original": orig["counts"], "counts_resynth": res["counts"],
                 "mel_l1": float(sums[0] / counts[0]) if counts[0] else None,
                 "mel_l1_delay_compensated": float(sums[best] / counts[best]) if counts[best] else None,
-                "xcorr_delay_ms_median": float(np.median(xc)) if xc else None}
+                "xcorr_delay_ms_median": float(np.median(xc)) if xc else None,
+                **voicing_figures({k: sum(r["voicing"][k] for r in set_rows) for k in set_rows[0]["voicing"]})}
 
     per_set = {name: figures([r for r in rows if r["set"] == name], *lag_stats[name]) for name in sets}
     return {"task": "codec", **figures(rows, all_sums, all_counts),

@@ -77,7 +77,7 @@ def _bank(device: torch.device | None = None) -> Tensor:
 
 def _ola_gain() -> float:
     """sqrt(n_fft * hop) / sum(w^2): keeps the power of overlapped random-phase frames (module doc)."""
-    w = torch.hann_window(WINDOW, periodic=True, dtype=torch.float64)
+    w = torch.hann_window(WINDOW, periodic=True, dtype=torch.float64, device="cpu")  # not meta
     return float(math.sqrt(N_FFT * HOP) / w.square().sum())
 
 
@@ -303,21 +303,42 @@ class MelPCADecoder(nn.Module):
         if torch.empty(0).device.type == "meta":
             # Built under `with torch.device("meta")` (parameter counts, FLOP counts): shapes only,
             # and nothing computed there may reach the cached banks and windows.
-            inv_bank, synthesis = torch.empty(BINS, N_MELS), torch.empty(WINDOW)
+            inv_bank, window = torch.empty(BINS, N_MELS), torch.empty(WINDOW)
         else:
             cpu = torch.device("cpu")
             inv_bank = torch.linalg.pinv(_bank(cpu).double()).float()  # [513, 80]
-            synthesis = _window(cpu) * _ola_gain()
+            window = _window(cpu)
         self.register_buffer("inv_bank", inv_bank, persistent=False)
-        self.register_buffer("synthesis", synthesis, persistent=False)
+        self.register_buffer("window", window, persistent=False)  # the synthesis window
+        self.noise_gain = _ola_gain()  # of a random-phase frame (module doc, "OLA gain")
         self.frame_samples = TICK
         self.delay = DECODER_DELAY
 
+    def log_mel(self, latents: Tensor) -> Tensor:
+        """Raw latents [B, n, K] -> the log-mel frames they reconstruct [B, 8 n, 80]."""
+        ticks = latents.float() @ self.components + self.mean
+        return ticks.reshape(latents.shape[0], -1, N_MELS)
+
     def magnitudes(self, latents: Tensor) -> Tensor:
         """Raw latents [B, n, K] -> linear magnitudes [B, 8 n, 513] (pseudo-inverse, clamped >= 0)."""
-        ticks = latents.float() @ self.components + self.mean
-        mel = torch.exp(ticks.reshape(latents.shape[0], -1, N_MELS))
-        return (mel @ self.inv_bank.T).clamp(min=0.0)
+        return self.mel_magnitudes(self.log_mel(latents))
+
+    def mel_magnitudes(self, log_mel: Tensor) -> Tensor:
+        """Log-mel frames [..., 80] -> linear magnitudes [..., 513]."""
+        return (torch.exp(log_mel) @ self.inv_bank.T).clamp(min=0.0)
+
+    def noise_phases(self, state: "MelPCADecoderState", frames: int) -> Tensor:
+        """The random phases [B, frames, 513] of each row's next `frames` frames; advances the rows'
+        frame counters."""
+        first = state.frame.long()  # [B, 1]
+        phase = random_phases(first + torch.arange(frames, device=first.device), self.seed)
+        state.frame = ((first + frames) % PHASE_PERIOD).float()
+        return phase
+
+    def spectra(self, latents: Tensor, state: "MelPCADecoderState") -> Tensor:
+        """Latents [B, n, K] -> the complex spectra [B, 8 n, 513] of their frames, gain included."""
+        magnitude = self.magnitudes(latents)
+        return torch.polar(magnitude * self.noise_gain, self.noise_phases(state, magnitude.shape[1]))
 
     def forward(self, latents: Tensor) -> Tensor:
         return self.step(latents, self.init_state(latents.shape[0], latents.device, latents.dtype))[0]
@@ -332,12 +353,8 @@ class MelPCADecoder(nn.Module):
         b, n = latents.shape[0], latents.shape[1]
         if n == 0:
             return latents.new_zeros(b, 0), state
-        magnitude = self.magnitudes(latents)  # [B, 8n, 513]
-        first = state.frame.long()  # [B, 1]
-        phase = random_phases(first + torch.arange(8 * n, device=first.device), self.seed)
-        state.frame = ((first + 8 * n) % PHASE_PERIOD).float()
-        frames = torch.fft.irfft(torch.polar(magnitude, phase), n=N_FFT)[..., :WINDOW]
-        frames = frames * self.synthesis  # [B, 8n, 960]
+        frames = torch.fft.irfft(self.spectra(latents, state), n=N_FFT)[..., :WINDOW]
+        frames = frames * self.window  # [B, 8n, 960]
         # Overlap-add at hop 240: frame j covers output [240 j, 240 j + 960) of this step.
         length = HOP * (8 * n - 1) + WINDOW  # = 1920 n + 720
         out = F.fold(frames.transpose(1, 2), (1, length), (1, WINDOW), stride=(1, HOP))[:, 0, 0]

@@ -5,7 +5,8 @@ The codec (`MichiConfig.codec`) decides what `listen` and `vocoder` are:
   iSTFT), trained as an autoencoder;
 - "melpca": `MelPCAEncoder` (causal log-mel, 8 frames stacked per tick, minus the corpus mean,
   projected on K = latent_dim principal directions) and `MelPCADecoder` (the analytic decoder: no
-  training). Their basis (mean, components) is a pair of frozen buffers in each, so it travels in
+  training) or, with `decoder: "voiced"`, `VoicedMelPCADecoder` (the same with a trained voicing
+  net and a harmonic excitation). Their basis (mean, components) is a pair of frozen buffers in each, so it travels in
   the checkpoint's state dict; `latent_norm` whitens with mean 0 and the basis std. A fresh model's
   basis is all zeros until `set_basis` (the recipe's `basis` stage) fits one: `basis_fitted`.
 Both pairs have the same interfaces: `listen(audio) -> ListenOutput(latents, features)`,
@@ -62,7 +63,12 @@ class MichiModel(nn.Module):
             self.listen = ListenEncoder(cfg)
         self.listen_text = ListenTextHead(cfg, self.backbone.vocab.size, self.listen.feature_dim)
         if cfg.codec == "melpca":
-            self.vocoder = MelPCADecoder(cfg.latent_dim)
+            if cfg.decoder == "voiced":
+                from .voiced import VoicedMelPCADecoder
+
+                self.vocoder = VoicedMelPCADecoder(cfg.latent_dim)
+            else:
+                self.vocoder = MelPCADecoder(cfg.latent_dim)
             with torch.no_grad():
                 self.vocoder.components.zero_()
         else:
@@ -101,7 +107,8 @@ class MichiModel(nn.Module):
 
     def full_precision_keys(self) -> tuple[str, ...]:
         """State-dict key prefixes a half-precision checkpoint still stores in float32: the latent
-        statistics, and the mel-PCA basis (fixed, exact, and small)."""
+        statistics, and the mel-PCA codec (its basis is fixed and exact; the voiced decoder's voicing
+        net is small, and float32 keeps its f0 exact across a half-precision save)."""
         if self.cfg.codec == "melpca":
             return ("latent_norm.", "listen.", "vocoder.")
         return ("latent_norm.",)

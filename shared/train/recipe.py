@@ -1,7 +1,7 @@
 """The staged recipe, in one run directory:
 
     text -> codec -> vocoder -> (latents) -> speak -> joint    the model (learned codec)
-    text -> basis -----------> (latents) -> speak -> joint    the model (mel-PCA codec)
+    text -> basis -> voicing -> (latents) -> speak -> joint    the model (mel-PCA codec)
     text -------------------------------------------> baseline    same budget as joint, text only
 
 The vocoder stage trains the vocoder alone on the frozen listen encoder's latents (with
@@ -9,7 +9,8 @@ The vocoder stage trains the vocoder alone on the frozen listen encoder's latent
 
 A model whose codec is "melpca" (the `tiny-melpca` preset) has no codec to train: the `basis`
 stage fits its log-mel PCA basis on the training corpus (`basis.py`) and takes the place of the
-codec and vocoder stages (for now its vocoder is the analytic decoder); the latent normalisation
+codec stage, and the `voicing` stage (`voicing.py`) that of the vocoder stage: it trains the voiced
+decoder's voicing net (a model with the analytic decoder has nothing to train there); the latent normalisation
 is the basis's whitening, not statistics of the shards. For a learned model the `basis` stage is
 skipped. `init` with a mel-PCA preset and a learned-codec checkpoint (e.g. the shipped model)
 starts from that checkpoint's backbone: every backbone tensor but the latent input projections
@@ -43,9 +44,10 @@ from .basis import INFO_FILE as BASIS_INFO_FILE
 from .batches import AudioBank, SequenceBank, TextBank, load_segments, read_audio
 from .loop import StageBudget, barrier, run_stage, setup, stage_info
 from .stages import CodecConfig, CodecStage, OptimConfig, SequenceConfig, SequenceStage
+from .voicing import VoicingConfig, VoicingStage
 
-STAGES = ("text", "basis", "codec", "vocoder", "speak", "joint", "baseline")
-CODEC_STAGES = {"learned": ("codec", "vocoder"), "melpca": ("basis",)}  # what fits each codec
+STAGES = ("text", "basis", "codec", "vocoder", "voicing", "speak", "joint", "baseline")
+CODEC_STAGES = {"learned": ("codec", "vocoder"), "melpca": ("basis", "voicing")}  # what fits each codec
 
 
 @dataclass
@@ -62,15 +64,16 @@ class RecipeConfig:
     tts_speakers: list[str] | None = None  # speak/joint train on these voices (None: all)
     text_file: str | None = None  # pure text (michi.data.text.read_texts; None: the offline corpus)
     steps: dict[str, int] = field(default_factory=lambda: {
-        "text": 2000, "codec": 3000, "vocoder": 1000, "speak": 1000, "joint": 3000})
+        "text": 2000, "codec": 3000, "vocoder": 1000, "voicing": 1500, "speak": 1000, "joint": 3000})
     minutes: dict[str, float] = field(default_factory=dict)  # optional wall-time cap per stage
     # Every this many minutes of the speak and joint stages, a checkpoint in <run>/snapshots/ (for
     # the learning curve: `python -m michi.eval.curve RUN`); None: none.
     snapshot_minutes: float | None = None
     lr: dict[str, float] = field(default_factory=lambda: {
-        "text": 1e-3, "codec": 2e-4, "vocoder": 2e-4, "speak": 1e-3, "joint": 5e-4})
+        "text": 1e-3, "codec": 2e-4, "vocoder": 2e-4, "voicing": 2e-3, "speak": 1e-3, "joint": 5e-4})
     codec: CodecConfig = field(default_factory=CodecConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
+    voicing: VoicingConfig = field(default_factory=VoicingConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     stages: tuple[str, ...] = STAGES
 
@@ -165,7 +168,8 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
             f"latent input projections); speak head, listen text head and codec new")
         return model.to(device)
     model, _ = load_checkpoint(rc.init, device=device)
-    reshaped = any(getattr(target, k) != getattr(model.cfg, k) for k in ("phone_slots", "phone_frames", "agent_feedback"))
+    reshaped = any(getattr(target, k) != getattr(model.cfg, k)
+                   for k in ("phone_slots", "phone_frames", "agent_feedback", "decoder"))
     if target.codec == "melpca" and reshaped:
         # The preset adds (or drops) the phoneme stream or the latent feedback: new parts start
         # new, dropped ones are left behind, the rest is copied.
@@ -206,9 +210,11 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
     if "text" in rc.stages:
         run_stage(SequenceStage("text", "text", model, d, rc.sequence, _optim(rc, "text"), text=texts,
                                 seed=rc.seed), out / "text", _budget(rc, "text"), d, progress=log)
-    skipped = [s for s in ("basis", "codec", "vocoder") if s in rc.stages and s not in CODEC_STAGES[codec]]
+    fits = tuple(s for s in CODEC_STAGES[codec] if s != "voicing" or model.cfg.decoder == "voiced")
+    skipped = [s for s in ("basis", "codec", "vocoder", "voicing") if s in rc.stages and s not in fits]
     if skipped:
-        log(f"[{skipped[0]}] skipping {', '.join(skipped)}: not stages of a {codec!r} codec model")
+        log(f"[{skipped[0]}] skipping {', '.join(skipped)}: not stages of a {codec!r} codec model "
+            f"with the {model.cfg.decoder!r} decoder")
     # A rerun without the basis stage still finds the basis an earlier run fit.
     saved_basis = (out / "basis" / BASIS_FILE).is_file() and not model.basis_fitted
     if codec == "melpca" and ("basis" in rc.stages or saved_basis):
@@ -221,14 +227,17 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
     # the basis, so that a mel-PCA baseline has its codec too.
     text_state = copy.deepcopy(model.state_dict())
 
-    codec_stages = [s for s in ("codec", "vocoder") if s in rc.stages and s in CODEC_STAGES[codec]]
+    codec_stages = [s for s in ("codec", "vocoder", "voicing") if s in rc.stages and s in fits]
     if codec_stages:
         log(f"[{codec_stages[0]}] loading audio from {rc.corpus}")
         bank = AudioBank(rc.corpus, load_segments(rc.corpus))
         log(f"[{codec_stages[0]}] {len(bank.audio)} segments, {bank.seconds / 60:.1f} min of audio")
         for stage in codec_stages:
-            run_stage(CodecStage(model, bank, tokenizer, d, rc.codec, _optim(rc, stage), seed=rc.seed, name=stage),
-                      out / stage, _budget(rc, stage), d, progress=log)
+            if stage == "voicing":
+                trainer = VoicingStage(model, bank, rc.voicing, _optim(rc, stage), seed=rc.seed)
+            else:
+                trainer = CodecStage(model, bank, tokenizer, d, rc.codec, _optim(rc, stage), seed=rc.seed, name=stage)
+            run_stage(trainer, out / stage, _budget(rc, stage), d, progress=log)
         del bank
 
     speech = None

@@ -276,7 +276,7 @@ def test_real_voice_keeps_the_log_mel_at_k64():
 def test_voicing_measure_tells_a_tone_from_shaped_noise():
     from scipy.signal import lfilter
 
-    from michi.eval.melpca_probe import voicing, voicing_counts
+    from michi.eval.voicing import voicing, voicing_counts
 
     t = np.arange(RATE) / RATE
     tone = sum(np.sin(2 * np.pi * 120 * h * t) / h for h in range(1, 30))

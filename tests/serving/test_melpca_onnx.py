@@ -1,4 +1,4 @@
-"""The mel-PCA codec (`codec: melpca`) on the graph executions: its listen encoder and analytic
+"""The mel-PCA codec (`codec: melpca`) on the graph executions: its listen encoder and voiced
 decoder steps export to ONNX (`michi triton export`) and, run through ONNX Runtime one 80 ms frame
 at a time with the state passed in and out, give what the PyTorch streaming steps give: one
 stream over a whole utterance, and a batch whose rows are at different positions."""
@@ -18,6 +18,16 @@ from michi.serving.execution import (OnnxStep, TorchEncoderStream, TorchVocoderS
 from michi.serving.triton.export import MODELS, ONNX_FILE, initial_state, write_repository
 
 pytestmark = pytest.mark.skipif(shutil.which("flite") is None, reason="needs flite (apt: flite)")
+
+
+
+def assert_near(actual, desired, rel: float = 1e-2) -> None:
+    """The voiced decoder's harmonics multiply a phase error by up to 100, and its phase
+    accumulates f0 over the stream, so float32 rounding differences between ONNX Runtime and
+    PyTorch (in the voicing net's f0, in cos) grow to about 1e-3 of the signal: compare norms."""
+    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    assert actual.shape == desired.shape
+    assert np.linalg.norm(actual - desired) <= rel * np.linalg.norm(desired) + 1e-4
 
 SENTENCES = ["The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
              "It's easy to tell the depth of a well.", "Rice is often served in round bowls."]
@@ -60,7 +70,8 @@ def test_graph_state_is_float_and_fresh_streams_are_zeros(model, repository):
         fresh = initial_state(model, stage, 2)
         assert [(t.dims, t.dtype) for t in states] == [(tuple(f.shape[1:]), torch.float32) for f in fresh]
         assert all(not f.any() for f in fresh)
-    assert [t.dims for t in specs["vocoder"].inputs[1:]] == [(720,), (1,)]  # OLA tail, frame counter
+    # OLA tail, frame counter; the voiced decoder's phase, excitation tail and voicing-net buffers
+    assert [t.dims for t in specs["vocoder"].inputs[1:]] == [(720,), (1,), (1,), (720,), (80, 2), (128, 4), (128, 8)]
 
 
 def test_streams_on_onnxruntime_equal_torch_over_an_utterance(model, repository, speech):
@@ -88,7 +99,7 @@ def test_streams_on_onnxruntime_equal_torch_over_an_utterance(model, repository,
     audio = np.concatenate([graph.decode(lat[a:b]) for a, b in zip(cuts, cuts[1:])])
     reference = np.concatenate([torch_stream.decode(lat[a:b]) for a, b in zip(cuts, cuts[1:])])
     assert audio.shape == (len(lat) * TICK,) and np.sqrt(np.mean(reference ** 2)) > 1e-2
-    np.testing.assert_allclose(audio, reference, atol=1e-4)
+    assert_near(audio, reference)
 
 
 def test_batched_rows_at_different_positions_equal_torch(model, repository, speech):
@@ -126,7 +137,7 @@ def test_batched_rows_at_different_positions_equal_torch(model, repository, spee
                 reference.reset(rows)
             (audio,), state = vocoder({"latent": latent}, state)
             want, reference = m.vocoder.step(torch.from_numpy(latent)[:, None], reference)
-            np.testing.assert_allclose(audio, want.numpy(), atol=1e-4)
+            assert_near(audio, want.numpy())
             for s, r in zip(state, state_tensors(reference)):
-                np.testing.assert_allclose(s, r.numpy(), atol=1e-4)
+                assert_near(s, r.numpy())
     assert state[1][:, 0].tolist() == [8 * ticks, 8 * (ticks - late)]  # the rows' frame counters

@@ -64,7 +64,8 @@ def test_recipe_cli_on_tiny_melpca_from_the_learned_model_backbone(mini_corpus, 
     out = tmp_path / "run"
     args = ["--threads", "2", "train", "recipe", "--preset", "tiny-melpca", "--corpus", str(mini_corpus),
             "--text", str(text_file), "--out", str(out), "--device", "cpu", "--init", str(LEARNED),
-            "--stages", "basis,codec,speak,joint", "--steps", "speak=2,joint=2", "--basis", "max_minutes=0.25",
+            "--stages", "basis,codec,voicing,speak,joint", "--steps", "voicing=2,speak=2,joint=2",
+            "--basis", "max_minutes=0.25", "--voicing", "batch_size=2,ticks=4",
             "--sequence", "batch_size=2,max_ticks=32,text_batch_size=2,max_text_tokens=32,flow_repeats=1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -72,7 +73,8 @@ def test_recipe_cli_on_tiny_melpca_from_the_learned_model_backbone(mini_corpus, 
     assert "backbone tensors copied" in printed
     model = michi.load(out / "model")
     assert model.trained and model.basis_fitted and model.cfg.codec == "melpca"
-    assert list(model.info["stages"]) == ["basis", "speak", "joint"]
+    assert list(model.info["stages"]) == ["basis", "voicing", "speak", "joint"]
+    assert model.cfg.decoder == "voiced" and (out / "voicing" / "losses.jsonl").is_file()
     assert model.info["stages"]["basis"]["fit"]["variance_kept"] > 0.9
     saved = MelPCABasis.load(out / "basis" / BASIS_FILE)
     assert torch.equal(model.model.listen.components, saved.components)

@@ -1,0 +1,125 @@
+"""The `voicing` stage of a mel-PCA model with the voiced decoder (`michi.model.voiced`): its
+voicing net learns each 10 ms frame's f0 and voicing from the log-mel frames the latent
+reconstructs.
+
+Targets come from the clean audio (`michi.eval.voicing.voicing`: autocorrelation periodicity and
+its peak's f0, aligned with the codec's frames); the net's input is the latent of the same crop
+after a random channel: half the crops pass through a telephone channel (8 kHz band limit, G.711
+mu-law), and every crop gets a random level (-20..+6 dB), so the decoder keeps its voice on callers
+as on the training voices. Some crops are pitch-shifted first (`PITCH_SHIFTS`, targets and all),
+so it learns f0 over a wider range than the training voices span. Loss: binary cross-entropy on
+voicing, plus the L1 distance of log f0 on the voiced frames.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.signal import resample_poly
+
+from ..eval.voicing import voicing
+from ..model.melpca import TICK
+from ..model.michi import MichiModel
+from ..model.voiced import VoicedMelPCADecoder
+from .batches import AudioBank
+from .stages import OptimConfig, _adamw, _apply
+
+
+@dataclass
+class VoicingConfig:
+    batch_size: int = 16
+    ticks: int = 32  # crop length: 2.56 s
+    telephone: float = 0.5  # share of crops through the telephone channel
+    pitch_shift: float = 0.6  # share of crops pitch-shifted (resampled) by one of PITCH_SHIFTS
+    level_db: tuple[float, float] = (-20.0, 6.0)
+    f0_weight: float = 2.0
+
+
+# (up, down): a crop resampled by up/down plays down/up times higher (pitch and formants alike),
+# so the voicing net sees f0 from a low male voice's 0.7x to a child's 1.5x of each training voice.
+PITCH_SHIFTS = ((3, 2), (4, 3), (5, 4), (4, 5), (3, 4), (2, 3))
+
+
+def mu_law(x: np.ndarray, mu: float = 255.0) -> np.ndarray:
+    """G.711 mu-law companding with 8-bit quantisation, and back."""
+    y = np.sign(x) * np.log1p(mu * np.minimum(np.abs(x), 1.0)) / math.log1p(mu)
+    y = np.round((y + 1) * 127.5) / 127.5 - 1
+    return np.sign(y) * np.expm1(np.abs(y) * math.log1p(mu)) / mu
+
+
+def telephone(pcm: np.ndarray) -> np.ndarray:
+    """24 kHz audio through an 8 kHz mu-law channel, back at 24 kHz, same length."""
+    narrow = mu_law(resample_poly(pcm, 1, 3))
+    return resample_poly(narrow, 3, 1)[:len(pcm)].astype(np.float32)
+
+
+class VoicingStage:
+    name = "voicing"
+
+    def __init__(self, model: MichiModel, bank: AudioBank, vc: VoicingConfig, oc: OptimConfig, seed: int = 0):
+        if not isinstance(model.vocoder, VoicedMelPCADecoder):
+            raise ValueError("the voicing stage trains a voiced mel-PCA decoder (config decoder: voiced)")
+        self.model, self.bank, self.vc, self.oc = model, bank, vc, oc
+        self.net = model.vocoder.voicing
+        self.modules = {"voicing": self.net}
+        self.optimizers = {"voicing": _adamw(self.net.parameters(), oc)}
+        self.rng = torch.Generator().manual_seed(seed)
+        self.progress = 0.0
+        self._set_input_stats()
+
+    @torch.no_grad()
+    def _set_input_stats(self) -> None:
+        """The net's input normalisation: mean and std per mel bin of the basis's reconstruction of
+        a few batches (set once; a resumed stage loads the saved ones)."""
+        if bool((self.net.in_std != 1).any() or (self.net.in_mean != 0).any()):
+            return
+        flat = torch.cat([self._inputs(self.bank.crops(self.vc.batch_size, self.vc.ticks * TICK, self.rng))
+                          for _ in range(4)], dim=1).flatten(0, 1)
+        self.net.in_mean.copy_(flat.mean(0))
+        self.net.in_std.copy_(flat.std(0).clamp(min=1e-3))
+
+    @torch.no_grad()
+    def _inputs(self, audio: torch.Tensor) -> torch.Tensor:
+        """Crops [B, T] -> the log-mel the decoder reconstructs from their latents [B, F, 80]."""
+        return self.model.vocoder.log_mel(self.model.listen(audio).latents)
+
+    def _channel(self, audio: torch.Tensor) -> torch.Tensor:
+        out = audio.numpy().copy()
+        lo, hi = self.vc.level_db
+        for row in range(len(out)):
+            if float(torch.rand((), generator=self.rng)) < self.vc.telephone:
+                out[row] = telephone(out[row])
+            gain = 10 ** ((lo + (hi - lo) * float(torch.rand((), generator=self.rng))) / 20)
+            out[row] = np.clip(out[row] * gain, -1.0, 1.0)
+        return torch.from_numpy(out)
+
+    def _crops(self) -> torch.Tensor:
+        """[B, ticks * 1920] crops, some pitch-shifted (read longer or shorter, then resampled)."""
+        samples = self.vc.ticks * TICK
+        rows = []
+        for _ in range(self.vc.batch_size):
+            if float(torch.rand((), generator=self.rng)) < self.vc.pitch_shift:
+                up, down = PITCH_SHIFTS[int(torch.randint(len(PITCH_SHIFTS), (), generator=self.rng))]
+                crop = self.bank.crops(1, -(-samples * down // up), self.rng)[0].numpy()
+                rows.append(resample_poly(crop, up, down)[:samples].astype(np.float32))
+            else:
+                rows.append(self.bank.crops(1, samples, self.rng)[0].numpy())
+        return torch.from_numpy(np.stack(rows))
+
+    def step(self, step: int) -> dict[str, float]:
+        audio = self._crops()
+        targets = [voicing(a) for a in audio.numpy()]
+        frames = self.vc.ticks * 8
+        voiced = torch.from_numpy(np.stack([t["voiced"][:frames] for t in targets])).float()
+        f0 = torch.from_numpy(np.stack([t["f0"][:frames] for t in targets])).float()
+        out = self.net(self._inputs(self._channel(audio)))
+        bce = F.binary_cross_entropy_with_logits(out.voiced_logit, voiced)
+        f0_l1 = ((out.f0.log() - f0.log()).abs() * voiced).sum() / voiced.sum().clamp(min=1.0)
+        loss = bce + self.vc.f0_weight * f0_l1
+        _apply(self.optimizers["voicing"], loss, step, self.progress, self.oc)
+        accuracy = ((out.voiced_logit > 0).float() == voiced).float().mean()
+        return {"loss": loss.item(), "voicing_bce": bce.item(), "log_f0_l1": f0_l1.item(),
+                "voicing_accuracy": accuracy.item()}
