@@ -54,5 +54,7 @@ def test_real_is_the_decoder_and_the_first_tick_needs_no_feedback():
 def test_without_a_latent_input_both_decodings_are_the_same():
     m, u = _model(feedback=False), _utterance()
     out = decodings(m, u, _stream(m, u), next_phones(u.frames), temperature=0.0, seed=0)
-    np.testing.assert_allclose(out["teacher_forced"], out["own_feedback"], rtol=1e-4,
-                               atol=1e-4 * np.abs(out["teacher_forced"]).max())  # one model, two batch shapes
+    # one model, two batch shapes: float32 rounding differs, and the voiced decoder's harmonics
+    # multiply it in the phase, so compare the audio's norms (a wrong decoding is off by ~100 %)
+    a, b = out["own_feedback"], out["teacher_forced"]
+    assert np.linalg.norm(a - b) < 1e-3 * np.linalg.norm(b)
