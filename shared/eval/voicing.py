@@ -56,9 +56,10 @@ def voicing(pcm: np.ndarray) -> dict[str, np.ndarray]:
     # edges the period out: where the best lag's third or half (within 3 %) comes close to the best
     # peak, that shorter lag is the period.
     lags = np.arange(lo, hi + 1)
-    lag = lo + norm.argmax(axis=1)
+    best = lo + norm.argmax(axis=1)
+    lag = best
     for divisor in (2, 3):
-        target = (lo + norm.argmax(axis=1)) / divisor
+        target = best / divisor
         near = np.abs(lags[None, :] - target[:, None]) <= 0.03 * target[:, None]
         score = np.where(near, norm, -np.inf)
         shorter = score.max(axis=1) >= OCTAVE_RATIO * periodicity

@@ -12,7 +12,6 @@ voicing, plus the L1 distance of log f0 on the voiced frames.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from scipy.signal import resample_poly
 
+from ..audio import pcm as pcm_codec
+from ..audio.io import resample
 from ..eval.voicing import voicing
-from ..model.melpca import TICK
+from ..model.melpca import SAMPLE_RATE, TICK
 from ..model.michi import MichiModel
 from ..model.voiced import VoicedMelPCADecoder
 from .batches import AudioBank
@@ -43,17 +44,11 @@ class VoicingConfig:
 PITCH_SHIFTS = ((3, 2), (4, 3), (5, 4), (4, 5), (3, 4), (2, 3))
 
 
-def mu_law(x: np.ndarray, mu: float = 255.0) -> np.ndarray:
-    """G.711 mu-law companding with 8-bit quantisation, and back."""
-    y = np.sign(x) * np.log1p(mu * np.minimum(np.abs(x), 1.0)) / math.log1p(mu)
-    y = np.round((y + 1) * 127.5) / 127.5 - 1
-    return np.sign(y) * np.expm1(np.abs(y) * math.log1p(mu)) / mu
-
-
 def telephone(pcm: np.ndarray) -> np.ndarray:
-    """24 kHz audio through an 8 kHz mu-law channel, back at 24 kHz, same length."""
-    narrow = mu_law(resample_poly(pcm, 1, 3))
-    return resample_poly(narrow, 3, 1)[:len(pcm)].astype(np.float32)
+    """24 kHz audio through an 8 kHz G.711 mu-law channel (the gateway's own codec tables), back at
+    24 kHz, same length."""
+    narrow = pcm_codec.decode(pcm_codec.encode(resample(pcm, SAMPLE_RATE, 8_000), "MULAW"), "MULAW")
+    return resample(narrow, 8_000, SAMPLE_RATE)[:len(pcm)].astype(np.float32)
 
 
 class VoicingStage:

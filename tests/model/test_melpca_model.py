@@ -13,7 +13,7 @@ from michi.api import UNTRAINED_WARNING
 from michi.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from michi.config import MichiConfig, preset, tiny
 from michi.model.melpca import TICK, TICK_DIM, MelPCADecoder, MelPCAEncoder, fit_basis, tick_vectors
-from michi.model.michi import MichiModel
+from michi.model.michi import MichiModel, _count
 from michi.serving.execution import TorchEncoderStream, TorchVocoderStream
 
 pytestmark = pytest.mark.skipif(shutil.which("flite") is None, reason="needs flite (apt: flite)")
@@ -181,7 +181,3 @@ def test_old_config_without_codec_loads_as_learned(tmp_path):
     (path / "config.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="codec"):
         load_checkpoint(path)
-
-
-def _count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
