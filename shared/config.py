@@ -125,6 +125,10 @@ class MichiConfig:
     # (a voicing net predicts f0 and voicing, a harmonic excitation gives the phase;
     # michi.model.voiced). A config without this key (written before it existed) is analytic.
     decoder: str = "analytic"
+    # A duration predictor (michi.model.durations) lays out the phoneme frames of forced text from
+    # each phoneme's predicted length, in place of the backbone's advance head. Needs phone_frames.
+    # A config without this key (written before it existed) has none.
+    durations: bool = False
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -133,6 +137,8 @@ class MichiConfig:
             raise ValueError(f"decoder must be one of {DECODERS}, not {self.decoder!r}")
         if not 0 <= self.phone_slots <= 4:
             raise ValueError(f"phone_slots must be in 0..4 (the shards hold 4), got {self.phone_slots}")
+        if self.durations and not self.phone_frames:
+            raise ValueError("a duration predictor lays out phoneme frames: set phone_frames too")
         if self.phone_frames and self.phone_slots:
             raise ValueError("a phoneme stream has slots or frames, not both: set phone_slots to 0")
         if self.codec == "melpca" and not 0 < self.latent_dim <= MELPCA_FEATURE_DIM:
@@ -216,10 +222,11 @@ def tiny_melpca() -> MichiConfig:
     one voice's variance; the analytic decoder keeps the words with no training). Its basis is fit
     on the training corpus by the recipe's `basis` stage; until then it is all zeros. The agent's
     words also enter as phonemes, one label per 10 ms frame of the latent; its own latent is not
-    fed back. Its decoder is the voiced one (its voicing net trained by the `voicing` stage)."""
+    fed back. Its decoder is the voiced one (its voicing net trained by the `voicing` stage), and a
+    duration predictor (the `durations` stage) paces the phonemes of forced text."""
     cfg = tiny()
     cfg.preset, cfg.latent_dim, cfg.codec, cfg.phone_frames = "tiny-melpca", 64, "melpca", True
-    cfg.agent_feedback, cfg.decoder = False, "voiced"
+    cfg.agent_feedback, cfg.decoder, cfg.durations = False, "voiced", True
     return cfg
 
 

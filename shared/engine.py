@@ -107,7 +107,8 @@ class BackboneEngine:
     def _phoneme_queue(self) -> PhonemeQueue | None:
         cfg = self.model.cfg
         if cfg.phone_frames:
-            return FrameQueue(self.decode)
+            durations = self.model.durations
+            return FrameQueue(self.decode, durations=durations.frames if durations is not None else None)
         return PhonemeQueue(self.decode, cfg.phone_slots) if cfg.phone_slots else None
 
     def close(self, key: str) -> None:

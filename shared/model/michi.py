@@ -1,4 +1,5 @@
-"""The whole model: backbone + text head, speak head, listen encoder + text head, vocoder.
+"""The whole model: backbone + text head, speak head, listen encoder + text head, vocoder, and
+(with `durations`) the phoneme duration predictor.
 
 The codec (`MichiConfig.codec`) decides what `listen` and `vocoder` are:
 - "learned": `ListenEncoder` (SEANet convs + causal transformer) and `Vocoder` (causal HiFi-GAN /
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..config import MichiConfig
 from .backbone import Backbone
+from .durations import DurationPredictor
 from .listen import ListenEncoder, ListenTextHead
 from .speak_head import SpeakHead
 from .vocoder import Vocoder
@@ -74,6 +76,7 @@ class MichiModel(nn.Module):
         else:
             self.vocoder = Vocoder(cfg)
         self.latent_norm = LatentNorm(cfg.latent_dim)
+        self.durations = DurationPredictor() if cfg.durations else None
 
     # ---- the mel-PCA basis ------------------------------------------------------------------------
     @property
@@ -108,10 +111,10 @@ class MichiModel(nn.Module):
     def full_precision_keys(self) -> tuple[str, ...]:
         """State-dict key prefixes a half-precision checkpoint still stores in float32: the latent
         statistics, and the mel-PCA codec (its basis is fixed and exact; the voiced decoder's voicing
-        net is small, and float32 keeps its f0 exact across a half-precision save)."""
-        if self.cfg.codec == "melpca":
-            return ("latent_norm.", "listen.", "vocoder.")
-        return ("latent_norm.",)
+        net is small, and float32 keeps its f0 exact across a half-precision save), and the small
+        duration predictor."""
+        keys = ("latent_norm.", "durations.")
+        return keys + ("listen.", "vocoder.") if self.cfg.codec == "melpca" else keys
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (tied weights counted once) and the total."""

@@ -31,6 +31,9 @@ NO_PHONE = 0  # an empty slot; silence in a frame (piper's id 0 is its pad "_", 
 FRAMES_PER_TICK = 8  # frame labels of a tick: the latent's 10 ms frames
 FRAME_START = NUM_PHONEME_IDS  # added to a frame's label where its phoneme (or a silence) begins
 MAX_HOLD_TICKS = 4  # a queue the model holds longer than this takes its next phoneme anyway
+# Frames of silence before a phoneme that follows silence, paced by durations: every training clip
+# opens with a breath of silence (piper's, 0.1 s and more) before its first phoneme.
+LEAD_FRAMES = 10
 VOICE = "en-us"
 _LOCK = threading.Lock()  # espeak-ng is one global state per process
 _WORD = re.compile(r"\S+")
@@ -71,9 +74,71 @@ def phoneme_id(symbol: str) -> int | None:
     return None if symbol.isspace() or symbol in ("^", "$", "_") else ids.get(symbol)
 
 
-def text_phonemes(text: str) -> list[tuple[int, ...]]:
-    """Each whitespace-separated word's phoneme ids, in order."""
-    return [word_phonemes(w) for w in _WORD.findall(text)]
+def _ids(symbols_: str) -> tuple[int, ...]:
+    return tuple(p for s in symbols_ if (p := phoneme_id(s)) is not None)
+
+
+@lru_cache(maxsize=4096)
+def text_phonemes(text: str) -> tuple[tuple[int, ...], ...]:
+    """Each whitespace-separated word's phoneme ids, in order, phonemized in its sentence, as
+    piper speaks (and so as the training labels were made): espeak-ng reduces and joins function
+    words in context ("for the" is one word, fɚðə; "to" is tə, "a" is ɐ), which word by word it
+    would not (a quarter of the words differ). espeak's words are matched to the text's
+    (`match_words`); a group of text words espeak joined gives its phonemes to the first of them."""
+    words = _WORD.findall(text)
+    if not words:
+        return ()
+    phonemizer, _ = _tables()
+    with _LOCK:
+        sentences = phonemizer.phonemize(VOICE, " ".join(words))
+    spoken = [ids for w in " ".join("".join(s) for s in sentences).split() if (ids := _ids(w))]
+    return tuple(match_words([word_phonemes(w) for w in words], spoken))
+
+
+def match_words(alone: list[tuple[int, ...]], spoken: list[tuple[int, ...]],
+                most: int = 4, band: int = 8) -> list[tuple[int, ...]]:
+    """Give espeak's sentence words (`spoken`) to the text's words, whose own phonemes (`alone`,
+    each word by itself) guide the match: a monotone alignment of groups, k text words to one
+    spoken word or one text word to k spoken ones (k <= most), of the least edit distance. The
+    text word that opens a group gets the group's phonemes, the others none. The search keeps
+    within `band` words of the diagonal, so a long text costs linear time."""
+    n, m = len(alone), len(spoken)
+    inf = float("inf")
+    cost = [[inf] * (m + 1) for _ in range(n + 1)]
+    back: list[list[tuple[int, int] | None]] = [[None] * (m + 1) for _ in range(n + 1)]
+    cost[0][0] = 0.0
+    for i in range(n + 1):
+        for j in range(m + 1):
+            if cost[i][j] == inf or abs(j - i * m / n) > band:
+                continue
+            steps = [(k, 1) for k in range(1, most + 1)] + [(1, k) for k in range(2, most + 1)]
+            for di, dj in steps:
+                if i + di > n or j + dj > m:
+                    continue
+                a = sum(alone[i:i + di], ())
+                b = sum(spoken[j:j + dj], ())
+                c = cost[i][j] + _edit(a, b)
+                if c < cost[i + di][j + dj]:
+                    cost[i + di][j + dj], back[i + di][j + dj] = c, (di, dj)
+    if cost[n][m] == inf:  # counts too far apart to pair: each word by itself
+        return list(alone)
+    out: list[tuple[int, ...]] = []
+    i, j = n, m
+    while i or j:
+        di, dj = back[i][j]
+        out[:0] = [sum(spoken[j - dj:j], ())] + [()] * (di - 1)
+        i, j = i - di, j - dj
+    return out
+
+
+def _edit(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Levenshtein distance of two id sequences."""
+    row = list(range(len(b) + 1))
+    for x in a:
+        prev, row[0] = row[0], row[0] + 1
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
 
 
 def symbols(phone_ids) -> str:
@@ -106,13 +171,17 @@ class PhonemeQueue:
         self.added = 0  # forced phonemes ever queued
         self.word_starts: deque[int] = deque()  # forced words not yet due: `added` at their start
 
-    def add_text(self, text: str, forced: bool = False) -> None:
+    def add_text(self, text: str, forced: bool = False) -> list[int]:
+        """Queue the text's phonemes; returns them."""
+        added = []
         for ids in text_phonemes(text):
             if forced:
                 self.word_starts.append(self.added)
                 self.added += len(ids)
                 self.forced += len(ids)
             self.queue.extend(ids)
+            added += ids
+        return added
 
     def words_due(self) -> int:
         """How many more forced words may be said now: those whose first phoneme is next in the
@@ -164,15 +233,30 @@ class PhonemeQueue:
 
 class FrameQueue(PhonemeQueue):
     """`PhonemeQueue` for the frame stream: a tick reads 8 frame labels, the phoneme sounding in
-    each (`FRAME_START` added where one begins), and the advance head gives, per frame of the next
-    tick, the chance that a new phoneme begins there. The tick takes the expected number of starts
-    (rounded, remainder carried, as `PhonemeQueue.pace`), at its most likely frames. A start after
-    the last queued phoneme begins a silence."""
+    each (`FRAME_START` added where one begins). A start after the last queued phoneme begins a
+    silence. Two ways to pace:
+    - with `durations` (a `model.durations.DurationPredictor.frames`): each text's phonemes get
+      their lengths in frames when queued, and each begins once the one before has sounded its
+      length (fractions carried on, so a phoneme shorter than half a frame is passed over, as
+      in the training labels); after silence, the next one waits `LEAD_FRAMES` first;
+    - without: the advance head gives, per frame of the next tick, the chance that a new phoneme
+      begins there; the tick takes the expected number of starts (rounded, remainder carried, as
+      `PhonemeQueue.pace`), at its most likely frames."""
 
-    def __init__(self, decode, max_hold: int = MAX_HOLD_TICKS):
+    def __init__(self, decode, max_hold: int = MAX_HOLD_TICKS, durations=None):
         super().__init__(decode, FRAMES_PER_TICK, max_hold)
         self.current = NO_PHONE  # what sounds now
         self.probs: list[float] = [0.0] * FRAMES_PER_TICK
+        self.durations = durations
+        self.lengths: deque[float] = deque()  # frames of each queued phoneme (with durations)
+        self.left = 0.0  # frames the current phoneme has still to sound (with durations)
+        self.silent = 0  # frames of silence so far (with durations)
+
+    def add_text(self, text: str, forced: bool = False) -> list[int]:
+        added = super().add_text(text, forced)
+        if self.durations is not None:
+            self.lengths.extend(self.durations(added))
+        return added
 
     def pace(self, probs) -> None:
         self.probs = [float(p) for p in probs]
@@ -181,7 +265,10 @@ class FrameQueue(PhonemeQueue):
         waiting = len(self.queue) + (self.current != NO_PHONE)  # starts that change something
         if not waiting:
             self.credit = 0.0
+            self.silent += FRAMES_PER_TICK
             return [NO_PHONE] * FRAMES_PER_TICK, NO_PHONE
+        if self.durations is not None:
+            return self._timed_tick()
         self.credit += sum(self.probs)
         take = min(int(self.credit + 0.5), waiting, FRAMES_PER_TICK)
         self.credit -= take
@@ -196,4 +283,22 @@ class FrameQueue(PhonemeQueue):
                 self.current = self.queue.popleft() if self.queue else NO_PHONE
                 self.forced = max(0, self.forced - (self.current != NO_PHONE))
             labels.append(self.current + FRAME_START * (j in at))
+        return labels, self.queue[0] if self.queue else NO_PHONE
+
+    def _timed_tick(self) -> tuple[list[int], int]:
+        labels = []
+        for _ in range(FRAMES_PER_TICK):
+            start = False
+            while self.queue and (self.left < 0.5 if self.current != NO_PHONE else self.silent >= LEAD_FRAMES):
+                if self.current == NO_PHONE:  # from silence: the phoneme begins now
+                    self.left = 0.0
+                self.current = self.queue.popleft()
+                self.forced = max(0, self.forced - 1)
+                self.left += self.lengths.popleft()
+                start = True
+            if not start and self.current != NO_PHONE and self.left < 0.5:  # the last one ends
+                self.current, self.left, start = NO_PHONE, 0.0, True
+            labels.append(self.current + FRAME_START * start)
+            self.left -= 1.0
+            self.silent = self.silent + 1 if self.current == NO_PHONE else 0
         return labels, self.queue[0] if self.queue else NO_PHONE

@@ -1,7 +1,7 @@
 """The staged recipe, in one run directory:
 
     text -> codec -> vocoder -> (latents) -> speak -> joint    the model (learned codec)
-    text -> basis -> voicing -> (latents) -> speak -> joint    the model (mel-PCA codec)
+    text -> basis -> voicing -> durations -> (latents) -> speak -> joint    the model (mel-PCA codec)
     text -------------------------------------------> baseline    same budget as joint, text only
 
 The vocoder stage trains the vocoder alone on the frozen listen encoder's latents (with
@@ -11,7 +11,9 @@ A model whose codec is "melpca" (the `tiny-melpca` preset) has no codec to train
 stage fits its log-mel PCA basis on the training corpus (`basis.py`) and takes the place of the
 codec stage, and the `voicing` stage (`voicing.py`) that of the vocoder stage: it trains the voiced
 decoder's voicing net (a model with the analytic decoder has nothing to train there); the latent normalisation
-is the basis's whitening, not statistics of the shards. For a learned model the `basis` stage is
+is the basis's whitening, not statistics of the shards. A model with a duration predictor
+(`durations` in its config) learns it in the `durations` stage (`durations.py`) from the TTS
+voices' phoneme timings. For a learned model the `basis` stage is
 skipped. `init` with a mel-PCA preset and a learned-codec checkpoint (e.g. the shipped model)
 starts from that checkpoint's backbone: every backbone tensor but the latent input projections
 (their width is the latent dim) is copied; the heads and the codec are the preset's.
@@ -44,9 +46,10 @@ from .basis import INFO_FILE as BASIS_INFO_FILE
 from .batches import AudioBank, SequenceBank, TextBank, load_segments, read_audio
 from .loop import StageBudget, barrier, run_stage, setup, stage_info
 from .stages import CodecConfig, CodecStage, OptimConfig, SequenceConfig, SequenceStage
+from .durations import DurationBank, DurationConfig, DurationStage
 from .voicing import VoicingConfig, VoicingStage
 
-STAGES = ("text", "basis", "codec", "vocoder", "voicing", "speak", "joint", "baseline")
+STAGES = ("text", "basis", "codec", "vocoder", "voicing", "durations", "speak", "joint", "baseline")
 CODEC_STAGES = {"learned": ("codec", "vocoder"), "melpca": ("basis", "voicing")}  # what fits each codec
 
 
@@ -64,16 +67,19 @@ class RecipeConfig:
     tts_speakers: list[str] | None = None  # speak/joint train on these voices (None: all)
     text_file: str | None = None  # pure text (michi.data.text.read_texts; None: the offline corpus)
     steps: dict[str, int] = field(default_factory=lambda: {
-        "text": 2000, "codec": 3000, "vocoder": 1000, "voicing": 1500, "speak": 1000, "joint": 3000})
+        "text": 2000, "codec": 3000, "vocoder": 1000, "voicing": 1500, "durations": 2000, "speak": 1000,
+        "joint": 3000})
     minutes: dict[str, float] = field(default_factory=dict)  # optional wall-time cap per stage
     # Every this many minutes of the speak and joint stages, a checkpoint in <run>/snapshots/ (for
     # the learning curve: `python -m michi.eval.curve RUN`); None: none.
     snapshot_minutes: float | None = None
     lr: dict[str, float] = field(default_factory=lambda: {
-        "text": 1e-3, "codec": 2e-4, "vocoder": 2e-4, "voicing": 2e-3, "speak": 1e-3, "joint": 5e-4})
+        "text": 1e-3, "codec": 2e-4, "vocoder": 2e-4, "voicing": 2e-3, "durations": 2e-3, "speak": 1e-3,
+        "joint": 5e-4})
     codec: CodecConfig = field(default_factory=CodecConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
     voicing: VoicingConfig = field(default_factory=VoicingConfig)
+    durations: DurationConfig = field(default_factory=DurationConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     stages: tuple[str, ...] = STAGES
 
@@ -169,7 +175,7 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
         return model.to(device)
     model, _ = load_checkpoint(rc.init, device=device)
     reshaped = any(getattr(target, k) != getattr(model.cfg, k)
-                   for k in ("phone_slots", "phone_frames", "agent_feedback", "decoder"))
+                   for k in ("phone_slots", "phone_frames", "agent_feedback", "decoder", "durations"))
     if target.codec == "melpca" and reshaped:
         # The preset adds (or drops) the phoneme stream or the latent feedback: new parts start
         # new, dropped ones are left behind, the rest is copied.
@@ -178,8 +184,8 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
         copied = {k: v for k, v in theirs.items() if k in mine and v.shape == mine[k].shape}
         grown.load_state_dict(copied, strict=False)
 
-        def parts(names):
-            return ', '.join(sorted({k.split('.')[1] for k in names})) or 'none'
+        def parts(names):  # the backbone's parts by name, the model's others whole
+            return ', '.join(sorted({k.split('.')[k.startswith('backbone.')] for k in names})) or 'none'
 
         log(f"[init] {rc.preset} from {rc.init}: {len(copied)} tensors copied; new: "
             f"{parts(k for k in mine if k not in copied)}; left behind: "
@@ -239,6 +245,15 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
                 trainer = CodecStage(model, bank, tokenizer, d, rc.codec, _optim(rc, stage), seed=rc.seed, name=stage)
             run_stage(trainer, out / stage, _budget(rc, stage), d, progress=log)
         del bank
+    if "durations" in rc.stages:
+        if model.durations is None:
+            log("[durations] skipping: this model has no duration predictor (config durations: false)")
+        else:
+            train = DurationBank(rc.corpus, "train", rc.tts_speakers)
+            heldout = DurationBank(rc.corpus, "heldout_sentence", rc.tts_speakers)
+            log(f"[durations] {len(train.items)} clips with phoneme timings, {len(heldout.items)} held out")
+            run_stage(DurationStage(model, train, heldout, rc.durations, _optim(rc, "durations"), seed=rc.seed),
+                      out / "durations", _budget(rc, "durations"), d, progress=log)
 
     speech = None
     if {"speak", "joint"} & set(rc.stages):

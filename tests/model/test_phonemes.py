@@ -8,8 +8,8 @@ from michi.config import tiny_melpca
 from michi.data.align import align_frames, frame_slots, word_phone_times
 from michi.engine import BackboneEngine, HistoryTick, TickInput
 from michi.model.michi import MichiModel
-from michi.model.phonemes import (FRAME_START, NO_PHONE, PHONE_SLOTS, FrameQueue, PhonemeQueue, symbols,
-                                  text_phonemes, word_phonemes)
+from michi.model.phonemes import (FRAME_START, NO_PHONE, PHONE_SLOTS, FrameQueue, PhonemeQueue, match_words,
+                                  symbols, text_phonemes, word_phonemes)
 from michi.model.tokenizer import ByteTokenizer
 from michi.train.batches import next_phones
 
@@ -19,8 +19,30 @@ def test_words_become_espeak_phonemes():
     assert symbols(word_phonemes("tough")) == "tˈʌf"  # same spelling, other sounds: why phonemes
     assert word_phonemes("World.")[-1] == word_phonemes("x.")[-1]  # punctuation is kept (a pause)
     assert word_phonemes("   ") == ()
-    assert [symbols(p) for p in text_phonemes("a  cat\tsat")] == [symbols(word_phonemes(w)) for w in ("a", "cat", "sat")]
     assert all(0 < i < 256 for w in text_phonemes("The quick brown fox.") for i in w)
+
+
+def test_text_is_phonemized_in_its_sentence_as_piper_speaks_it():
+    """Training labels come from piper, which phonemizes whole sentences: function words reduce
+    and join there. Forced text is phonemized the same way, one group per text word."""
+    from piper.phonemize_espeak import EspeakPhonemizer
+
+    text = "It is a good idea to read for the  children\tnow."
+    groups = text_phonemes(text)
+    assert len(groups) == len(text.split())
+    piper = "".join(c for s in EspeakPhonemizer().phonemize("en-us", text) for c in s)
+    assert symbols(sum(groups, ())) == piper.replace(" ", "")  # the sentence's phonemes, all of them
+    words = dict(zip(text.split(), groups))
+    assert symbols(words["a"]) != symbols(word_phonemes("a"))  # reduced in context (ɐ, not ˈeɪ)
+    assert symbols(words["for"]) == "fɚðə" and words["the"] == ()  # joined: the first word carries it
+    assert text_phonemes("") == ()
+
+
+def test_word_matching_pairs_groups_either_way():
+    a, b, c = (1, 2), (3,), (4, 5, 6)
+    assert match_words([a, b, c], [a + b, c]) == [a + b, (), c]  # two text words, one spoken
+    assert match_words([a + b, c], [a, b, c]) == [a + b, c]  # one text word spoken as two
+    assert match_words([a, b, c], [(1, 9), (3,), (4, 5)]) == [(1, 9), (3,), (4, 5)]  # spoken differently
 
 
 def test_word_times_give_evenly_spread_phonemes_and_silence_between():
@@ -140,6 +162,7 @@ def _pace(queue, take: int) -> None:
 def model(request):
     torch.manual_seed(0)
     cfg = tiny_melpca()
+    cfg.durations = False  # the advance head paces (the duration predictor's pace: test_durations.py)
     if request.param == "slots":
         cfg.phone_frames, cfg.phone_slots = False, PHONE_SLOTS
     m = MichiModel(cfg).eval()  # random weights and an unfitted basis: plumbing only

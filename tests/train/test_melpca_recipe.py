@@ -98,7 +98,7 @@ def _rel(a, b):
 def _phoneless_melpca(corpus, tmp_path):
     """A tiny-melpca checkpoint without the phoneme stream, its basis fit on `corpus`."""
     cfg = preset("tiny-melpca")
-    cfg.phone_frames, cfg.agent_feedback = False, True
+    cfg.phone_frames, cfg.agent_feedback, cfg.durations = False, True, False
     torch.manual_seed(0)
     model = MichiModel(cfg)
     run_basis_stage(model, corpus, tmp_path / "basis", BasisConfig(max_minutes=0.25), progress=lambda _: None)
@@ -126,7 +126,7 @@ def test_recipe_adds_the_phoneme_stream_snapshots_and_the_curve(mini_corpus, tex
     # small learning rate keeps the copied weights near where they started, however many steps fit.
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "new: next_phone_embed, phone_embed, phone_head; left behind: agent_latent_in" in printed, printed
+    assert "new: durations, next_phone_embed, phone_embed, phone_head; left behind: agent_latent_in" in printed, printed
     old, new = michi.load(candidate).model, michi.load(out / "model").model
     assert not old.cfg.phone_width and new.cfg.phone_frames and new.cfg.phone_width == 8
     assert old.backbone.agent_latent_in is not None and new.backbone.agent_latent_in is None
