@@ -227,6 +227,8 @@ def tiny_melpca() -> MichiConfig:
     cfg = tiny()
     cfg.preset, cfg.latent_dim, cfg.codec, cfg.phone_frames = "tiny-melpca", 64, "melpca", True
     cfg.agent_feedback, cfg.decoder, cfg.durations = False, "voiced", True
+    # The default model's sampling (its card: judge WER sweeps on the held-out sentences).
+    cfg.speak_head.temperature, cfg.speak_head.cfg_scale = 0.3, 2.5
     return cfg
 
 

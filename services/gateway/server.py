@@ -298,13 +298,16 @@ class GatewayServicer:
                 if cfg.mode == pb.AUDIO_CONTINUATION and user is not None and jitter.had_audio:
                     tick_req.forced_latent.extend(user.latent)  # the caller's audio is the agent's voice prompt
                     tick_req.user_latent[:] = silence_latent
+                t_backbone = time.perf_counter()
                 step = await backbone.request(backbone_pb2.StepRequest(tick=tick_req))
+                t_vocoder = time.perf_counter()
                 record = step.tick
                 call.positions += 1
                 call.history.append(backbone_pb2.HistoryRecord(tick=record).SerializeToString())
                 call.latents = (call.latents + [list(record.agent_latent)])[-VOCODER_WARMUP_TICKS:]
                 decoded = await vocoder.request(vocoder_pb2.DecodeRequest(
                     latent=vocoder_pb2.Latent(tick=call.tick, values=record.agent_latent)))
+                t_rest = time.perf_counter()
                 audio24 = np.frombuffer(decoded.pcm, dtype="<f4")
                 agent_audible = bool(step.agent_text.strip()) or float(np.sqrt(np.mean(audio24 ** 2))) > 1e-3
                 if inbox.played is not None:  # here, just before a cut may need it: a mark sent before an
@@ -357,6 +360,11 @@ class GatewayServicer:
                     delay = next_deadline - time.monotonic()
                     if delay < 0:
                         MISSED_TICKS.inc()
+                        log_.warning("tick_deadline_missed", tick=call.tick, late_ms=round(-delay * 1e3, 1),
+                                     listen_ms=round((t_backbone - tick_start) * 1e3, 1),
+                                     backbone_ms=round((t_vocoder - t_backbone) * 1e3, 1),
+                                     vocoder_ms=round((t_rest - t_vocoder) * 1e3, 1),
+                                     rest_ms=round((time.perf_counter() - t_rest) * 1e3, 1))
                         next_deadline = self._next_deadline(time.monotonic(), True)  # no catching up
                     await asyncio.sleep(max(0.0, next_deadline - time.monotonic()))
                 if inbox.closed and not inbox.has_input() and not jitter.pending and not max_ticks:

@@ -43,9 +43,9 @@ def cumulative(points: list[tuple[str, float, Path]], start_minutes: float) -> l
 
 
 def evaluate(model_dir: Path, sentences, judge, seed: int, temperature: float | None = None,
-             euler_steps: int | None = None) -> dict:
-    """TTS judge WER of one checkpoint; `temperature` and `euler_steps` override its speak head's
-    sampling (temperature 0 with one Euler step is the head's conditional mean)."""
+             euler_steps: int | None = None, cfg_scale: float | None = None) -> dict:
+    """TTS judge WER of one checkpoint; `temperature`, `euler_steps` and `cfg_scale` override its
+    speak head's sampling (temperature 0 with one Euler step is the head's conditional mean)."""
     import michi
 
     from .speech import eval_tts
@@ -55,6 +55,7 @@ def evaluate(model_dir: Path, sentences, judge, seed: int, temperature: float | 
     head = model.model.speak_head.cfg
     head.temperature = head.temperature if temperature is None else temperature
     head.euler_steps = euler_steps or head.euler_steps
+    head.cfg_scale = head.cfg_scale if cfg_scale is None else cfg_scale
     result = eval_tts(model, sentences, judge, reference_voice=False, seed=seed, save_wavs=0)
     return {"wer": result["wer"], "eval_s": round(time.perf_counter() - t0, 1)}
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--whisper-model", default=None)
     ap.add_argument("--temperature", type=float, default=None, help="override the speak head's sampling temperature")
     ap.add_argument("--euler-steps", type=int, default=None, help="override its Euler steps")
+    ap.add_argument("--cfg-scale", type=float, default=None, help="override its classifier-free guidance scale")
     ap.add_argument("--out", default="curve", help="file stem of the JSON and PNG written in the run directory")
     args = ap.parse_args(argv)
 
@@ -108,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         point = done.get(str(path))
         if point is None:
             point = {"path": str(path), "stage": stage, "minutes": round(minutes, 2),
-                     **evaluate(path, sentences, judge, args.seed, args.temperature, args.euler_steps)}
+                     **evaluate(path, sentences, judge, args.seed, args.temperature, args.euler_steps,
+                                args.cfg_scale)}
         points.append(point)
         print(f"[curve] {i + 1}/{len(todo)} {stage} {minutes:6.1f} min: WER {100 * point['wer']:.1f} %", flush=True)
         out_json.write_text(json.dumps({"corpus": str(Path(args.corpus).resolve()), "sentences": len(sentences),
                                         "seed": args.seed, "temperature": args.temperature,
-                                        "euler_steps": args.euler_steps, "points": points}, indent=2))
+                                        "euler_steps": args.euler_steps, "cfg_scale": args.cfg_scale,
+                                        "points": points}, indent=2))
     png = plot(points, run / f"{args.out}.png", f"{run.name}: held-out TTS WER, {len(sentences)} sentences")
     print(f"curve: {out_json}, {png}")
     return 0

@@ -111,10 +111,10 @@ class MichiModel(nn.Module):
     def full_precision_keys(self) -> tuple[str, ...]:
         """State-dict key prefixes a half-precision checkpoint still stores in float32: the latent
         statistics, and the mel-PCA codec (its basis is fixed and exact; the voiced decoder's voicing
-        net is small, and float32 keeps its f0 exact across a half-precision save), and the small
-        duration predictor."""
-        keys = ("latent_norm.", "durations.")
-        return keys + ("listen.", "vocoder.") if self.cfg.codec == "melpca" else keys
+        net is small, and float32 keeps its f0 exact across a half-precision save)."""
+        if self.cfg.codec == "melpca":
+            return ("latent_norm.", "listen.", "vocoder.")
+        return ("latent_norm.",)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (tied weights counted once) and the total."""

@@ -1,6 +1,7 @@
 """The mel-PCA codec as a model's codec (`codec: melpca`, the `tiny-melpca` preset): the Session, the
 checkpoint, the stage streams, and old configs that predate the choice."""
 import json
+from dataclasses import replace
 import shutil
 import warnings
 
@@ -54,8 +55,10 @@ def _rel(a, b):
 def test_preset_and_config():
     cfg = preset("tiny-melpca")
     assert (cfg.codec, cfg.latent_dim, cfg.listen_feature_dim) == ("melpca", 64, TICK_DIM)
-    # the tiny backbone and speak head; `tiny` itself is unchanged (learned codec, latent 32)
-    assert cfg.backbone == tiny().backbone and cfg.speak_head == tiny().speak_head
+    # the tiny backbone and speak head (sampled as the default model is); `tiny` itself is
+    # unchanged (learned codec, latent 32)
+    assert cfg.backbone == tiny().backbone
+    assert cfg.speak_head == replace(tiny().speak_head, temperature=0.3, cfg_scale=2.5)
     assert (tiny().codec, tiny().latent_dim, tiny().listen_feature_dim) == ("learned", 32, 256)
     assert MichiConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="codec"):
