@@ -47,8 +47,11 @@ print(json.dumps({"file": michi.__file__, "times_ms": times}))
 
 
 def run_side(tree: Path, args, batch: int) -> list[float]:
-    with tempfile.TemporaryDirectory() as link_dir:  # `import michi` from this tree's shared/
-        os.symlink(tree / "shared", Path(link_dir) / "michi")
+    with tempfile.TemporaryDirectory() as link_dir:  # `import michi` from this tree's shared/michi
+        if (tree / "shared" / "michi").is_dir():
+            link_dir = str(tree / "shared")
+        else:  # a tree from before folder = package: shared/ was the package
+            os.symlink(tree / "shared", Path(link_dir) / "michi")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([link_dir, str(tree)])}
         out = subprocess.run([sys.executable, "-c", PROBE, args.preset, args.device, str(batch), str(args.ticks),
                               str(args.warmup), str(args.threads)], env=env, capture_output=True, text=True, check=True)

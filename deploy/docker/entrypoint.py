@@ -1,5 +1,5 @@
 """Container entrypoint: `python /opt/michi/entrypoint.py STAGE [flags...]` runs
-`python -m michi.services.STAGE [flags...]` (STAGE: listen, backbone, vocoder, gateway; or the
+`python -m services.STAGE [flags...]` (STAGE: listen, backbone, vocoder, gateway; or the
 MICHI_STAGE environment variable when no argument is given).
 The Prometheus endpoint binds MICHI_METRICS_HOST (0.0.0.0 in the image, so the cluster can scrape it)."""
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
         pass  # a read-only /tmp: healthcheck.py falls back on MICHI_STAGE
     os.environ.setdefault("MICHI_METRICS_HOST", "0.0.0.0")
     sys.argv = [f"michi-{stage}", *rest]
-    runpy.run_module(f"michi.services.{stage}", run_name="__main__", alter_sys=True)
+    runpy.run_module(f"services.{stage}", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""python -m michi.services.backbone --port 50062"""
+"""python -m services.backbone --port 50062"""
 import os
 import threading
 

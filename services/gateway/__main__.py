@@ -1,4 +1,4 @@
-"""python -m michi.services.gateway --port 50060 --listen 127.0.0.1:50061 --backbone ... --vocoder ..."""
+"""python -m services.gateway --port 50060 --listen 127.0.0.1:50061 --backbone ... --vocoder ..."""
 import asyncio
 import os
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""python -m michi.services.listen --port 50061 [--execution onnxruntime | --execution triton --triton-url host:8001]"""
+"""python -m services.listen --port 50061 [--execution onnxruntime | --execution triton --triton-url host:8001]"""
 from michi.proto.listen.v1 import listen_pb2_grpc
 from michi.serving.execution import add_execution_args, encoder_streams
 from michi.serving.stage_cli import serve_model_stage

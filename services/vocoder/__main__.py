@@ -1,4 +1,4 @@
-"""python -m michi.services.vocoder --port 50063 [--execution onnxruntime | --execution triton --triton-url host:8001]"""
+"""python -m services.vocoder --port 50063 [--execution onnxruntime | --execution triton --triton-url host:8001]"""
 from michi.proto.vocoder.v1 import vocoder_pb2_grpc
 from michi.serving.execution import add_execution_args, vocoder_streams
 from michi.serving.stage_cli import serve_model_stage

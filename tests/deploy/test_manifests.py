@@ -168,7 +168,7 @@ def test_gateway_addresses_name_services_of_the_right_port(rendered, overlay):
 
 def metric_names() -> set[str]:
     """The series michi/serving/metrics.py exports (histograms as their _bucket series)."""
-    text = (ROOT / "shared/serving/metrics.py").read_text()
+    text = (ROOT / "shared/michi/serving/metrics.py").read_text()
     names = set()
     for kind, name in re.findall(r'(Counter|Gauge|Histogram)\("([a-z_]+)"', text):
         names.add({"Histogram": name + "_bucket", "Counter": name if name.endswith("_total") else name + "_total"}

@@ -136,7 +136,7 @@ def test_checkpoint_round_trip_keeps_the_basis_exactly(fitted, clips, tmp_path):
 
 def test_stage_streams_equal_offline(fitted, clips):
     """services/listen and services/vocoder run these wrappers: chunked equals whole."""
-    from michi.services.listen.server import ListenStream
+    from services.listen.server import ListenStream
 
     model, _ = fitted
     m = model.model

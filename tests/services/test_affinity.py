@@ -4,7 +4,7 @@ import asyncio
 from collections import Counter
 
 from michi.serving.launcher import free_port
-from michi.services.gateway.stages import Channels, StageLink, rendezvous_order, resolve
+from services.gateway.stages import Channels, StageLink, rendezvous_order, resolve
 
 REPLICAS = [f"10.0.0.{i}:50062" for i in range(1, 5)]
 SESSIONS = [f"session-{i}" for i in range(2000)]

@@ -11,7 +11,7 @@ import torch
 from michi.config import tiny
 from michi.engine import BackboneEngine, HistoryTick, TickInput
 from michi.model.michi import MichiModel
-from michi.services.backbone.batcher import Batcher, _pieces
+from services.backbone.batcher import Batcher, _pieces
 
 
 def test_rounds_batch_calls_and_prefill_never_stalls_them():

@@ -8,9 +8,9 @@ import pytest
 
 from michi.audio.pcm import Encoding, encode
 from michi.proto.gateway.v1 import gateway_pb2 as pb
-from michi.services.gateway.contract import BadRequest, Limits, parse_config, parse_token, public_token
-from michi.services.gateway.inbox import CallInbox, Corrupt, parse_request
-from michi.services.gateway.timeline import AgentTimeline
+from services.gateway.contract import BadRequest, Limits, parse_config, parse_token, public_token
+from services.gateway.inbox import CallInbox, Corrupt, parse_request
+from services.gateway.timeline import AgentTimeline
 
 LIMITS = Limits(max_text_bytes=100, max_call_text_bytes=150)
 

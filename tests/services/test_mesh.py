@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import michi
 from michi.generate import tts
-from michi.services.gateway.stages import rendezvous_order
+from services.gateway.stages import rendezvous_order
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.serving import client
@@ -233,7 +233,7 @@ def test_redis_down_mid_call_degrades_without_hanging(mesh, redis_server):
 
 def test_redis_down_at_start_is_a_clear_error(mesh):
     port = free_port()
-    proc = subprocess.run([sys.executable, "-m", "michi.services.gateway", "--port", str(free_port()),
+    proc = subprocess.run([sys.executable, "-m", "services.gateway", "--port", str(free_port()),
                            "--redis-url", f"redis://127.0.0.1:{port}/0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "unreachable" in proc.stderr and str(port) in proc.stderr
@@ -258,7 +258,7 @@ def test_tls_gateway(mesh, tmp_path):
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
     port = free_port()
-    gateway = subprocess.Popen([sys.executable, "-m", "michi.services.gateway", "--port", str(port), "--model", mesh.model,
+    gateway = subprocess.Popen([sys.executable, "-m", "services.gateway", "--port", str(port), "--model", mesh.model,
                                 "--listen", mesh.addresses["listen"][0], "--backbone", mesh.addresses["backbone"][0],
                                 "--vocoder", mesh.addresses["vocoder"][0], "--tls-cert", str(cert), "--tls-key", str(key)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

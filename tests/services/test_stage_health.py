@@ -39,13 +39,13 @@ TICK_BOUND_S = 3.0  # a live call's tick must come back within this, whatever th
 
 
 class StageProcess:
-    """`python -m michi.services.<stage>` on free loopback ports, the tiny model, one thread."""
+    """`python -m services.<stage>` on free loopback ports, the tiny model, one thread."""
 
     def __init__(self, log_path, *args: str, stage: str = "backbone", env: dict[str, str] | None = None):
         self.port, self.metrics_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", f"michi.services.{stage}", "--port", str(self.port), "--model", "tiny",
+        cmd = [sys.executable, "-m", f"services.{stage}", "--port", str(self.port), "--model", "tiny",
                "--threads", "1", "--metrics-port", str(self.metrics_port), *args]
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,

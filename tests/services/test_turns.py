@@ -1,8 +1,8 @@
 """Turn management alone: VAD state and agent activity in, floor decisions and events out."""
 import numpy as np
 
-from michi.services.gateway.jitter import JitterBuffer
-from michi.services.gateway.turns import TurnManager, TurnSettings
+from services.gateway.jitter import JitterBuffer
+from services.gateway.turns import TurnManager, TurnSettings
 
 
 def _run(manager, ticks):

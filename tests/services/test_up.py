@@ -64,7 +64,7 @@ def _children(pid: int) -> dict[str, int]:
             cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
-        stage = next((a.decode().rsplit(".", 1)[1] for a in cmd if a.startswith(b"michi.services.")), None)
+        stage = next((a.decode().rsplit(".", 1)[1] for a in cmd if a.startswith(b"services.")), None)
         if ppid == pid and stage:
             out[stage] = int(stat.parent.name)
     return out

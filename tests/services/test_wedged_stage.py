@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.serving import client
 from michi.serving.launcher import free_port, wait_healthy
-from michi.services.gateway.stages import rendezvous_order
+from services.gateway.stages import rendezvous_order
 
 pytestmark = pytest.mark.slow
 WEDGE_AFTER_TICKS = 12

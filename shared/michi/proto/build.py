@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PROTOS = HERE.parent.parent / "protos"
+PROTOS = HERE.parents[2] / "protos"  # shared/michi/proto -> the repo root
 
 
 def generate(out: Path, protos: Path = PROTOS) -> list[Path]:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for sub in [p for p in HERE.iterdir() if p.is_dir() and p.name != "__pycache__"]:
         shutil.rmtree(sub)
     for path in generate(HERE):
-        print(path.relative_to(HERE.parent.parent))
+        print(path.relative_to(HERE.parents[2]))
     return 0
 
 

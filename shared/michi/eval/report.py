@@ -52,7 +52,7 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
     except (ImportError, AttributeError):
         pass
     try:  # the code version, when run from a git checkout
-        root = Path(__file__).resolve().parents[2]
+        root = Path(__file__).resolve().parents[3]  # shared/michi/eval -> the repo root
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=5)
         if commit.returncode == 0:

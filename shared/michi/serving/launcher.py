@@ -92,7 +92,7 @@ class Mesh:
 
     def _spawn(self, name: str, stage: str, port: int, extra: list[str],
                env: dict[str, str] | None = None) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", f"michi.services.{stage}", "--port", str(port), "--model", self.model,
+        cmd = [sys.executable, "-m", f"services.{stage}", "--port", str(port), "--model", self.model,
                "--threads", str(self.threads), *extra]
         out = open(os.path.join(self.log_dir, f"{name}.log"), "w") if self.log_dir else None
         env = {**os.environ, **self.env, **(env or {})}
