@@ -1,10 +1,12 @@
 """Render a kustomization offline: `python deploy/render.py deploy/k8s/overlays/scale-out`.
 
-Two renderers, the same output:
+Where kubectl is installed, use kustomize itself: `kubectl kustomize DIR` (or `kubectl apply -k
+DIR`); this script then just runs it. This file is the fallback for machines without kubectl
+(CI's), so the offline validation (deploy/validate.py, tests/deploy) runs everywhere:
 - `kubectl kustomize` (kustomize built into kubectl, no network needed) when kubectl is on PATH
   and --builtin is not given;
-- a small built-in renderer for the subset of kustomize these manifests use, so CI can render
-  without kubectl: `resources` (files, and directories holding a kustomization.yaml),
+- else a small built-in renderer for the subset of kustomize these manifests use:
+  `resources` (files, and directories holding a kustomization.yaml),
   `namespace`, and `patches` of strategic-merge patch files (`path`, optional
   `target: {kind, name}`; without a target the patch's own kind and name pick the object).
   Strategic merge here: maps merge recursively, `null` deletes a key, lists of maps that all
@@ -110,7 +112,10 @@ def kubectl() -> str | None:
 
 
 def render_kubectl(directory: str | Path, timeout_s: float = 120) -> list[dict]:
-    out = subprocess.run([kubectl(), "kustomize", str(directory)], check=True, capture_output=True, text=True,
+    exe = kubectl()
+    if exe is None:
+        raise FileNotFoundError("kubectl is not installed: render with render_builtin (--builtin)")
+    out = subprocess.run([exe, "kustomize", str(directory)], check=True, capture_output=True, text=True,
                          timeout=timeout_s).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 

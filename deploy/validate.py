@@ -14,7 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import render
+import render  # noqa: E402  (after the sys.path entry above)
 
 K8S_VERSION = "1.30"  # the oldest release we support (grpc probes: 1.24+, matchLabelKeys: 1.27+)
 K8S_DIR = HERE / "k8s"

@@ -37,6 +37,7 @@ import torch
 import michi
 from michi.audio.io import read_wav
 from michi.bench import machine_info
+from michi.config import TICK_S
 from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.serving import client
 from michi.serving.launcher import Mesh, free_port, wait_healthy
@@ -72,7 +73,7 @@ def clip(pcm: np.ndarray, rate: int, seconds: float, offset_s: float = 0.0) -> n
 def bench_in_process(args, pcm: np.ndarray, rate: int) -> dict:
     say(f"in-process: loading {args.model} ({torch.get_num_threads()} torch threads)")
     model = michi.load(args.model)
-    first_80ms = clip(pcm, rate, 0.08)
+    first_80ms = clip(pcm, rate, TICK_S)
     first = []
     for i in range(args.calls + 2):  # 2 warm-up sessions
         t = time.perf_counter()

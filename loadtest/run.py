@@ -42,11 +42,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from michi.config import SAMPLE_RATE_HZ, TICK_S
+
 from loadtest.common import (MAX_FIRST_AUDIO_MS, MAX_MISSED, backbone_deltas, cpu_snapshot, cpu_use,
                              gateway_deltas, objective, percentiles, save_figure, say, scrape, write_report)
 from loadtest.scenarios import AUDIO_SCENARIOS, SCENARIOS, Plan, load_speech, plan_call, schedule
 
-OUT_RATE = 24_000
+OUT_RATE = SAMPLE_RATE_HZ  # the agent's audio as the calls take it: the model rate (client.config's default)
 CHUNK_MS = 20
 LATENCIES = ("first_audio_ms", "first_text_ms", "response_ms", "eot_ms", "barge_in_stop_ms", "barge_in_event_ms",
              "interrupt_stop_ms", "text_reply_ms", "insert_stall_ms", "insert_baseline_ms", "realtime_ratio")
@@ -148,7 +150,7 @@ def analyse(record: CallRecord, marks: Marks, msgs: list[Msg], rate: int = OUT_R
         record.first_audio_ms = 1e3 * (audio[0].t - marks.opened)
         record.agent_audio_s = sum(a.samples for a in audio) / rate
         ticks = audio[-1].tick - audio[0].tick + 1
-        record.realtime_ratio = ticks * 0.08 / max(audio[-1].t - audio[0].t + 0.08, 1e-9)
+        record.realtime_ratio = ticks * TICK_S / max(audio[-1].t - audio[0].t + TICK_S, 1e-9)
     if texts:
         record.first_text_ms = 1e3 * (texts[0].t - marks.opened)
     record.turns = len(marks.segments)

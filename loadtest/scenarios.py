@@ -54,6 +54,7 @@ def load_speech(synthetic: int = 4, human: int = 4, min_s: float = 1.2, max_s: f
                 voices: tuple[str, ...] = VOICES) -> list[Speech]:
     """Synthetic voices (24 kHz LINEAR16) and asterisk prompts (8 kHz MULAW), alternating."""
     from michi.audio.io import read_wav
+    from michi.config import SAMPLE_RATE_HZ
     from michi.data.voices import synthesize
 
     synth, asterisk = [], []
@@ -63,7 +64,7 @@ def load_speech(synthetic: int = 4, human: int = 4, min_s: float = 1.2, max_s: f
             pcm = synthesize(voice, text)
         except Exception:  # noqa: BLE001 - a voice not installed: use the others
             continue
-        synth.append(Speech(pcm, 24_000, f"{voice}: {text}"))
+        synth.append(Speech(pcm, SAMPLE_RATE_HZ, f"{voice}: {text}"))
     for name in ASTERISK_PROMPTS:
         if len(asterisk) >= human:
             break

@@ -141,7 +141,7 @@ def main() -> None:
             for stage in STAGES:
                 for execution in EXECUTIONS:
                     for n in levels:
-                        r = run_level(lambda: make_stream(execution, stage, model, steps),
+                        r = run_level(lambda execution=execution, stage=stage: make_stream(execution, stage, model, steps),
                                       args.frames, n, inputs[stage])
                         results[stage][execution].append(r)
                         say(f"{stage} {execution} x{n}: p50 {r['frame_ms']['p50']:.2f} ms, "

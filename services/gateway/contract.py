@@ -10,16 +10,19 @@ from dataclasses import dataclass
 
 from michi.audio.io import AudioError
 from michi.audio.pcm import _RATES_HZ, Encoding, check_format
+from michi.config import TICK_S
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.serving.server import MAX_MESSAGE_BYTES
+from michi.text_roles import ROLES
 
-TICK_MS = 80
+TICK_MS = round(TICK_S * 1000)  # 80
 DEFAULT_INPUT = (Encoding.LINEAR16, 16_000)
 ENCODINGS = {pb.LINEAR16: Encoding.LINEAR16, pb.MULAW: Encoding.MULAW, pb.ALAW: Encoding.ALAW,
              pb.FLOAT32LE: Encoding.FLOAT32LE}
 PROTO_ENCODING = {v: k for k, v in ENCODINGS.items()}
-ROLE_NAMES = {pb.TEXT_ROLE_UNSPECIFIED: "user", pb.USER: "user", pb.SYSTEM: "system",
-              pb.CONTEXT: "context", pb.TOOL: "tool"}
+# the roles a caller's TextInput may take: the API's role table (michi.text_roles), as proto values
+ROLE_NAMES = {pb.TEXT_ROLE_UNSPECIFIED: "user",
+              **{pb.TextRole.Value(r.upper()): r for r in ROLES if r.upper() in pb.TextRole.keys()}}
 MAX_SESSION_ID_CHARS = 128
 
 

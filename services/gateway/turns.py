@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from michi.config import TICK_S
+
+from .events import BargeIn, Event, TurnEnd, TurnStart
+
 
 @dataclass
 class TurnSettings:
@@ -21,13 +25,13 @@ class TurnSettings:
     barge_in_min_speech_ms: int = 600
     end_of_turn_silence_ms: int = 700
     agent_silence_ticks: int = 8
-    tick_ms: int = 80
+    tick_ms: int = round(TICK_S * 1000)  # 80
 
 
 @dataclass
 class TurnUpdate:
     send_agent_audio: bool
-    events: list[tuple] = field(default_factory=list)  # ("turn_start"|"turn_end", speaker) or ("barge_in",)
+    events: list[Event] = field(default_factory=list)  # TurnStart, TurnEnd, BargeIn (events.py)
 
 
 class TurnManager:
@@ -43,7 +47,7 @@ class TurnManager:
                interrupt: bool = False) -> TurnUpdate:
         """One tick: the VAD's view of the user, whether the agent produced something audible,
         and whether the client asked to interrupt the agent."""
-        events: list[tuple] = []
+        events: list[Event] = []
         if user_in_speech or interrupt:
             self.silence_ms = 0
         else:
@@ -52,14 +56,14 @@ class TurnManager:
         if (confirmed or interrupt) and not self.user_turn:
             if confirmed:
                 self.user_turn = True
-                events.append(("turn_start", "user"))
+                events.append(TurnStart("user"))
             if self.agent_turn:
-                events += [("barge_in",), ("turn_end", "agent")]
+                events += [BargeIn(), TurnEnd("agent")]
                 self.agent_turn = False
             self.muted = True
         if self.user_turn and self.silence_ms >= self.s.end_of_turn_silence_ms:
             self.user_turn = False
-            events.append(("turn_end", "user"))
+            events.append(TurnEnd("user"))
         if self.muted and not self.user_turn and self.silence_ms >= self.s.end_of_turn_silence_ms:
             self.muted = False  # the floor is free again
         may_speak = not self.muted and (self.s.full_duplex or not (self.user_turn or user_in_speech))
@@ -67,10 +71,10 @@ class TurnManager:
             self.agent_quiet_ticks = 0
             if not self.agent_turn:
                 self.agent_turn = True
-                events.append(("turn_start", "agent"))
+                events.append(TurnStart("agent"))
         elif self.agent_turn:
             self.agent_quiet_ticks += 1
             if self.agent_quiet_ticks >= self.s.agent_silence_ticks or not may_speak:
                 self.agent_turn = False
-                events.append(("turn_end", "agent"))
+                events.append(TurnEnd("agent"))
         return TurnUpdate(send_agent_audio=may_speak, events=events)

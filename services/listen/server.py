@@ -14,6 +14,7 @@ from michi.api import Michi
 from michi.audio.io import AudioError
 from michi.audio.pcm import Encoding, check_format, decode
 from michi.audio.resample import StreamingResampler
+from michi.model.listen import emitted
 from michi.serving.execution import EncoderStream, TorchEncoderStream
 from michi.serving.triton.client import TritonError
 from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
@@ -33,19 +34,14 @@ class ListenStream:
         self.michi, self.device, self.encoder = michi, michi.device, encoder
         self.resampler = StreamingResampler(rate_hz, michi.cfg.sample_rate_hz)
         with torch.inference_mode():
-            self.text = m.listen_text.init_state(1, device=self.device)
-        self.last = m.listen_text.initial_last_token(1, device=self.device)
+            self.text = m.listen_text.init_state(1, device=self.device)  # conv + CTC decoder
 
     @torch.inference_mode()
     def push(self, pcm: np.ndarray) -> list[tuple[np.ndarray, list[int]]]:
         m = self.michi.model
         latents, features = self.encoder.encode(self.resampler.push(pcm))
-        frames = []
-        for i in range(latents.shape[0]):
-            logits, self.text = m.listen_text.step(features[None, i:i + 1], self.text)
-            tokens, self.last = m.listen_text.greedy_step(logits[:, 0], self.last)
-            frames.append((latents[i].float().cpu().numpy(), [int(t) for t in tokens[0] if t >= 0]))
-        return frames
+        tokens, self.text = m.listen_text.read(features[None], self.text)
+        return [(latents[i].float().cpu().numpy(), emitted(tokens[0, i])) for i in range(latents.shape[0])]
 
 
 class ListenServicer(listen_pb2_grpc.ListenServicer):

@@ -26,12 +26,13 @@ from .checkpoint import CONFIG_FILE, load_checkpoint
 from .config import MichiConfig, preset
 from .engine import BackboneEngine, TickInput
 from .model.backbone import backbone_config_from_hf
+from .model.listen import emitted
 from .model.michi import BASIS_NOT_FITTED, MichiModel
 from .model.tokenizer import StreamVocab, Tokenizer, load_tokenizer
+from .text_roles import ROLES, text_insertion  # noqa: F401 - ROLES: the API's role table
 
 UNTRAINED_WARNING = ("this model has UNTRAINED (random) weights: its audio is noise and its text is "
                      "random bytes. Train one (issue: training recipe) or load a trained checkpoint.")
-ROLES = ("system", "user", "context", "tool", "agent")
 BASIS_WARNING = BASIS_NOT_FITTED  # a mel-PCA model with no basis (see michi.model.michi)
 
 
@@ -175,7 +176,6 @@ class Session:
             self.listen_state = m.listen.init_state(1, device=self.device)
             self.listen_text_state = m.listen_text.init_state(1, device=self.device)
             self.vocoder_state = m.vocoder.init_state(1, device=self.device)
-        self.ctc_last = m.listen_text.initial_last_token(1, device=self.device)
         self.user_audio = np.zeros(0, dtype=np.float32)
         self.pending_text: list[int] = []
         self.ticks = 0
@@ -239,11 +239,10 @@ class Session:
         (user_latent, features), self.listen_state = m.listen.step(
             torch.from_numpy(chunk).to(self.device)[None], self.listen_state)
         clock.lap("listen_encoder")
-        text_logits, self.listen_text_state = m.listen_text.step(features, self.listen_text_state)
-        user_tokens, self.ctc_last = m.listen_text.greedy_step(text_logits[:, 0], self.ctc_last)
+        user_tokens, self.listen_text_state = m.listen_text.read(features, self.listen_text_state)
         clock.lap("listen_text_head")
 
-        users = [int(t) for t in user_tokens[0] if t >= 0]
+        users = emitted(user_tokens[0])
         out = self.engine.tick({self.KEY: TickInput(user_latent[0, 0], users)}, lap=clock.lap)[self.KEY]
         audio, self.vocoder_state = m.vocoder.step(out.agent_latent[None, None], self.vocoder_state)
         clock.lap("vocoder")
@@ -266,11 +265,8 @@ class Session:
 
 
 def text_positions(michi: Michi, text: str, role: str) -> list[int]:
-    """A text-only insertion as the backbone reads it: BOS, "role: text", EOS."""
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    v = michi.vocab
-    return [v.bos, *michi.tokenizer.encode(f"{role}: {text}"), v.eos]
+    """A text-only insertion as the backbone reads it: BOS, "role: text", EOS (`michi.text_roles`)."""
+    return text_insertion(michi.tokenizer, michi.vocab, text, role)
 
 
 class _Clock:

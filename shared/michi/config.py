@@ -11,6 +11,7 @@ from typing import Any
 SAMPLE_RATE_HZ = 24_000
 FRAME_RATE_HZ = 12.5
 FRAME_SAMPLES = int(SAMPLE_RATE_HZ / FRAME_RATE_HZ)  # 1920 samples = 80 ms
+TICK_S = 1 / FRAME_RATE_HZ  # 0.08 s: one tick (one frame) of the streams
 
 
 @dataclass

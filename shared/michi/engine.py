@@ -1,6 +1,7 @@
 """The backbone engine: the ticks of many calls in ONE forward pass.
 
-Each call owns a row of a shared KV cache (`KVCache` rows, each at its own length) and its own
+Each call owns a row of a shared KV cache (`KVCache` rows, each at its own length; `Backbone.step`
+with an exec mask advances the live rows only, `reset(mask)` frees rows) and its own
 agent state (last text token and latent, forced text, sampling generator). `tick()` fuses every
 row's inputs, runs the backbone once for all rows, then the text head and the speak head (all
 Euler steps) once for all rows. Text-only insertions are prefilled into one row without touching
@@ -70,7 +71,8 @@ class BackboneEngine:
         self.model = model
         self.vocab = StreamVocab(model.cfg.backbone.vocab_size)
         self.device = next(model.parameters()).device
-        self.cache = model.backbone.init_state(rows).cache
+        self.state = model.backbone.init_state(rows)  # the streaming state: one KV cache row per call
+        self.cache = self.state.cache
         self.rows: list[_Row | None] = [None] * rows
         # each row's last agent token and (normalised) latent: the agent half of its next input
         self.agent_tokens = torch.full((rows,), self.vocab.pad, dtype=torch.long)
@@ -95,7 +97,7 @@ class BackboneEngine:
             self.agent_tokens = torch.cat([self.agent_tokens, self.agent_tokens.new_zeros(grow)])
             self.agent_latents = torch.cat([self.agent_latents, self.agent_latents.new_zeros(grow, self.agent_latents.shape[1])])
         row = self.rows.index(None)
-        self.cache.reset_row(row)
+        self.cache.reset(self._row_mask(row))
         self.agent_tokens[row] = self.vocab.pad
         self.agent_latents[row] = 0.0
         temp = self.model.cfg.speak_head.temperature if audio_temperature is None else audio_temperature
@@ -103,6 +105,11 @@ class BackboneEngine:
                               phonemes=self._phoneme_queue())
         self.index[key] = row
         return row
+
+    def _row_mask(self, row: int) -> torch.Tensor:
+        mask = torch.zeros(self.cache.rows, dtype=torch.bool)
+        mask[row] = True
+        return mask
 
     def _phoneme_queue(self) -> PhonemeQueue | None:
         cfg = self.model.cfg
@@ -130,7 +137,7 @@ class BackboneEngine:
         row = self.index.pop(key, None)
         if row is not None:
             self.rows[row] = None
-            self.cache.reset_row(row)
+            self.cache.reset(self._row_mask(row))
 
     def position(self, key: str) -> int:
         return int(self.cache.lengths[self.index[key]])
@@ -216,7 +223,7 @@ class BackboneEngine:
     def tick(self, inputs: dict[str, TickInput], lap: Callable[[str], None] = lambda name: None
              ) -> dict[str, TickOutput]:
         """One batched forward for every call in `inputs`; rows not in it sit this tick out."""
-        m, v = self.model, self.vocab
+        m = self.model
         n_rows, dim = len(self.rows), m.cfg.latent_dim
         active = [self.index[key] for key in inputs]
         rows = [self.rows[row] for row in active]
@@ -245,7 +252,7 @@ class BackboneEngine:
         fused = m.backbone.embed_tick(self.agent_tokens.to(self.device), self.agent_latents,
                                       m.latent_norm.normalize(user_latent.to(self.device)), user_text.to(self.device),
                                       phones, next_phone)
-        hidden = m.backbone.cached_forward(fused, self.cache, advance=advance)[device_index, -1]
+        hidden = m.backbone.step(fused, self.state, exec_mask=advance)[0][device_index, -1]
         lap("backbone")
         sampled = sample_tokens(m.backbone.text_logits(hidden), [r.text_temperature for r in rows],
                                 [r.top_k for r in rows], [r.generator for r in rows]).tolist()

@@ -10,9 +10,16 @@ import numpy as np
 from .api import Michi, Tick
 from .model.phonemes import MAX_HOLD_TICKS
 
-# Free ticks after a TTS text (and its phonemes) is spoken: room for the last sound to leave the
-# audio delay and the decoder, without the model going on to words of its own.
+# The TTS stop rule, one for every caller (`tts` below, the gateway's TTS mode): forcing a text
+# ends within `tts_forcing_limit` ticks, then the model goes on by itself for a tail of free ticks.
+# After the text (and its phonemes) is spoken, for a caller that sees the forcing queues empty (a
+# Session): room for the last sound to leave the audio delay and the decoder, without the model
+# going on to words of its own.
 TTS_TAIL_TICKS = 4
+# After the bound, for a caller that cannot see the queues (the gateway: the backbone is another
+# process; `tts_max_ticks`): also room for the phonemes still queued. 3 n + 12 ticks for n tokens
+# at the default pace.
+TTS_BLIND_TAIL_TICKS = 11
 
 # A mixed prompt: ("text", "retrieved document...") or ("audio", pcm, sample_rate_hz).
 Segment = Union[tuple[str, str], tuple[str, np.ndarray, int]]
@@ -34,6 +41,19 @@ def _collect(michi: Michi, ticks: list[Tick], skip_audio_ticks: int = 0) -> Gene
                       user_text="".join(t.user_text for t in ticks), trained=michi.trained)
 
 
+def tts_forcing_limit(text_tokens: int, phones: int = 0, max_pad_ticks: int = 2) -> int:
+    """The most ticks forcing a TTS text can take, one tick of margin included: each forced token
+    waits at most `max_pad_ticks` pads (the Session's and the backbone engine's default: 2), each
+    queued phoneme is held at most `MAX_HOLD_TICKS` (model.phonemes.PhonemeQueue)."""
+    return text_tokens * (max_pad_ticks + 1) + phones * (MAX_HOLD_TICKS + 1) + 1
+
+
+def tts_max_ticks(text_tokens: int, max_pad_ticks: int = 2) -> int:
+    """A TTS call's length for a caller that knows only how many text tokens it forces (the gateway
+    with no `max_ticks`): the forcing bound, then `TTS_BLIND_TAIL_TICKS` free ticks."""
+    return tts_forcing_limit(text_tokens, 0, max_pad_ticks) + TTS_BLIND_TAIL_TICKS
+
+
 def tts(michi: Michi, text: str, continue_ticks: int = TTS_TAIL_TICKS, seed: int = 0, **options) -> Generation:
     """Causal TTS: the text is forced into the agent text stream at the pace the model asks for
     it (and its phonemes into the phoneme stream, where the model has one), then the model goes
@@ -42,7 +62,7 @@ def tts(michi: Michi, text: str, continue_ticks: int = TTS_TAIL_TICKS, seed: int
     session.force_agent_text(text)
     ticks: list[Tick] = []
     # Forcing always progresses, and so does the phoneme queue (model.phonemes.PhonemeQueue).
-    limit = session.forced_pending * (session.max_pad_ticks + 1) + session.phones_pending * (MAX_HOLD_TICKS + 1) + 1
+    limit = tts_forcing_limit(session.forced_pending, session.phones_pending, session.max_pad_ticks)
     while (session.forced_pending or session.phones_pending) and len(ticks) < limit:
         ticks.append(session.step())
     ticks += [session.step() for _ in range(continue_ticks)]

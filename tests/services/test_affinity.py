@@ -4,7 +4,7 @@ import asyncio
 from collections import Counter
 
 from michi.serving.launcher import free_port
-from services.gateway.stages import Channels, StageLink, rendezvous_order, resolve
+from services.gateway.stages import Channels, StageLink, rendezvous_order, rendezvous_score, resolve
 
 REPLICAS = [f"10.0.0.{i}:50062" for i in range(1, 5)]
 SESSIONS = [f"session-{i}" for i in range(2000)]
@@ -24,8 +24,19 @@ def test_order_is_a_stable_permutation():
 
 
 def test_known_values_do_not_drift():
-    # the same session lands on the same replica from any gateway, any process, any release
-    assert rendezvous_order("call-42", ["a:1", "b:1", "c:1"]) == rendezvous_order("call-42", ["c:1", "b:1", "a:1"])
+    # The same session lands on the same replica from any gateway, any process, any release: a
+    # change of hash (or of its input's layout) would move every live call during a rolling update.
+    # These literals were computed once with rendezvous_order / rendezvous_score as they are in
+    # services/gateway/stages.py (blake2b, 8-byte digest of "address\0session", big-endian, issue 14);
+    # they are expected values, never recompute them from the code under test.
+    assert rendezvous_score("call-42", "a:1") == 5097091667218933195
+    assert rendezvous_score("call-42", "b:1") == 1574131700808095914
+    assert rendezvous_order("call-42", ["a:1", "b:1", "c:1"]) == ["a:1", "c:1", "b:1"]
+    assert rendezvous_order("call-42", ["c:1", "b:1", "a:1"]) == ["a:1", "c:1", "b:1"]
+    assert rendezvous_order("s-1", REPLICAS) == ["10.0.0.4:50062", "10.0.0.2:50062", "10.0.0.3:50062", "10.0.0.1:50062"]
+    assert rendezvous_order("session-0", REPLICAS) == ["10.0.0.4:50062", "10.0.0.1:50062", "10.0.0.3:50062",
+                                                       "10.0.0.2:50062"]
+    assert rendezvous_order("", ["a:1", "b:1"]) == ["b:1", "a:1"]
     assert rendezvous_order("call-42", ["only:1"]) == ["only:1"]
 
 

@@ -10,7 +10,10 @@ from michi.audio.pcm import Encoding, encode
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from services.gateway.contract import BadRequest, Limits, parse_config, parse_token, public_token
 from services.gateway.inbox import CallInbox, Corrupt, parse_request
+from services.gateway.call import cut_turn
+from services.gateway.events import BargeIn, TurnEnd, TurnStart, to_proto
 from services.gateway.timeline import AgentTimeline
+from services.gateway.turns import TurnManager, TurnSettings
 
 LIMITS = Limits(max_text_bytes=100, max_call_text_bytes=150)
 
@@ -65,6 +68,26 @@ def test_timeline_counts_muted_time_and_heard_text():
     assert t.played_until == t.sent_until
     resumed = AgentTimeline.resumed_at(tick=50, samples_per_tick=640)
     assert resumed.produce(640, "", True) == 50 * 640
+
+
+def test_a_barge_in_carries_the_agent_text_that_was_played():
+    """The gateway's gate: the turn manager cuts the agent, and the timeline fills the barge-in with
+    what of the cut turn the client played (its PlaybackMark) and the agent text that went with it."""
+    timeline, turns = AgentTimeline(), TurnManager(TurnSettings())
+    events = []
+    for text in ["Hel", "lo ", "there"]:
+        update = turns.update(False, 0, True)
+        events += [cut_turn(timeline, e, 1920) for e in update.events]
+        timeline.produce(1920, text, update.send_agent_audio)
+    timeline.mark_played(1920 + 100)  # the client played "Hel", "lo " and 100 samples more
+    update = turns.update(False, 0, True, interrupt=True)
+    events += [cut_turn(timeline, e, 1920) for e in update.events]
+    assert events == [TurnStart("agent"), BargeIn(agent_samples_played=2020, agent_samples_cut=1920,
+                                                  heard_text="Hello ", playback_confirmed=True, cut_sample=2020),
+                      TurnEnd("agent")]
+    assert to_proto(events[1], 3).barge_in.heard_text == "Hello "
+    update = turns.update(False, 0, True, interrupt=True)  # no agent turn left to cut: nothing heard
+    assert not any(isinstance(e, BargeIn) for e in update.events)
 
 
 def test_inbox_keeps_partial_samples_and_refuses_text_over_the_limits():

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import michi
-from michi.generate import tts
+from michi.generate import tts, tts_max_ticks
 from services.gateway.stages import rendezvous_order
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.proto.gateway.v1 import gateway_pb2_grpc
@@ -51,7 +51,7 @@ def test_tts_through_the_mesh_equals_in_process(mesh):
     result = run(client.converse(mesh.fast_gateway, client.config(mode=pb.TTS, text="hello", rate_in=24_000,
                                                                   rate_out=24_000), token="secret", timeout_s=120))
     assert result.trained_weights is False
-    ticks = 3 * len("hello") + 12
+    ticks = tts_max_ticks(len("hello"))
     assert len(result.pcm) == ticks * FRAME
     local = tts(michi.load("tiny"), "hello", continue_ticks=ticks, seed=0)
     want = np.concatenate([t.agent_audio for t in local.ticks[:ticks]])

@@ -4,7 +4,6 @@ backend only) running the exported ONNX graphs through ONNX Runtime inside its P
 lives in its own environment (.venv-triton, see README), as it would in its own container. The
 default (trained) model."""
 import asyncio
-import os
 from pathlib import Path
 
 import grpc

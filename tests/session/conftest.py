@@ -46,7 +46,7 @@ class RedisServer:
                     return self
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"redis-server on port {self.port} did not start")
+                        raise RuntimeError(f"redis-server on port {self.port} did not start") from None
                     time.sleep(0.02)
         finally:
             client.close()

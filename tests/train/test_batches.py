@@ -47,7 +47,7 @@ def test_text_windows_start_with_bos():
 
 
 def test_packed_rows_are_full_and_keep_each_utterance_whole(tmp_path):
-    utts = _corpus(tmp_path)
+    _corpus(tmp_path)
     bank = SequenceBank(tmp_path, pad_token=-7)
     gen = torch.Generator().manual_seed(2)
     for _ in range(20):

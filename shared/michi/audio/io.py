@@ -30,12 +30,16 @@ def as_mono_float32(pcm: np.ndarray) -> np.ndarray:
     return pcm
 
 
-def resample(pcm: np.ndarray, rate_in_hz: int, rate_out_hz: int) -> np.ndarray:
-    """Polyphase resampling (a whole clip; streaming callers resample per call with their own state)."""
-    if rate_in_hz not in SUPPORTED_RATES_HZ:
+def resample(pcm: np.ndarray, rate_in_hz: int, rate_out_hz: int, *, any_rate: bool = False) -> np.ndarray:
+    """Polyphase resampling of a whole clip to float32: the one whole-clip resampler (a stream
+    resamples with its own state: `michi.audio.resample.StreamingResampler`).
+
+    `rate_in_hz` must be one of `SUPPORTED_RATES_HZ` (AudioError otherwise), the rates callers may
+    send; `any_rate=True` takes any integer rate (files as recorded, 11.025 kHz..., pitch shifts)."""
+    if not any_rate and rate_in_hz not in SUPPORTED_RATES_HZ:
         raise AudioError(f"unsupported sample rate {rate_in_hz} Hz; supported: {SUPPORTED_RATES_HZ}")
     if rate_in_hz == rate_out_hz:
-        return pcm
+        return np.asarray(pcm, dtype=np.float32)  # the same array when it is float32 already
     from scipy.signal import resample_poly
 
     g = gcd(rate_in_hz, rate_out_hz)

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..config import SAMPLE_RATE_HZ
+
 
 def _hz_to_mel(hz: float | Tensor) -> float | Tensor:
     """Slaney mel scale: linear below 1 kHz, logarithmic above (librosa's default, htk=False)."""
@@ -56,7 +58,7 @@ def _hann_window(win_length: int, device: torch.device | None) -> Tensor:
         return torch.hann_window(win_length, device=device)
 
 
-def log_mel_spectrogram(audio: Tensor, sample_rate: int = 24_000, n_fft: int = 1024,
+def log_mel_spectrogram(audio: Tensor, sample_rate: int = SAMPLE_RATE_HZ, n_fft: int = 1024,
                         hop_length: int = 256, win_length: int = 1024, n_mels: int = 100,
                         f_min: float = 0.0, f_max: float | None = None,
                         eps: float = 1e-5) -> Tensor:

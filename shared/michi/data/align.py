@@ -18,11 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import FRAME_RATE_HZ, FRAME_SAMPLES
+from ..config import FRAME_RATE_HZ, FRAME_SAMPLES, TICK_S
 from ..model.phonemes import FRAME_START, FRAMES_PER_TICK, NO_PHONE, word_phonemes
 from ..model.tokenizer import StreamVocab, Tokenizer
-
-FRAME_S = 1.0 / FRAME_RATE_HZ
 
 
 def ticks_for_samples(num_samples_24k: int, delay_ticks: int) -> int:
@@ -38,12 +36,12 @@ def align_words(words: Sequence[tuple[str, float, float]], n_ticks: int, tokeniz
     started after its audio did) and `dropped` (tokens past the end of the utterance)."""
     tokens = np.full(n_ticks, vocab.pad, dtype=np.int64)
     cursor = late = dropped = placed = 0
-    for index, (word, start_s, _end_s) in enumerate(words):
+    for word, start_s, _end_s in words:
         word = word.strip()
         if not word:
             continue
         ids = tokenizer.encode(word if placed == 0 else " " + word)
-        wanted = max(0, int(start_s / FRAME_S))
+        wanted = max(0, int(start_s / TICK_S))
         tick = max(wanted, cursor)
         late += tick - wanted
         for token in ids:

@@ -23,11 +23,11 @@ import hashlib
 import json
 import re
 import time
-from math import gcd
 from pathlib import Path
 
 import numpy as np
 
+from ..audio.io import resample
 from ..config import SAMPLE_RATE_HZ
 from .corpus import BAD_FILES_FILE, SEGMENTS_FILE, format_stats, read_jsonl, stats, text_fit_padding
 from .pipeline import Progress, luigi, write_flac_atomic, write_json_atomic, write_jsonl_atomic
@@ -46,16 +46,6 @@ class DecodeError(ValueError):
 
 
 # ---- decoding ----------------------------------------------------------------------------------
-def resample_any(pcm: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Polyphase resampling between any two integer rates (11.025 kHz, 44.1 kHz, ...)."""
-    if rate_in == rate_out:
-        return pcm.astype(np.float32)
-    from scipy.signal import resample_poly
-
-    g = gcd(rate_in, rate_out)
-    return resample_poly(pcm, rate_out // g, rate_in // g).astype(np.float32)
-
-
 def decode_audio(path: str | Path, rate_out: int = SAMPLE_RATE_HZ) -> np.ndarray:
     """Any common audio file -> mono float32 at `rate_out`. Raises DecodeError with the reason."""
     path = Path(path)
@@ -79,7 +69,7 @@ def decode_audio(path: str | Path, rate_out: int = SAMPLE_RATE_HZ) -> np.ndarray
         raise DecodeError(f"no audio: {len(pcm)} samples decoded")
     if not np.all(np.isfinite(pcm)):
         raise DecodeError("audio contains NaN or infinite samples")
-    return resample_any(pcm, int(rate), rate_out)
+    return resample(pcm, int(rate), rate_out, any_rate=True)
 
 
 def _decode_av(path: Path) -> tuple[np.ndarray, int]:
@@ -194,7 +184,7 @@ def process_file(path: Path, rel: str, out_dir: Path, speaker: str, split: str, 
     except OSError as e:
         return bad(f"cannot read file ({e})")
     duration = len(pcm) / SAMPLE_RATE_HZ
-    pcm16 = resample_any(pcm, SAMPLE_RATE_HZ, VAD_RATE_HZ)
+    pcm16 = resample(pcm, SAMPLE_RATE_HZ, VAD_RATE_HZ)
     spans, short = segment_speech(speech_probabilities(pcm16))
     if not spans:
         return bad(f"no speech segment of at least {MIN_SEGMENT_S} s found by the VAD in {duration:.2f} s "

@@ -64,7 +64,8 @@ def cmd_text(args: argparse.Namespace) -> int:
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
     """Register `michi data ...` on the top-level subparsers."""
-    from .synth import DEFAULT_HELDOUT_SENTENCES, DEFAULT_SENTENCES_PER_VOICE, DEFAULT_TTS_SENTENCES
+    # luigi-free imports: `michi up` and `michi serve` run on a serving-only install
+    from .corpus import DEFAULT_HELDOUT_SENTENCES, DEFAULT_SENTENCES_PER_VOICE, DEFAULT_TTS_SENTENCES
     from .voices import DEFAULT_HELDOUT_VOICE, DEFAULT_TTS_VOICE
 
     data = sub.add_parser("data", help="data pipelines: synthetic corpus, audio folders, latent shards")

@@ -17,8 +17,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from ..config import FRAME_SAMPLES
 
-TICK_SAMPLES = 1920  # 80 ms at 24 kHz
+# `michi data synth`'s corpus size: TTS-voice sentences, sentences per other voice, held-out sentences
+DEFAULT_TTS_SENTENCES = 1500
+DEFAULT_SENTENCES_PER_VOICE = 150
+DEFAULT_HELDOUT_SENTENCES = 60
 
 SPLITS = ("train", "heldout_sentence", "heldout_voice")
 SEGMENTS_FILE = "segments.jsonl"
@@ -39,7 +43,7 @@ def text_fit_padding(words: list, num_samples: int) -> int:
     n = ticks_for_samples(num_samples, 0)
     st: dict = {}
     align_words([tuple(w) for w in words], n, ByteTokenizer(256), StreamVocab(256), st)
-    return st["dropped"] * TICK_SAMPLES + (-num_samples) % TICK_SAMPLES if st["dropped"] else 0
+    return st["dropped"] * FRAME_SAMPLES + (-num_samples) % FRAME_SAMPLES if st["dropped"] else 0
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -31,17 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import SAMPLE_RATE_HZ
-from .corpus import BAD_FILES_FILE, SEGMENTS_FILE, format_stats, read_jsonl, stats, text_fit_padding
+from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ
+from .corpus import (BAD_FILES_FILE, DEFAULT_HELDOUT_SENTENCES, DEFAULT_SENTENCES_PER_VOICE, DEFAULT_TTS_SENTENCES,
+                     SEGMENTS_FILE, format_stats, read_jsonl, stats, text_fit_padding)
 from .pipeline import Progress, luigi, write_flac_atomic, write_json_atomic, write_jsonl_atomic
 from .text import sentences
 from .voices import (DEFAULT_HELDOUT_VOICE, DEFAULT_TRAIN_VOICES, DEFAULT_TTS_VOICE, VOICES, get_voice,
                      synthesize_batch, trim_silence)
 from .wordtimes import align_known_words
 
-DEFAULT_TTS_SENTENCES = 1500
-DEFAULT_SENTENCES_PER_VOICE = 150
-DEFAULT_HELDOUT_SENTENCES = 60
 CHUNK = 40  # items per Luigi task (each loads Whisper and the voice: ~1.5 s)
 KEEP_SILENCE_S = 0.2
 PACK_S = 29.0  # Whisper window budget for a pack of clips (its window is 30 s)
@@ -130,7 +128,7 @@ def synth_items(items: list[SynthItem], out_dir: Path, whisper_model) -> list[di
                               "reason": f"synthesis failed: {clip}"}
             continue
         pcm, cut_s = trim_silence(clip.pcm, SAMPLE_RATE_HZ, KEEP_SILENCE_S)
-        if len(pcm) < SAMPLE_RATE_HZ * 2 * KEEP_SILENCE_S + 1920:
+        if len(pcm) < SAMPLE_RATE_HZ * 2 * KEEP_SILENCE_S + FRAME_SAMPLES:
             records[it.id] = {"bad": True, "input": f"synth:{it.voice}:{it.text}", "id": it.id,
                               "reason": "synthesis produced (almost) no speech"}
             continue

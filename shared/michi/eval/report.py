@@ -160,11 +160,12 @@ def spectrogram_figure(panels: list[tuple[str, str | Path]], path: Path) -> Path
 
     from ..audio.io import read_wav
     from ..audio.mel import log_mel_spectrogram
+    from ..config import SAMPLE_RATE_HZ
 
     mels = []
     for label, wav in panels:
         if wav and Path(wav).is_file():
-            pcm, _ = read_wav(wav, rate_out_hz=24_000)
+            pcm, _ = read_wav(wav, rate_out_hz=SAMPLE_RATE_HZ)
             mels.append((label, log_mel_spectrogram(torch.from_numpy(pcm)).numpy()))
     if not mels:
         return None
@@ -175,8 +176,8 @@ def spectrogram_figure(panels: list[tuple[str, str | Path]], path: Path) -> Path
     hi = max(float(m.max()) for _, m in mels)
     for ax, (label, mel) in zip(axes[:, 0], mels):
         ax.imshow(mel, origin="lower", aspect="auto", vmin=lo, vmax=hi, cmap="magma",
-                  extent=(0, mel.shape[1] * 256 / 24_000, 0, mel.shape[0]))
-        ax.set_xlim(0, width * 256 / 24_000)
+                  extent=(0, mel.shape[1] * 256 / SAMPLE_RATE_HZ, 0, mel.shape[0]))
+        ax.set_xlim(0, width * 256 / SAMPLE_RATE_HZ)
         ax.set_ylabel("mel bin")
         ax.set_title(label, fontsize=8)
     axes[-1, 0].set_xlabel("seconds")

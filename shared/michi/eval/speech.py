@@ -31,10 +31,10 @@ import torch
 from ..generate import TTS_TAIL_TICKS
 
 from ..audio.io import as_mono_float32, read_wav, resample, write_wav
+from ..config import SAMPLE_RATE_HZ
 from .voicing import voicing_counts, voicing_figures
 from .wer import char_errors, normalize_text, summary, word_errors
 
-RATE_HZ = 24_000
 ASTERISK_DIR = Path("/usr/share/asterisk/sounds/en")
 ASTERISK_TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
 HELDOUT_SPLITS = ("heldout_sentence", "heldout_voice")
@@ -59,9 +59,9 @@ class SpeechItem:
     speaker: str = ""
     source: str = ""
     pcm: np.ndarray | None = None
-    rate_hz: int = RATE_HZ
+    rate_hz: int = SAMPLE_RATE_HZ
 
-    def audio(self, rate_hz: int = RATE_HZ) -> np.ndarray:
+    def audio(self, rate_hz: int = SAMPLE_RATE_HZ) -> np.ndarray:
         """Mono float32 at `rate_hz`."""
         if self.pcm is not None:
             return resample(as_mono_float32(self.pcm), self.rate_hz, rate_hz)
@@ -214,7 +214,7 @@ def _row(ref: str, hyp: str) -> dict[str, Any]:
                        "ref_words": words.ref_words}}
 
 
-def _save(wav_dir: Path | None, name: str, pcm: np.ndarray, rate_hz: int = RATE_HZ) -> str | None:
+def _save(wav_dir: Path | None, name: str, pcm: np.ndarray, rate_hz: int = SAMPLE_RATE_HZ) -> str | None:
     if wav_dir is None:
         return None
     return str(write_wav(Path(wav_dir) / name, pcm, rate_hz))
@@ -247,15 +247,15 @@ def eval_tts(michi, sentences: Sequence[str | SpeechItem], judge: Judge,
         t0 = time.perf_counter()
         gen = tts(michi, text, continue_ticks=continue_ticks, seed=seed + i)
         gen_s += time.perf_counter() - t0
-        audio_s += len(gen.audio) / RATE_HZ
-        row = {"id": item_id, **_row(text, judge(gen.audio, RATE_HZ)),
-               "agent_text": gen.text, "audio_s": len(gen.audio) / RATE_HZ}
+        audio_s += len(gen.audio) / SAMPLE_RATE_HZ
+        row = {"id": item_id, **_row(text, judge(gen.audio, SAMPLE_RATE_HZ)),
+               "agent_text": gen.text, "audio_s": len(gen.audio) / SAMPLE_RATE_HZ}
         keep = wav_dir is not None and i < save_wavs
         if keep:
             row["wav"] = _save(wav_dir, f"tts_{i:02d}_{_safe(item_id)}_model.wav", gen.audio)
         if speak is not None:
             ref_audio = speak(text)
-            ref_row = {"id": item_id, **_row(text, judge(ref_audio, RATE_HZ)), "audio_s": len(ref_audio) / RATE_HZ}
+            ref_row = {"id": item_id, **_row(text, judge(ref_audio, SAMPLE_RATE_HZ)), "audio_s": len(ref_audio) / SAMPLE_RATE_HZ}
             if keep:
                 ref_row["wav"] = _save(wav_dir, f"tts_{i:02d}_{_safe(item_id)}_reference.wav", ref_audio)
             row["reference_hyp"], row["reference_wer"] = ref_row["hyp"], ref_row["wer"]
@@ -337,8 +337,8 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
     sets = dict(segments) if isinstance(segments, Mapping) else {"segments": list(segments)}
     sets = {name: list(items) for name, items in sets.items() if len(items)}
     hop = 256
-    max_lag = max(0, int(max_delay_ms / 1000 * RATE_HZ / hop))
-    max_lag_samples = int(max_delay_ms / 1000 * RATE_HZ)
+    max_lag = max(0, int(max_delay_ms / 1000 * SAMPLE_RATE_HZ / hop))
+    max_lag_samples = int(max_delay_ms / 1000 * SAMPLE_RATE_HZ)
     wav_dir = Path(wav_dir) if wav_dir else None
     total = sum(len(v) for v in sets.values())
     rows: list[dict[str, Any]] = []
@@ -349,20 +349,20 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
     for set_name, items in sets.items():
         sums, counts = np.zeros(max_lag + 1), np.zeros(max_lag + 1)
         for item in items:
-            pcm = item.audio(RATE_HZ)
+            pcm = item.audio(SAMPLE_RATE_HZ)
             t0 = time.perf_counter()
             original, resynth = resynthesize(michi, pcm)
             codec_s += time.perf_counter() - t0
-            audio_s += len(original) / RATE_HZ
+            audio_s += len(original) / SAMPLE_RATE_HZ
             mo, mr = _log_mel(original), _log_mel(resynth)
             s, c = _mel_l1_by_lag(mo, mr, max_lag)
             sums, counts = sums + s, counts + c
-            row = {"id": item.id, "set": set_name, "ref": item.text, "duration_s": len(original) / RATE_HZ}
-            orig, res = _row(item.text, judge(original, RATE_HZ)), _row(item.text, judge(resynth, RATE_HZ))
+            row = {"id": item.id, "set": set_name, "ref": item.text, "duration_s": len(original) / SAMPLE_RATE_HZ}
+            orig, res = _row(item.text, judge(original, SAMPLE_RATE_HZ)), _row(item.text, judge(resynth, SAMPLE_RATE_HZ))
             row.update({"hyp_original": orig["hyp"], "wer_original": orig["wer"], "errors_original": orig["errors"],
                         "hyp_resynth": res["hyp"], "wer_resynth": res["wer"], "errors_resynth": res["errors"],
                         "mel_l1": float(s[0] / c[0]) if c[0] else None,
-                        "xcorr_delay_ms": 1000 * _xcorr_delay(original, resynth, max_lag_samples) / RATE_HZ,
+                        "xcorr_delay_ms": 1000 * _xcorr_delay(original, resynth, max_lag_samples) / SAMPLE_RATE_HZ,
                         "voicing": voicing_counts(original, resynth[delay:])})
             if wav_dir is not None and done < save_wavs:
                 stem = f"codec_{done:02d}_{_safe(item.id)}"
@@ -392,9 +392,9 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
 
     per_set = {name: figures([r for r in rows if r["set"] == name], *lag_stats[name]) for name in sets}
     return {"task": "codec", **figures(rows, all_sums, all_counts),
-            "delay_ms": 1000 * best * hop / RATE_HZ, "delay_mel_frames": best, "max_delay_ms": max_delay_ms,
+            "delay_ms": 1000 * best * hop / SAMPLE_RATE_HZ, "delay_mel_frames": best, "max_delay_ms": max_delay_ms,
             "mel": {"n_mels": 100, "n_fft": 1024, "hop": hop, "log": "natural, clamp 1e-5"},
-            "mel_l1_by_delay_ms": {f"{1000 * lag * hop / RATE_HZ:.1f}": float(all_sums[lag] / all_counts[lag])
+            "mel_l1_by_delay_ms": {f"{1000 * lag * hop / SAMPLE_RATE_HZ:.1f}": float(all_sums[lag] / all_counts[lag])
                                    for lag in range(max_lag + 1) if all_counts[lag]},
             "codec_s": codec_s, "audio_s": audio_s,
             "sets": per_set, "judge": _describe_judge(judge), "rows": rows}
@@ -403,20 +403,18 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
 # ---- listen text head -------------------------------------------------------------------------
 @torch.inference_mode()
 def listen_transcribe(michi, pcm: np.ndarray, tail_s: float = 0.24) -> str:
-    """Greedy CTC of the listen text head over 24 kHz audio, frame by frame with the streaming
-    decoder (`greedy_step`), as a session does; `tail_s` of silence lets the head finish."""
+    """Greedy CTC of the listen text head over 24 kHz audio with the streaming decoder
+    (`ListenTextHead.read`, which equals frame-by-frame reading), as a session does; `tail_s` of
+    silence lets the head finish."""
+    from ..model.listen import emitted
+
     m = michi.model
     frame = michi.cfg.frame_samples
     pcm = as_mono_float32(pcm)
-    pcm = np.pad(pcm, (0, -len(pcm) % frame + int(round(tail_s * RATE_HZ / frame)) * frame))
+    pcm = np.pad(pcm, (0, -len(pcm) % frame + int(round(tail_s * SAMPLE_RATE_HZ / frame)) * frame))
     x = torch.from_numpy(pcm).to(michi.device)[None]
-    logits = m.listen_text(m.listen(x).features)  # [1, n, slots, vocab + 1]
-    last = m.listen_text.initial_last_token(1, device=michi.device)
-    ids: list[int] = []
-    for i in range(logits.shape[1]):
-        tokens, last = m.listen_text.greedy_step(logits[:, i], last)
-        ids += [int(t) for t in tokens[0] if t >= 0]
-    return michi.tokenizer.decode(ids)
+    tokens, _ = m.listen_text.read(m.listen(x).features, m.listen_text.init_state(1, device=michi.device))
+    return michi.tokenizer.decode(emitted(tokens[0]))
 
 
 def eval_listen(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[SpeechItem]],
@@ -439,16 +437,16 @@ def eval_listen(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Sp
     decode_s = audio_s = 0.0
     for set_name, items in sets.items():
         for item in items:
-            pcm = item.audio(RATE_HZ)
+            pcm = item.audio(SAMPLE_RATE_HZ)
             t0 = time.perf_counter()
             hyp = listen_transcribe(michi, pcm)
             decode_s += time.perf_counter() - t0
-            audio_s += len(pcm) / RATE_HZ
+            audio_s += len(pcm) / SAMPLE_RATE_HZ
             rows.append({"id": item.id, "set": set_name, **_row(item.text, hyp)})
             progress("listen", len(rows), total)
     per_set = {name: summary([r for r in rows if r["set"] == name]) for name in sets}
     return {"task": "listen", **summary(rows), "sets": per_set, "decode_s": decode_s, "audio_s": audio_s,
-            "decoder": "greedy CTC, streaming greedy_step per 80 ms frame",
+            "decoder": "greedy CTC, streaming (ListenTextHead.read)",
             "head_enabled": michi.model.listen_text.enabled, "rows": rows}
 
 

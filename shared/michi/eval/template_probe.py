@@ -20,6 +20,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from ..config import SAMPLE_RATE_HZ
 from ..model.phonemes import FRAME_START, FRAMES_PER_TICK
 
 LABELS = 2 * FRAME_START  # frame label values: a phoneme id, FRAME_START added where it begins
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     def heard(latents: np.ndarray) -> str:
         with torch.inference_mode():
             audio = model.vocoder(torch.from_numpy(latents.astype(np.float32))[None])[0].float().numpy()
-        return judge(audio, 24_000)
+        return judge(audio, SAMPLE_RATE_HZ)
 
     rows = []
     for text, latents, x in held:

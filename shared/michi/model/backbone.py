@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..config import BackboneConfig, MichiConfig
+from .streaming import StreamingModule, StreamingState
 from .phonemes import FRAMES_PER_TICK, NO_PHONE, NUM_PHONEME_IDS
 from .tokenizer import NUM_STREAM_TOKENS, StreamVocab
 
@@ -53,14 +54,14 @@ def backbone_config_from_hf(path: str | Path) -> BackboneConfig:
     )
 
 
-class KVCache:
+class KVCache(StreamingState):
     """Keys and values of every layer for a batch of independent rows (calls), each with its own
     length, in buffers of doubling capacity.
 
     An append writes only the new positions (amortised O(1) per tick); transformers' DynamicCache
     concatenates the whole cache at every step instead, which for the full-size backbone is about
     300 MB copied per tick after five minutes of call. Rows are what lets one forward pass carry
-    the ticks of many calls; a row is freed and reused with `reset_row`."""
+    the ticks of many calls; rows are freed and reused with `reset(mask)`."""
 
     def __init__(self, num_layers: int, rows: int = 1):
         self.num_layers = num_layers
@@ -79,8 +80,9 @@ class KVCache:
                 self.keys[i] = torch.cat([k, k.new_zeros(count, *k.shape[1:])])
                 self.values[i] = torch.cat([v, v.new_zeros(count, *v.shape[1:])])
 
-    def reset_row(self, row: int) -> None:
-        self.lengths[row] = 0
+    def reset_own(self, mask: torch.Tensor) -> None:
+        """Empty the masked rows [rows] bool: a length of 0 hides whatever their buffers hold."""
+        self.lengths = self.lengths.masked_fill(mask.to(self.lengths.device), 0)
 
     def reserve(self, layer: int, like: torch.Tensor, total: int) -> None:
         """Room for `total` positions in every row of this layer (like: [*, kv_heads, *, head_dim])."""
@@ -96,8 +98,9 @@ class KVCache:
 
 
 @dataclass
-class BackboneState:
-    """Per-session KV cache (one row); `length` counts positions (ticks and text-only) seen."""
+class BackboneState(StreamingState):
+    """The KV cache of a batch of rows (calls); `length` counts row 0's positions (ticks and
+    text-only) seen."""
 
     cache: KVCache
 
@@ -106,7 +109,7 @@ class BackboneState:
         return int(self.cache.lengths[0])
 
 
-class Backbone(nn.Module):
+class Backbone(StreamingModule, nn.Module):
     def __init__(self, cfg: MichiConfig, load_pretrained: bool = True):
         super().__init__()
         b = cfg.backbone
@@ -156,8 +159,17 @@ class Backbone(nn.Module):
     def hidden_size(self) -> int:
         return self.cfg.hidden_size
 
-    def init_state(self, rows: int = 1) -> BackboneState:
-        return BackboneState(cache=KVCache(self.cfg.num_layers, rows))
+    def init_state(self, batch_size: int = 1, device=None, dtype: torch.dtype = torch.float32, *,
+                   rows: int | None = None) -> BackboneState:
+        """An empty cache of `batch_size` (alias `rows`) rows; its buffers take the device and dtype
+        of the first positions stepped."""
+        return BackboneState(cache=KVCache(self.cfg.num_layers, batch_size if rows is None else rows))
+
+    def step(self, x: torch.Tensor, state: BackboneState,
+             exec_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, BackboneState]:
+        """Positions [B, n, H], one block per row, each row at its own length -> hidden [B, n, H].
+        Rows where `exec_mask` is False are computed and forgotten (their length stays)."""
+        return self.cached_forward(x, state.cache, advance=exec_mask), state
 
     # ---- inputs -------------------------------------------------------------------------------
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Causal convolutions that run offline or streaming with the same result.
 
-Every stateful module here follows one pattern (moshi-like, no module-global state):
-`init_state(batch_size, device, dtype) -> state`, `step(x, state) -> (y, state)` and `forward(x)`.
-A state holds a batch of independent streams; `state.reset(mask)` puts the masked rows back to a
-fresh stream, so one batched model can carry many calls that start and end on their own.
+Every stateful module here follows the streaming protocol of `michi.model.streaming`
+(`StreamingModule`: `init_state(batch_size, device, dtype) -> state`, `step(x, state, exec_mask)
+-> (y, state)`, plus `forward(x)`). A state holds a batch of independent streams and its children
+by name; `state.reset(mask)` puts the masked rows back to a fresh stream, so one batched model can
+carry many calls that start and end on their own.
 Chunked `step` output equals `forward` on the whole input, for any chunking.
 
 The step paths run tens of times per 80 ms frame on CPU, where per-call overhead rivals the
@@ -18,17 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .streaming import StateDict, StreamingModule, StreamingState, is_streaming
+
 # ATen hands a batch-1 conv1d to oneDNN above this many input elements (ConvParams::use_mkldnn).
 _ONEDNN_MIN_NUMEL = 20480
 
 
-def _rows(mask: Tensor, like: Tensor) -> Tensor:
-    """The per-row mask shaped to broadcast against a batch-first tensor."""
-    return mask.to(like.device).view(-1, *([1] * (like.dim() - 1)))
-
-
 @dataclass
-class ConvState:
+class ConvState(StreamingState):
     """Input a causal conv has received but not yet consumed; starts as the zeros of its pad."""
 
     buffer: Tensor  # [B, C_in, L]
@@ -42,12 +40,8 @@ class ConvState:
                 f"cannot reset a strided conv stream mid-stride ({self.buffer.shape[-1]} samples "
                 f"buffered, a fresh stream has {self.fresh_len}); reset at a frame boundary")
 
-    def reset(self, mask: Tensor) -> None:
-        self.check_reset()
-        self.buffer = self.buffer.masked_fill(_rows(mask, self.buffer), 0.0)
 
-
-class StreamingConv1d(nn.Conv1d):
+class StreamingConv1d(StreamingModule, nn.Conv1d):
     """Conv1d padded on the left only: T inputs give T // stride outputs, none looks ahead."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -75,7 +69,7 @@ class StreamingConv1d(nn.Conv1d):
         buffer = torch.zeros(batch_size, self.in_channels, self.pad, device=device, dtype=dtype)
         return ConvState(buffer, self.pad)
 
-    def step(self, x: Tensor, state: ConvState) -> tuple[Tensor, ConvState]:
+    def _step(self, x: Tensor, state: ConvState) -> tuple[Tensor, ConvState]:
         buffer = torch.cat([state.buffer, x], dim=-1) if state.buffer.shape[-1] else x
         length, kernel, stride = buffer.shape[-1], self.effective_kernel, self._stride
         if length < kernel:
@@ -104,16 +98,13 @@ class StreamingConv1d(nn.Conv1d):
 
 
 @dataclass
-class ConvTransposeState:
+class ConvTransposeState(StreamingState):
     """The tail of the last chunk's output (k - s samples, no bias) that the next chunk completes."""
 
     overhang: Tensor  # [B, C_out, k - s]
 
-    def reset(self, mask: Tensor) -> None:
-        self.overhang = self.overhang.masked_fill(_rows(mask, self.overhang), 0.0)
 
-
-class StreamingConvTranspose1d(nn.ConvTranspose1d):
+class StreamingConvTranspose1d(StreamingModule, nn.ConvTranspose1d):
     """ConvTranspose1d trimmed on the right: T inputs give exactly T * stride outputs."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
@@ -135,7 +126,7 @@ class StreamingConvTranspose1d(nn.ConvTranspose1d):
         return ConvTransposeState(torch.zeros(batch_size, self.out_channels, self.overhang,
                                               device=device, dtype=dtype))
 
-    def step(self, x: Tensor, state: ConvTransposeState) -> tuple[Tensor, ConvTransposeState]:
+    def _step(self, x: Tensor, state: ConvTransposeState) -> tuple[Tensor, ConvTransposeState]:
         if x.shape[-1] == 0:
             return x.new_zeros(x.shape[0], self.out_channels, 0), state
         # No bias here: the overhang is added to the next chunk, which brings its own bias.
@@ -148,47 +139,29 @@ class StreamingConvTranspose1d(nn.ConvTranspose1d):
         return (y if self.bias is None else y + self.bias[:, None]), state
 
 
-class StateList(list):
-    """States of a module's children, in order; None for a stateless child."""
-
-    def check_reset(self) -> None:
-        for child in self:
-            if hasattr(child, "check_reset"):
-                child.check_reset()
-
-    def reset(self, mask: Tensor) -> None:
-        # Check every child first, so a refused reset leaves the whole state untouched.
-        self.check_reset()
-        for child in self:
-            if child is not None:
-                child.reset(mask)
-
-
-def reset_state(state: Any, mask: Tensor) -> None:
+def reset_state(state: StreamingState, mask: Tensor) -> None:
     """Put the rows of `state` selected by `mask` [B] back to a fresh stream."""
     state.reset(mask)
 
 
-def is_streaming(module: nn.Module) -> bool:
-    return hasattr(module, "init_state") and hasattr(module, "step")
-
-
 def run(module: nn.Module, x: Tensor, state: Any) -> Tensor:
-    """Apply a child offline (state None) or streaming, so composite modules keep one code path."""
+    """Apply a child offline (state None) or streaming, so composite modules keep one code path.
+    (A child steps every row: the exec mask applies once, at the outermost `step`.)"""
     if state is None:
         return module(x)
-    return module.step(x, state)[0]
+    return module._step(x, state)[0]
 
 
-class StreamingSequential(nn.Sequential):
-    """nn.Sequential whose stateful children keep their state between steps."""
+class StreamingSequential(StreamingModule, nn.Sequential):
+    """nn.Sequential whose stateful children keep their state between steps (named by index)."""
 
     def init_state(self, batch_size: int, device: Any = None,
-                   dtype: torch.dtype = torch.float32) -> StateList:
-        return StateList(m.init_state(batch_size, device, dtype) if is_streaming(m) else None
-                         for m in self)
+                   dtype: torch.dtype = torch.float32) -> StateDict:
+        return StateDict((name, m.init_state(batch_size, device, dtype))
+                         for name, m in self._modules.items() if is_streaming(m))
 
-    def step(self, x: Tensor, state: StateList) -> tuple[Tensor, StateList]:
-        for module, child in zip(self, state):
-            x = module(x) if child is None else module.step(x, child)[0]
+    def _step(self, x: Tensor, state: StateDict) -> tuple[Tensor, StateDict]:
+        for name, module in self._modules.items():
+            child = state.get(name)
+            x = module(x) if child is None else module._step(x, child)[0]
         return x, state

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MichiConfig
-from .conv import ConvState, StateList, StreamingConv1d, StreamingSequential, run
+from .conv import ConvState, StreamingConv1d, StreamingSequential, run
+from .streaming import StateDict, StreamingModule, StreamingState, masked_step, rows_mask
 
 
 class ListenOutput(NamedTuple):
@@ -23,7 +24,7 @@ class ListenOutput(NamedTuple):
     features: Tensor  # [B, n, transformer_dim]
 
 
-class ResidualUnit(nn.Module):
+class ResidualUnit(StreamingModule, nn.Module):
     """SEANet residual unit: x + conv1x1(elu(conv_k(elu(x)))), squeezed to half width inside."""
 
     def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1):
@@ -32,36 +33,35 @@ class ResidualUnit(nn.Module):
         self.conv1 = StreamingConv1d(channels, hidden, kernel_size, dilation=dilation)
         self.conv2 = StreamingConv1d(hidden, channels, 1)
 
-    def _run(self, x: Tensor, state: StateList | None) -> Tensor:
-        h = run(self.conv1, F.elu(x), None if state is None else state[0])
-        return x + run(self.conv2, F.elu(h), None if state is None else state[1])
+    def _run(self, x: Tensor, state: StateDict | None) -> Tensor:
+        h = run(self.conv1, F.elu(x), None if state is None else state["conv1"])
+        return x + run(self.conv2, F.elu(h), None if state is None else state["conv2"])
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, None)
 
     def init_state(self, batch_size: int, device: Any = None,
-                   dtype: torch.dtype = torch.float32) -> StateList:
-        return StateList([self.conv1.init_state(batch_size, device, dtype),
-                          self.conv2.init_state(batch_size, device, dtype)])
+                   dtype: torch.dtype = torch.float32) -> StateDict:
+        return StateDict(conv1=self.conv1.init_state(batch_size, device, dtype),
+                         conv2=self.conv2.init_state(batch_size, device, dtype))
 
-    def step(self, x: Tensor, state: StateList) -> tuple[Tensor, StateList]:
+    def _step(self, x: Tensor, state: StateDict) -> tuple[Tensor, StateDict]:
         return self._run(x, state), state
 
 
 @dataclass
-class AttentionCache:
+class AttentionCache(StreamingState):
     """Keys and values of the last window - 1 frames of each row; `valid` marks real frames."""
 
     keys: Tensor  # [B, H, window - 1, head_dim]
     values: Tensor  # [B, H, window - 1, head_dim]
     valid: Tensor  # [B, window - 1] bool
 
-    def reset(self, mask: Tensor) -> None:
-        # Forgetting the frames is enough: invalid slots are masked out of attention.
-        self.valid = self.valid & ~mask.to(self.valid.device)[:, None]
+    # `reset` (the protocol's default) zeroes the rows' keys and values and marks them invalid:
+    # exactly a fresh stream's cache (invalid slots are masked out of attention anyway).
 
 
-class WindowedSelfAttention(nn.Module):
+class WindowedSelfAttention(StreamingModule, nn.Module):
     """Causal multi-head attention where each frame sees itself and the window - 1 before it."""
 
     def __init__(self, dim: int, heads: int, window: int):
@@ -98,7 +98,7 @@ class WindowedSelfAttention(nn.Module):
                               torch.zeros(shape, device=device, dtype=dtype),
                               torch.zeros(batch_size, self.window - 1, device=device, dtype=torch.bool))
 
-    def step(self, x: Tensor, state: AttentionCache) -> tuple[Tensor, AttentionCache]:
+    def _step(self, x: Tensor, state: AttentionCache) -> tuple[Tensor, AttentionCache]:
         b, m, _ = x.shape
         if m == 0:
             return x, state
@@ -117,7 +117,7 @@ class WindowedSelfAttention(nn.Module):
         return self._merge(y), state
 
 
-class TransformerLayer(nn.Module):
+class TransformerLayer(StreamingModule, nn.Module):
     """Pre-norm block; no positional encoding, since the causal convs already give position."""
 
     def __init__(self, dim: int, heads: int, window: int):
@@ -138,22 +138,19 @@ class TransformerLayer(nn.Module):
                    dtype: torch.dtype = torch.float32) -> AttentionCache:
         return self.attn.init_state(batch_size, device, dtype)
 
-    def step(self, x: Tensor, state: AttentionCache) -> tuple[Tensor, AttentionCache]:
+    def _step(self, x: Tensor, state: AttentionCache) -> tuple[Tensor, AttentionCache]:
         return self._run(x, state), state
 
 
 @dataclass
-class ListenState:
-    convs: StateList
-    transformer: StateList
+class ListenState(StreamingState):
+    """`reset` restarts the masked rows; rows share their sample phase, so only at frame boundaries."""
 
-    def reset(self, mask: Tensor) -> None:
-        """Restart the masked rows; rows share their sample phase, so only at frame boundaries."""
-        self.convs.reset(mask)
-        self.transformer.reset(mask)
+    convs: StateDict  # by the index of the conv stack's stateful layers
+    transformer: StateDict  # by layer index
 
 
-class ListenEncoder(nn.Module):
+class ListenEncoder(StreamingModule, nn.Module):
     """Raw audio [B, T] at 24 kHz -> latents [B, T // 1920, latent_dim] and text-head features."""
 
     def __init__(self, cfg: MichiConfig):
@@ -184,7 +181,7 @@ class ListenEncoder(nn.Module):
         h = run(self.convs, audio[:, None, :], None if state is None else state.convs)
         h = h.transpose(1, 2)  # [B, n, F]
         for index, layer in enumerate(self.transformer):
-            h = run(layer, h, None if state is None else state.transformer[index])
+            h = run(layer, h, None if state is None else state.transformer[str(index)])
         features = self.norm(h)
         return ListenOutput(self.to_latent(features), features)
 
@@ -194,15 +191,32 @@ class ListenEncoder(nn.Module):
     def init_state(self, batch_size: int, device: Any = None,
                    dtype: torch.dtype = torch.float32) -> ListenState:
         return ListenState(self.convs.init_state(batch_size, device, dtype),
-                           StateList(layer.init_state(batch_size, device, dtype)
-                                     for layer in self.transformer))
+                           StateDict((str(i), layer.init_state(batch_size, device, dtype))
+                                     for i, layer in enumerate(self.transformer)))
 
-    def step(self, audio: Tensor, state: ListenState) -> tuple[ListenOutput, ListenState]:
+    def _step(self, audio: Tensor, state: ListenState) -> tuple[ListenOutput, ListenState]:
         """Take a chunk [B, t] of any length t >= 0; return the frames it completed (maybe none)."""
         return self._run(audio, state), state
 
 
-class ListenTextHead(nn.Module):
+@dataclass
+class TextHeadState(StreamingState):
+    """The head's conv buffer and its greedy CTC decoder's last slot (blank for a fresh stream)."""
+
+    conv: ConvState
+    last_token: Tensor  # [B] long: the arg-max of the last slot, blank included
+    blank: int
+
+    def reset_own(self, mask: Tensor) -> None:
+        self.last_token = self.last_token.masked_fill(rows_mask(mask, self.last_token), self.blank)
+
+
+def emitted(tokens: Tensor) -> list[int]:
+    """The tokens one row emitted (`ListenTextHead.read` output for that row, any shape), in order."""
+    return [int(t) for t in tokens.flatten() if t >= 0]
+
+
+class ListenTextHead(StreamingModule, nn.Module):
     """Streaming CTC head: features [B, n, F] -> logits [B, n, slots, vocab + 1], blank last.
 
     Several slots per frame because 12.5 frames/s is fewer than a byte tokenizer's tokens/s; the
@@ -237,11 +251,32 @@ class ListenTextHead(nn.Module):
         return self._run(features, None)
 
     def init_state(self, batch_size: int, device: Any = None,
-                   dtype: torch.dtype = torch.float32) -> ConvState:
-        return self.conv.init_state(batch_size, device, dtype)
+                   dtype: torch.dtype = torch.float32) -> TextHeadState:
+        return TextHeadState(self.conv.init_state(batch_size, device, dtype),
+                             self.initial_last_token(batch_size, device), self.blank)
 
-    def step(self, features: Tensor, state: ConvState) -> tuple[Tensor, ConvState]:
-        return self._run(features, state), state
+    def _advance(self, features: Tensor, state: TextHeadState) -> tuple[Tensor, Tensor]:
+        """Logits [B, n, slots, vocab + 1] and greedy tokens [B, n, slots] of the next n frames."""
+        logits = self._run(features, state.conv)
+        b, n, slots, _ = logits.shape
+        if n == 0:
+            return logits, torch.full((b, 0, slots), -1, dtype=torch.long, device=logits.device)
+        # Greedy over the n * slots sequence equals frame-by-frame `greedy_step`.
+        tokens, state.last_token = self.greedy_step(logits.reshape(b, n * slots, -1), state.last_token)
+        return logits, tokens.view(b, n, slots)
+
+    def _step(self, features: Tensor, state: TextHeadState) -> tuple[Tensor, TextHeadState]:
+        """Features [B, n, F] -> logits [B, n, slots, vocab + 1]; advances the greedy decoder too."""
+        return self._advance(features, state)[0], state
+
+    def _read(self, features: Tensor, state: TextHeadState) -> tuple[Tensor, TextHeadState]:
+        return self._advance(features, state)[1], state
+
+    def read(self, features: Tensor, state: TextHeadState,
+             exec_mask: Tensor | None = None) -> tuple[Tensor, TextHeadState]:
+        """What the listen stage hears: features [B, n, F] -> greedy CTC tokens [B, n, slots]
+        (-1 where nothing is emitted; `emitted` lists a row's), the decoder state in `state`."""
+        return masked_step(self._read, features, state, exec_mask)
 
     def ctc_loss(self, logits: Tensor, targets: Tensor, target_lengths: Tensor,
                  frame_lengths: Tensor | None = None) -> Tensor:

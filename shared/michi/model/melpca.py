@@ -26,8 +26,8 @@ analysis window. The gain that keeps the expected power is sqrt(n_fft * hop) / s
 2.07x (6.3 dB) above the window-sum normalisation; with it the re-analysed log-mel of the
 resynthesis has the original's level (tests/model/test_melpca.py checks it).
 
-Every stateful piece follows the pattern of `michi.model.conv`: `init_state(batch, device, dtype)`,
-`step(x, state) -> (y, state)`, `forward(x)` equal to one step from a fresh state, `state.reset(mask)`
+Every stateful piece follows the streaming protocol (`michi.model.streaming`):
+`init_state(batch, device, dtype)`, `step(x, state, exec_mask) -> (y, state)`, `forward(x)` equal to one step from a fresh state, `state.reset(mask)`
 for rows that restart at a tick boundary, and states whose tensors flatten with
 `michi.model.state.state_tensors`.
 """
@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..audio.mel import mel_filterbank
-from .conv import ConvState, _rows
+from .conv import ConvState
+from .streaming import StreamingModule, StreamingState
 from .listen import ListenOutput
 
 SAMPLE_RATE = 24_000
@@ -205,7 +206,7 @@ def fit_basis(audio_iterable: Iterable[Tensor | np.ndarray], k: int = DEFAULT_K)
 
 
 # ---- streaming encoder ------------------------------------------------------------------------
-class MelPCAEncoder(nn.Module):
+class MelPCAEncoder(StreamingModule, nn.Module):
     """Audio [B, T] at 24 kHz -> ListenOutput(latents [B, T // 1920, K] raw (not whitened),
     features [B, T // 1920, 640] the stacked log-mel beneath them). Streaming: `step` takes a chunk
     of any length and returns the ticks it completed; chunked output equals `forward`."""
@@ -238,7 +239,7 @@ class MelPCAEncoder(nn.Module):
         # Samples not yet consumed, [B, 1, L]; a fresh stream holds the 720 zeros of the left pad.
         return ConvState(torch.zeros(batch_size, 1, PAD, device=device, dtype=dtype), PAD)
 
-    def step(self, audio: Tensor, state: ConvState) -> tuple[ListenOutput, ConvState]:
+    def _step(self, audio: Tensor, state: ConvState) -> tuple[ListenOutput, ConvState]:
         """A chunk [B, t] (any t >= 0) -> the ticks it completed (maybe none)."""
         buffer = torch.cat([state.buffer[:, 0], audio.to(state.buffer.dtype)], dim=-1)
         n = (buffer.shape[-1] - PAD) // TICK
@@ -273,7 +274,7 @@ def random_phases(frames: Tensor, seed: int = 0) -> Tensor:
 
 
 @dataclass
-class MelPCADecoderState:
+class MelPCADecoderState(StreamingState):
     """What the next latent needs: the overlap-add tail and each row's frame counter."""
 
     tail: Tensor  # [B, 720]: partial sums of the samples after the last emitted one
@@ -281,14 +282,11 @@ class MelPCADecoderState:
     # float32 (exact below 2^24), not int64: the graph executions carry it like every other stream
     # state, in the types the Triton configs and client take (FP32, FP16, BOOL).
     frame: Tensor
-
-    def reset(self, mask: Tensor) -> None:
-        """Restart the masked rows as fresh streams (any tick boundary is a valid restart)."""
-        self.tail = self.tail.masked_fill(_rows(mask, self.tail), 0.0)
-        self.frame = self.frame.masked_fill(_rows(mask, self.frame), 0.0)
+    # `reset` (the protocol's default) zeroes both in the masked rows: any tick boundary is a valid
+    # restart.
 
 
-class MelPCADecoder(nn.Module):
+class MelPCADecoder(StreamingModule, nn.Module):
     """Raw latents [B, n, K] -> audio [B, n * 1920] at 24 kHz, delayed by DECODER_DELAY (720)
     samples. No trainable parameters: the basis is a frozen buffer. Streaming: `step` takes any
     number of latents; chunked output equals `forward` (frame f of a stream gets the phases
@@ -341,14 +339,14 @@ class MelPCADecoder(nn.Module):
         return torch.polar(magnitude * self.noise_gain, self.noise_phases(state, magnitude.shape[1]))
 
     def forward(self, latents: Tensor) -> Tensor:
-        return self.step(latents, self.init_state(latents.shape[0], latents.device, latents.dtype))[0]
+        return self._step(latents, self.init_state(latents.shape[0], latents.device, latents.dtype))[0]
 
     def init_state(self, batch_size: int, device: Any = None,
                    dtype: torch.dtype = torch.float32) -> MelPCADecoderState:
         return MelPCADecoderState(torch.zeros(batch_size, PAD, device=device, dtype=torch.float32),
                                   torch.zeros(batch_size, 1, device=device, dtype=torch.float32))
 
-    def step(self, latents: Tensor, state: MelPCADecoderState) -> tuple[Tensor, MelPCADecoderState]:
+    def _step(self, latents: Tensor, state: MelPCADecoderState) -> tuple[Tensor, MelPCADecoderState]:
         """Latents [B, n, K] (n >= 0) -> their n * 1920 samples [B, n * 1920]."""
         b, n = latents.shape[0], latents.shape[1]
         if n == 0:

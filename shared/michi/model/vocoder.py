@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MichiConfig
-from .conv import StateList, StreamingConv1d, StreamingConvTranspose1d, run
+from .conv import StreamingConv1d, StreamingConvTranspose1d, run
+from .streaming import StateDict, StreamingModule
 
 LRELU_SLOPE = 0.1
 
 
-class ResBlock(nn.Module):
+class ResBlock(StreamingModule, nn.Module):
     """HiFi-GAN residual block with causal convs.
 
     Type 1 (V1/V2), per dilation: x += conv(lrelu(dilated_conv(lrelu(x)))).
@@ -44,10 +45,10 @@ class ResBlock(nn.Module):
                 self.convs.append(StreamingConv1d(channels, channels, kernel_size))
         self.per_dilation = 2 if resblock_type == 1 else 1  # convs per residual connection
 
-    def _run(self, x: Tensor, state: StateList | None) -> Tensor:
+    def _run(self, x: Tensor, state: StateDict | None) -> Tensor:
         h = x
         for j, conv in enumerate(self.convs):
-            h = run(conv, F.leaky_relu(h, LRELU_SLOPE), None if state is None else state[j])
+            h = run(conv, F.leaky_relu(h, LRELU_SLOPE), None if state is None else state[f"convs.{j}"])
             if (j + 1) % self.per_dilation == 0:
                 x = h = x + h
         return x
@@ -56,10 +57,11 @@ class ResBlock(nn.Module):
         return self._run(x, None)
 
     def init_state(self, batch_size: int, device: Any = None,
-                   dtype: torch.dtype = torch.float32) -> StateList:
-        return StateList(conv.init_state(batch_size, device, dtype) for conv in self.convs)
+                   dtype: torch.dtype = torch.float32) -> StateDict:
+        return StateDict((f"convs.{j}", conv.init_state(batch_size, device, dtype))
+                         for j, conv in enumerate(self.convs))
 
-    def step(self, x: Tensor, state: StateList) -> tuple[Tensor, StateList]:
+    def _step(self, x: Tensor, state: StateDict) -> tuple[Tensor, StateDict]:
         return self._run(x, state), state
 
 
@@ -107,7 +109,7 @@ def spectra(x: Tensor, bins: int) -> Tensor:
     return torch.cat([magnitude * torch.cos(phase), magnitude * torch.sin(phase)], dim=1)
 
 
-class Vocoder(nn.Module):
+class Vocoder(StreamingModule, nn.Module):
     def __init__(self, cfg: MichiConfig):
         super().__init__()
         vc = cfg.vocoder
@@ -144,42 +146,41 @@ class Vocoder(nn.Module):
             self.istft = None
         self.frame_samples = cfg.frame_samples
 
-    def _run(self, latents: Tensor, state: StateList | None) -> Tensor:
-        def child(i: int) -> Any:
-            return None if state is None else state[i]
+    def _run(self, latents: Tensor, state: StateDict | None) -> Tensor:
+        def child(name: str) -> Any:
+            return None if state is None else state[name]
 
-        x = run(self.conv_pre, latents.transpose(1, 2), child(0))
-        index = 1
-        for up, blocks in zip(self.ups, self.resblocks):
-            x = run(up, F.leaky_relu(x, LRELU_SLOPE), child(index))
-            index += 1
+        x = run(self.conv_pre, latents.transpose(1, 2), child("conv_pre"))
+        for i, (up, blocks) in enumerate(zip(self.ups, self.resblocks)):
+            x = run(up, F.leaky_relu(x, LRELU_SLOPE), child(f"ups.{i}"))
             total = None
-            for block in blocks:
-                y = run(block, x, child(index))
-                index += 1
+            for j, block in enumerate(blocks):
+                y = run(block, x, child(f"resblocks.{i}.{j}"))
                 total = y if total is None else total + y
             x = total / len(blocks)
         # HiFi-GAN's last activation uses the default slope (0.01), not LRELU_SLOPE.
-        x = run(self.conv_post, F.leaky_relu(x), child(index))
+        x = run(self.conv_post, F.leaky_relu(x), child("conv_post"))
         if self.istft is None:
             return torch.tanh(x)[:, 0]
-        return run(self.istft, spectra(x, self.bins), child(index + 1))[:, 0]
+        return run(self.istft, spectra(x, self.bins), child("istft"))[:, 0]
 
     def forward(self, latents: Tensor) -> Tensor:
         return self._run(latents, None)
 
     def init_state(self, batch_size: int, device: Any = None,
-                   dtype: torch.dtype = torch.float32) -> StateList:
-        """All convs here have stride 1 on their input, so a row can be reset after any step."""
-        states = StateList([self.conv_pre.init_state(batch_size, device, dtype)])
-        for up, blocks in zip(self.ups, self.resblocks):
-            states.append(up.init_state(batch_size, device, dtype))
-            states.extend(block.init_state(batch_size, device, dtype) for block in blocks)
-        states.append(self.conv_post.init_state(batch_size, device, dtype))
+                   dtype: torch.dtype = torch.float32) -> StateDict:
+        """Child states by module name, in data-flow order (the graphs' state_in_<i> order).
+        All convs here have stride 1 on their input, so a row can be reset after any step."""
+        states = StateDict(conv_pre=self.conv_pre.init_state(batch_size, device, dtype))
+        for i, (up, blocks) in enumerate(zip(self.ups, self.resblocks)):
+            states[f"ups.{i}"] = up.init_state(batch_size, device, dtype)
+            for j, block in enumerate(blocks):
+                states[f"resblocks.{i}.{j}"] = block.init_state(batch_size, device, dtype)
+        states["conv_post"] = self.conv_post.init_state(batch_size, device, dtype)
         if self.istft is not None:
-            states.append(self.istft.init_state(batch_size, device, dtype))
+            states["istft"] = self.istft.init_state(batch_size, device, dtype)
         return states
 
-    def step(self, latents: Tensor, state: StateList) -> tuple[Tensor, StateList]:
+    def _step(self, latents: Tensor, state: StateDict) -> tuple[Tensor, StateDict]:
         """Latent frames [B, m, latent_dim] (any m >= 0) -> their audio [B, m * 1920]."""
         return self._run(latents, state), state

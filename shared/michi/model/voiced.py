@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .conv import ConvState, StreamingConv1d, _rows
+from .conv import StreamingConv1d
+from .streaming import StateDict, StreamingModule
 from .melpca import (BINS, HOP, N_FFT, N_MELS, PAD, SAMPLE_RATE, TICK, WINDOW, MelPCADecoder,
                      MelPCADecoderState)
 
@@ -52,7 +53,7 @@ class VoicingOutput:
     voiced_logit: Tensor  # [B, F]
 
 
-class VoicingNet(nn.Module):
+class VoicingNet(StreamingModule, nn.Module):
     """Log-mel frames [B, F, 80] -> per frame f0 and a voicing logit. Causal (receptive field 15
     frames), streaming like `michi.model.conv`."""
 
@@ -78,13 +79,14 @@ class VoicingNet(nn.Module):
             h = F.gelu(conv(h))
         return self._head(h)
 
-    def init_state(self, batch_size: int, device: Any = None, dtype: torch.dtype = torch.float32) -> list[ConvState]:
-        return [conv.init_state(batch_size, device, torch.float32) for conv in self.convs]
+    def init_state(self, batch_size: int, device: Any = None, dtype: torch.dtype = torch.float32) -> StateDict:
+        return StateDict((f"convs.{i}", conv.init_state(batch_size, device, torch.float32))
+                         for i, conv in enumerate(self.convs))
 
-    def step(self, log_mel: Tensor, state: list[ConvState]) -> tuple[VoicingOutput, list[ConvState]]:
+    def _step(self, log_mel: Tensor, state: StateDict) -> tuple[VoicingOutput, StateDict]:
         h = self._input(log_mel)
         for i, conv in enumerate(self.convs):
-            h, state[i] = conv.step(h, state[i])
+            h, state[f"convs.{i}"] = conv._step(h, state[f"convs.{i}"])
             h = F.gelu(h)
         return self._head(h), state
 
@@ -93,14 +95,8 @@ class VoicingNet(nn.Module):
 class VoicedDecoderState(MelPCADecoderState):
     phase: Tensor  # [B, 1] the excitation's phase accumulator, radians in [0, 2 pi)
     excitation: Tensor  # [B, 720] the excitation's last samples (the start of the next frames)
-    voicing: list[ConvState]  # the voicing net's conv buffers
-
-    def reset(self, mask: Tensor) -> None:
-        super().reset(mask)
-        self.phase = self.phase.masked_fill(_rows(mask, self.phase), 0.0)
-        self.excitation = self.excitation.masked_fill(_rows(mask, self.excitation), 0.0)
-        for conv in self.voicing:
-            conv.reset(mask)
+    voicing: StateDict  # the voicing net's conv buffers, by name
+    # `reset` (the protocol's default) zeroes every tensor above and recurses into `voicing`.
 
 
 class VoicedMelPCADecoder(MelPCADecoder):
@@ -123,7 +119,7 @@ class VoicedMelPCADecoder(MelPCADecoder):
 
     def forward(self, latents: Tensor) -> Tensor:
         state = self.init_state(latents.shape[0], latents.device, latents.dtype)
-        chunks = [self.step(latents[:, i:i + MAX_TICKS_PER_PASS], state)[0]
+        chunks = [self._step(latents[:, i:i + MAX_TICKS_PER_PASS], state)[0]
                   for i in range(0, latents.shape[1], MAX_TICKS_PER_PASS)]
         return torch.cat(chunks, dim=1) if chunks else latents.new_zeros(latents.shape[0], 0)
 
@@ -149,7 +145,7 @@ class VoicedMelPCADecoder(MelPCADecoder):
         magnitude = self.mel_magnitudes(log_mel)
         noise = torch.polar(torch.full_like(magnitude, self.noise_gain), self.noise_phases(state, magnitude.shape[1]))
         with torch.no_grad():  # nothing trains through the decoder: the voicing stage trains the net alone
-            voicing, state.voicing = self.voicing.step(log_mel, state.voicing)
+            voicing, state.voicing = self.voicing._step(log_mel, state.voicing)
         signal = torch.cat([state.excitation, self.excitation(voicing.f0, state)], dim=-1)
         state.excitation = signal[:, -PAD:]
         pulse = torch.fft.rfft(signal.unfold(-1, WINDOW, HOP) * self.window, n=N_FFT)  # [B, F, 513]

@@ -218,7 +218,7 @@ class SessionStore(abc.ABC):
     async def ping(self) -> bool:
         """Health check: True, or `StoreUnavailable`."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  optional: a store with nothing to release keeps it
         pass
 
 

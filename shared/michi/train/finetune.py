@@ -14,6 +14,7 @@ import torch
 
 from ..api import resolve_source
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import TICK_S
 from .batches import SequenceBank
 from .loop import StageBudget, run_stage, setup, stage_info
 from .recipe import encode_corpus, text_bank
@@ -56,7 +57,7 @@ def finetune(model: str | None, audio_dir: str | Path, out: str | Path, steps: i
     if not (out / "latents" / "manifest.json").is_file():
         encode_corpus(net.eval(), corpus, out / "latents", progress=progress)
     speech = SequenceBank(out / "latents", "train", pad_token=net.backbone.vocab.pad)
-    progress(f"[finetune] {len(speech.utterances)} utterances, {speech.ticks * 0.08 / 60:.1f} min of {speaker}")
+    progress(f"[finetune] {len(speech.utterances)} utterances, {speech.ticks * TICK_S / 60:.1f} min of {speaker}")
     before = speech_loss(net, speech)
     sc = SequenceConfig(batch_size=16, text_ratio=text_ratio)
     stage = SequenceStage("finetune", "joint", net, d, sc, OptimConfig(lr=lr, warmup_steps=min(50, steps // 5 + 1)),
@@ -69,7 +70,7 @@ def finetune(model: str | None, audio_dir: str | Path, out: str | Path, steps: i
         save_checkpoint(net, out / "model", info={
             "trained": True, "what": f"fine-tuned on speaker {speaker!r} from {audio_dir}",
             "base_model": str(base), "base_sha256": info.get("sha256"),
-            "finetune": stage_info(out / "finetune"), "speaker_minutes": round(speech.ticks * 0.08 / 60, 2),
+            "finetune": stage_info(out / "finetune"), "speaker_minutes": round(speech.ticks * TICK_S / 60, 2),
             "loss_before": before, "loss_after": after})
         progress(f"model written to {out / 'model'}")
     return out / "model"

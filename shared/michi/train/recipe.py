@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+from ..config import TICK_S
 from ..config import preset as preset_config
 from ..model.michi import MichiModel
 from ..model.tokenizer import StreamVocab, load_tokenizer
@@ -271,7 +272,7 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
         else:
             set_latent_stats(model, speech)
         log(f"[latents] {len(speech.utterances)} utterances, {speech.ticks} ticks "
-            f"({speech.ticks * 0.08 / 60:.1f} min) for the speak and joint stages")
+            f"({speech.ticks * TICK_S / 60:.1f} min) for the speak and joint stages")
     for stage, mode in (("speak", "speak"), ("joint", "joint")):
         if stage in rc.stages:
             budget = _budget(rc, stage)

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.signal import resample_poly
 
 from ..audio import pcm as pcm_codec
 from ..audio.io import resample
+from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ
 from ..eval.voicing import voicing
-from ..model.melpca import SAMPLE_RATE, TICK
 from ..model.michi import MichiModel
 from ..model.voiced import VoicedMelPCADecoder
 from .batches import AudioBank
@@ -47,8 +46,8 @@ PITCH_SHIFTS = ((3, 2), (4, 3), (5, 4), (4, 5), (3, 4), (2, 3))
 def telephone(pcm: np.ndarray) -> np.ndarray:
     """24 kHz audio through an 8 kHz G.711 mu-law channel (the gateway's own codec tables), back at
     24 kHz, same length."""
-    narrow = pcm_codec.decode(pcm_codec.encode(resample(pcm, SAMPLE_RATE, 8_000), "MULAW"), "MULAW")
-    return resample(narrow, 8_000, SAMPLE_RATE)[:len(pcm)].astype(np.float32)
+    narrow = pcm_codec.decode(pcm_codec.encode(resample(pcm, SAMPLE_RATE_HZ, 8_000), "MULAW"), "MULAW")
+    return resample(narrow, 8_000, SAMPLE_RATE_HZ)[:len(pcm)].astype(np.float32)
 
 
 class VoicingStage:
@@ -71,7 +70,7 @@ class VoicingStage:
         a few batches (set once; a resumed stage loads the saved ones)."""
         if bool((self.net.in_std != 1).any() or (self.net.in_mean != 0).any()):
             return
-        flat = torch.cat([self._inputs(self.bank.crops(self.vc.batch_size, self.vc.ticks * TICK, self.rng))
+        flat = torch.cat([self._inputs(self.bank.crops(self.vc.batch_size, self.vc.ticks * FRAME_SAMPLES, self.rng))
                           for _ in range(4)], dim=1).flatten(0, 1)
         self.net.in_mean.copy_(flat.mean(0))
         self.net.in_std.copy_(flat.std(0).clamp(min=1e-3))
@@ -92,14 +91,14 @@ class VoicingStage:
         return torch.from_numpy(out)
 
     def _crops(self) -> torch.Tensor:
-        """[B, ticks * 1920] crops, some pitch-shifted (read longer or shorter, then resampled)."""
-        samples = self.vc.ticks * TICK
+        """[B, ticks * FRAME_SAMPLES] crops, some pitch-shifted (read longer or shorter, then resampled)."""
+        samples = self.vc.ticks * FRAME_SAMPLES
         rows = []
         for _ in range(self.vc.batch_size):
             if float(torch.rand((), generator=self.rng)) < self.vc.pitch_shift:
                 up, down = PITCH_SHIFTS[int(torch.randint(len(PITCH_SHIFTS), (), generator=self.rng))]
                 crop = self.bank.crops(1, -(-samples * down // up), self.rng)[0].numpy()
-                rows.append(resample_poly(crop, up, down)[:samples].astype(np.float32))
+                rows.append(resample(crop, down, up, any_rate=True)[:samples])
             else:
                 rows.append(self.bank.crops(1, samples, self.rng)[0].numpy())
         return torch.from_numpy(np.stack(rows))

@@ -13,7 +13,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     michi = load(args.model, device="cpu")
     specs = write_repository(michi, args.out, backend=args.backend, max_batch_size=args.max_batch_size,
                              queue_delay_us=args.queue_delay_us, with_models=not args.config_only)
-    for stage, spec in specs.items():
+    for spec in specs.values():
         states = [t for t in spec.inputs if t.name.startswith("state_in_")]
         state_bytes = sum(t.dtype.itemsize * _numel(t.dims) for t in states)
         print(f"{spec.model}: {len(states)} state tensors, {state_bytes / 1024:.1f} KiB of state per call and frame")

@@ -75,7 +75,7 @@ class TritonServer:
             try:
                 if client.is_server_ready():
                     return
-            except Exception:  # not listening yet
+            except Exception:  # noqa: BLE001  not listening yet (tritonclient's own errors, or the socket's)
                 pass
             time.sleep(0.2)
         self.stop()
