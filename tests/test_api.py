@@ -81,6 +81,21 @@ def test_audio_continuation_returns_only_the_continuation(model):
     assert len(gen.audio) == 6 * FRAME
 
 
+def test_prompt_ticks_speak_the_prompt(model):
+    """Teacher forcing (TickInput.forced_latent, the engine's one path): each prompt tick's agent
+    audio is the vocoder's decoding of the prompt's own latents, whatever the model would sample."""
+    prompt = _speechlike(0.4, 24_000)
+    session = model.session(seed=0)
+    n = session.prompt_agent_audio(prompt, 24_000)
+    got = np.concatenate([session.step().agent_audio for _ in range(n)])
+    m = model.model
+    with torch.inference_mode():
+        latents = m.listen(torch.from_numpy(prompt[: n * FRAME])[None]).latents
+        latents = m.latent_norm.denormalize(m.latent_norm.normalize(latents))
+        want, _ = m.vocoder.step(latents, m.vocoder.init_state(1))
+    np.testing.assert_allclose(got, want[0].numpy(), atol=1e-4)
+
+
 def test_text_in_text_out(model):
     out = text_to_text(model, "The capital of France is", max_tokens=10, seed=0)
     assert isinstance(out, str) and len(out.encode("utf-8", "replace")) <= 10 * 3

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,7 @@ class Session:
             self.vocoder_state = m.vocoder.init_state(1, device=self.device)
         self.user_audio = np.zeros(0, dtype=np.float32)
         self.pending_text: list[int] = []
+        self.prompt: deque[torch.Tensor] = deque()  # raw agent latents to teacher-force, one per tick
         self.ticks = 0
 
     @property
@@ -219,7 +221,7 @@ class Session:
         pcm = pcm[: len(pcm) // self.frame * self.frame]
         with torch.inference_mode():
             latents = self.michi.model.listen(torch.from_numpy(pcm).to(self.device)[None]).latents[0]
-        self.engine.prompt_latents(self.KEY, latents)
+        self.prompt.extend(latents)  # each becomes a tick's TickInput.forced_latent
         return latents.shape[0]
 
     # ---- one tick -----------------------------------------------------------------------------
@@ -243,7 +245,8 @@ class Session:
         clock.lap("listen_text_head")
 
         users = emitted(user_tokens[0])
-        out = self.engine.tick({self.KEY: TickInput(user_latent[0, 0], users)}, lap=clock.lap)[self.KEY]
+        forced = self.prompt.popleft() if self.prompt else None
+        out = self.engine.tick({self.KEY: TickInput(user_latent[0, 0], users, forced)}, lap=clock.lap)[self.KEY]
         audio, self.vocoder_state = m.vocoder.step(out.agent_latent[None, None], self.vocoder_state)
         clock.lap("vocoder")
         if self.profile:

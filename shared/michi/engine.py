@@ -60,7 +60,6 @@ class _Row:
     max_pad_ticks: int
     forced_text: deque = field(default_factory=deque)
     held_words: deque = field(default_factory=deque)  # forced words (token lists) not yet due
-    prompt_latents: deque = field(default_factory=deque)  # normalised
     pad_run: int = 0
     phonemes: PhonemeQueue | None = None  # models with a phoneme stream
 
@@ -182,11 +181,6 @@ class BackboneEngine:
         q = self.rows[self.index[key]].phonemes
         return q.forced if q is not None else 0
 
-    def prompt_latents(self, key: str, latents: torch.Tensor) -> None:
-        """Teacher-force the agent's audio for the next ticks (raw latents [n, D])."""
-        norm = self.model.latent_norm.normalize(latents.to(self.device))
-        self.rows[self.index[key]].prompt_latents.extend(norm)
-
     # ---- text -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def insert_text(self, key: str, tokens: Sequence[int]) -> torch.Tensor | None:
@@ -268,11 +262,9 @@ class BackboneEngine:
         temps = [r.audio_temperature for r in rows]
         noise = noise * (temps[0] if len(set(temps)) == 1 else torch.tensor(temps)[:, None])
         latents = m.speak_head.sample(hidden, noise=noise.to(self.device), **self.flow)
-        for i, (r, x) in enumerate(zip(rows, xs)):  # teacher-forced audio, where a call has some
+        for i, x in enumerate(xs):  # teacher-forced audio (the one path: TickInput.forced_latent)
             if x.forced_latent is not None:
                 latents[i] = m.latent_norm.normalize(x.forced_latent.to(self.device))
-            elif r.prompt_latents:
-                latents[i] = r.prompt_latents.popleft()
         self.agent_tokens[index] = torch.tensor(tokens, dtype=torch.long)
         self.agent_latents[device_index] = latents
         raw = m.latent_norm.denormalize(latents)
