@@ -38,6 +38,13 @@ def test_text_is_phonemized_in_its_sentence_as_piper_speaks_it():
     assert text_phonemes("") == ()
 
 
+def test_control_characters_are_not_spoken():
+    """A model may emit any byte (NUL included) and espeak refuses control characters: they are
+    dropped, so the words around them keep their phonemes and no tick fails."""
+    assert text_phonemes("hello\x00 wor\x01ld \x00") == text_phonemes("hello world") + ((),)
+    assert word_phonemes("\x00") == ()
+
+
 def test_word_matching_pairs_groups_either_way():
     a, b, c = (1, 2), (3,), (4, 5, 6)
     assert match_words([a, b, c], [a + b, c]) == [a + b, (), c]  # two text words, one spoken

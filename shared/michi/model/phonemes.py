@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections import deque
 import threading
+import unicodedata
 from functools import lru_cache
 
 NUM_PHONEME_IDS = 256  # the embedding table's size: piper's ids (< 166) with room to spare
@@ -57,9 +58,15 @@ def _tables():
 
 
 @lru_cache(maxsize=65536)
+def speakable(text: str) -> str:
+    """`text` without control characters (NUL and the like: a model may emit any byte, and espeak
+    refuses them)."""
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
+
+
 def word_phonemes(word: str) -> tuple[int, ...]:
     """Phoneme ids of one word (with its punctuation), spaces dropped; () for no sound."""
-    word = word.strip()
+    word = speakable(word).strip()
     if not word:
         return ()
     phonemizer, _ = _tables()
@@ -90,7 +97,7 @@ def text_phonemes(text: str) -> tuple[tuple[int, ...], ...]:
         return ()
     phonemizer, _ = _tables()
     with _LOCK:
-        sentences = phonemizer.phonemize(VOICE, " ".join(words))
+        sentences = phonemizer.phonemize(VOICE, " ".join(w for w in map(speakable, words) if w))
     spoken = [ids for w in " ".join("".join(s) for s in sentences).split() if (ids := _ids(w))]
     return tuple(match_words([word_phonemes(w) for w in words], spoken))
 
