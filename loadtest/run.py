@@ -219,6 +219,88 @@ def _action(kind: str, text: str):
     return pb.ConverseRequest(text=pb.TextInput(role=role, text=text))
 
 
+async def _text_timeline(plan: Plan, pending: list, marks: Marks, t0: float):
+    """Text only: the actions on their schedule, then wait out the call."""
+    for t_s, kind, text in pending:
+        await asyncio.sleep(max(0.0, t0 + t_s - time.perf_counter()))
+        marks.actions.append((time.perf_counter(), kind))
+        yield _action(kind, text)
+    await asyncio.sleep(max(0.0, t0 + plan.call_s - time.perf_counter()))
+
+
+async def _audio_timeline(plan: Plan, pending: list, marks: Marks, t0: float,
+                          user_turn_ended: asyncio.Event):
+    """The plan's audio in real-time chunks with its actions interleaved; records when each
+    speech segment's onset and end went out in `marks.segments`."""
+    from michi.audio.pcm import Encoding, encode
+    from michi.proto.gateway.v1 import gateway_pb2 as pb
+
+    rate, enc = plan.speech.rate, Encoding(plan.speech.encoding)
+    step = rate * CHUNK_MS // 1000
+    bounds = [(int(a * rate), int(b * rate)) for a, b in plan.segments]
+    sent_at = {}
+    for i in range(0, len(plan.pcm), step):
+        # A document goes in once the user's first turn has ended (the agent holds the
+        # floor again), not at a fixed time: a loaded mesh ends that turn late.
+        while pending and pending[0][0] <= i / rate and (
+                pending[0][1] != "text:CONTEXT" or user_turn_ended.is_set()):
+            _, kind, text = pending.pop(0)
+            marks.actions.append((time.perf_counter(), kind))
+            yield _action(kind, text)
+        now = time.perf_counter()
+        for a, b in bounds:  # the chunk holding a speech onset / end: when it went out
+            if i <= a < i + step:
+                sent_at[a] = now
+            if i <= b - 1 < i + step:
+                sent_at[b] = now + (b - i) / rate  # the end is spoken `b - i` samples into it
+        yield pb.ConverseRequest(audio=encode(plan.pcm[i:i + step], enc))
+        await asyncio.sleep(max(0.0, t0 + (i + step) / rate - time.perf_counter()))
+    for t_s, kind, text in pending:  # actions after the audio (a short call)
+        await asyncio.sleep(max(0.0, t0 + t_s - time.perf_counter()))
+        marks.actions.append((time.perf_counter(), kind))
+        yield _action(kind, text)
+    marks.segments = [(sent_at[a], sent_at[b]) for a, b in bounds if a in sent_at and b in sent_at]
+
+
+def _record_response(r, now: float, msgs: list, started: asyncio.Event,
+                     user_turn_ended: asyncio.Event) -> None:
+    """One ConverseResponse as a Msg; sets `started` / `user_turn_ended` when it says so."""
+    kind = r.WhichOneof("response")
+    if kind == "started":
+        started.set()
+    if kind == "audio":
+        msgs.append(Msg(now, "audio", r.audio.tick, r.audio.start_sample, len(r.audio.audio) // 2))
+    elif kind == "agent_text":
+        msgs.append(Msg(now, "agent_text", r.agent_text.tick))
+    elif kind == "event":
+        e = r.event
+        which = e.WhichOneof("event")
+        if which == "barge_in":
+            msgs.append(Msg(now, "barge_in", e.tick, played=e.barge_in.agent_samples_played,
+                            cut=e.barge_in.agent_samples_cut))
+        elif which in ("turn_start", "turn_end"):
+            msgs.append(Msg(now, which, e.tick, speaker=getattr(e, which).speaker))
+            if which == "turn_end" and e.turn_end.speaker == "user":
+                user_turn_ended.set()
+        elif which == "error":
+            msgs.append(Msg(now, "error", e.tick))
+    else:
+        msgs.append(Msg(now, kind or "", -1))
+
+
+def _record_rpc_error(record: CallRecord, e: grpc.aio.AioRpcError) -> None:
+    """The call's failure status on `record`, with an admission refusal's retry hint."""
+    from michi.serving.admission import RETRY_AFTER_KEY
+
+    record.error, record.status = f"{e.code().name}: {e.details()}", e.code().name
+    retry = dict(e.trailing_metadata() or ()).get(RETRY_AFTER_KEY)  # an admission refusal's hint
+    if retry is not None:
+        try:
+            record.retry_after_ms = int(float(retry))
+        except ValueError:
+            record.error += f" (unreadable {RETRY_AFTER_KEY}: {retry!r})"
+
+
 async def run_call(address: str, plan: Plan, level: int, seed: int = 0, delay_s: float = 0.0,
                    tail_s: float = 1.5, token: str | None = None, wait_started: bool = False) -> CallRecord:
     """One call on its own channel. `wait_started`: send only the config until the gateway's
@@ -226,10 +308,7 @@ async def run_call(address: str, plan: Plan, level: int, seed: int = 0, delay_s:
     while the server ends the stream (a refusal) can see INTERNAL "Internal error from Core"
     instead of the server's status (grpc/grpc#36066); a refused call then writes nothing after
     its config."""
-    from michi.audio.pcm import Encoding, encode
-    from michi.proto.gateway.v1 import gateway_pb2 as pb
     from michi.proto.gateway.v1 import gateway_pb2_grpc
-    from michi.serving.admission import RETRY_AFTER_KEY
     from michi.serving.server import CHANNEL_OPTIONS
 
     await asyncio.sleep(delay_s)
@@ -246,38 +325,12 @@ async def run_call(address: str, plan: Plan, level: int, seed: int = 0, delay_s:
                 return
         t0 = time.perf_counter()
         pending = list(actions)
-        if plan.pcm is None:  # text only: the actions on their schedule
-            for t_s, kind, text in pending:
-                await asyncio.sleep(max(0.0, t0 + t_s - time.perf_counter()))
-                marks.actions.append((time.perf_counter(), kind))
-                yield _action(kind, text)
-            await asyncio.sleep(max(0.0, t0 + plan.call_s - time.perf_counter()))
+        if plan.pcm is None:
+            timeline = _text_timeline(plan, pending, marks, t0)
         else:
-            rate, enc = plan.speech.rate, Encoding(plan.speech.encoding)
-            step = rate * CHUNK_MS // 1000
-            bounds = [(int(a * rate), int(b * rate)) for a, b in plan.segments]
-            sent_at = {}
-            for i in range(0, len(plan.pcm), step):
-                # A document goes in once the user's first turn has ended (the agent holds the
-                # floor again), not at a fixed time: a loaded mesh ends that turn late.
-                while pending and pending[0][0] <= i / rate and (
-                        pending[0][1] != "text:CONTEXT" or user_turn_ended.is_set()):
-                    _, kind, text = pending.pop(0)
-                    marks.actions.append((time.perf_counter(), kind))
-                    yield _action(kind, text)
-                now = time.perf_counter()
-                for a, b in bounds:  # the chunk holding a speech onset / end: when it went out
-                    if i <= a < i + step:
-                        sent_at[a] = now
-                    if i <= b - 1 < i + step:
-                        sent_at[b] = now + (b - i) / rate  # the end is spoken `b - i` samples into it
-                yield pb.ConverseRequest(audio=encode(plan.pcm[i:i + step], enc))
-                await asyncio.sleep(max(0.0, t0 + (i + step) / rate - time.perf_counter()))
-            for t_s, kind, text in pending:  # actions after the audio (a short call)
-                await asyncio.sleep(max(0.0, t0 + t_s - time.perf_counter()))
-                marks.actions.append((time.perf_counter(), kind))
-                yield _action(kind, text)
-            marks.segments = [(sent_at[a], sent_at[b]) for a, b in bounds if a in sent_at and b in sent_at]
+            timeline = _audio_timeline(plan, pending, marks, t0, user_turn_ended)
+        async for request in timeline:
+            yield request
         await asyncio.sleep(tail_s)  # the last replies
 
     metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -286,35 +339,9 @@ async def run_call(address: str, plan: Plan, level: int, seed: int = 0, delay_s:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             marks.opened = time.perf_counter()
             async for r in stub.Converse(requests(), metadata=metadata, timeout=plan.call_s + 120):
-                now, kind = time.perf_counter(), r.WhichOneof("response")
-                if kind == "started":
-                    started.set()
-                if kind == "audio":
-                    msgs.append(Msg(now, "audio", r.audio.tick, r.audio.start_sample, len(r.audio.audio) // 2))
-                elif kind == "agent_text":
-                    msgs.append(Msg(now, "agent_text", r.agent_text.tick))
-                elif kind == "event":
-                    e = r.event
-                    which = e.WhichOneof("event")
-                    if which == "barge_in":
-                        msgs.append(Msg(now, "barge_in", e.tick, played=e.barge_in.agent_samples_played,
-                                        cut=e.barge_in.agent_samples_cut))
-                    elif which in ("turn_start", "turn_end"):
-                        msgs.append(Msg(now, which, e.tick, speaker=getattr(e, which).speaker))
-                        if which == "turn_end" and e.turn_end.speaker == "user":
-                            user_turn_ended.set()
-                    elif which == "error":
-                        msgs.append(Msg(now, "error", e.tick))
-                else:
-                    msgs.append(Msg(now, kind or "", -1))
+                _record_response(r, time.perf_counter(), msgs, started, user_turn_ended)
     except grpc.aio.AioRpcError as e:
-        record.error, record.status = f"{e.code().name}: {e.details()}", e.code().name
-        retry = dict(e.trailing_metadata() or ()).get(RETRY_AFTER_KEY)  # an admission refusal's hint
-        if retry is not None:
-            try:
-                record.retry_after_ms = int(float(retry))
-            except ValueError:
-                record.error += f" (unreadable {RETRY_AFTER_KEY}: {retry!r})"
+        _record_rpc_error(record, e)
     finally:
         over = True
         started.set()  # a request stream still waiting for SessionStarted ends

@@ -57,16 +57,39 @@ def align_known_words(texts: list[str], spans: list[tuple[float, float]], speech
       silence margins), used as anchors for interpolation;
     whisper_words: Whisper's (word, start_s, end_s) over the whole transcribed audio.
     """
-    # Known tokens of all clips, in order, each pointing back at its clip and word.
+    clip_words = [t.split() for t in texts]
+    ref, ref_owner = _known_tokens(clip_words)
+    hyp, hyp_t = _whisper_tokens(whisper_words)
+    tok_t, exact = _match_tokens(ref, ref_owner, hyp, hyp_t, spans)
+
+    out: list[ClipWords] = []
+    pos = 0
+    for c, words in enumerate(clip_words):
+        n_tok = sum(len(tokens(w)) for w in words)
+        idx = range(pos, pos + n_tok)
+        pos += n_tok
+        wt = _clip_word_times(words, idx, tok_t, ref_owner, spans[c], speech[c])
+        c0, c1 = spans[c]
+        matched = sum(exact[i] for i in idx) / max(1, n_tok)
+        asr = " ".join(w for w, s, e in whisper_words if c0 <= (s + e) / 2 < c1)
+        out.append(ClipWords([(w, round(s, 3), round(e, 3)) for w, (s, e) in zip(words, wt)], matched, asr))
+    return out
+
+
+def _known_tokens(clip_words: list[list[str]]) -> tuple[list[str], list[tuple[int, int]]]:
+    """Known tokens of all clips, in order, each pointing back at its (clip, word)."""
     ref: list[str] = []
     ref_owner: list[tuple[int, int]] = []
-    clip_words = [t.split() for t in texts]
     for c, words in enumerate(clip_words):
         for w_i, w in enumerate(words):
             for tok in tokens(w):
                 ref.append(tok)
                 ref_owner.append((c, w_i))
-    # Whisper tokens with times (a multi-token word shares its span by character count).
+    return ref, ref_owner
+
+
+def _whisper_tokens(whisper_words: list[Word]) -> tuple[list[str], list[tuple[float, float]]]:
+    """Whisper tokens with times (a multi-token word shares its span by character count)."""
     hyp: list[str] = []
     hyp_t: list[tuple[float, float]] = []
     for w, s, e in whisper_words:
@@ -77,8 +100,13 @@ def align_known_words(texts: list[str], spans: list[tuple[float, float]], speech
             hyp.append(tok)
             hyp_t.append((s + (e - s) * acc / total, s + (e - s) * (acc + n) / total))
             acc += n
+    return hyp, hyp_t
 
-    # Times per known token: exact matches first, substitutions spread over their span.
+
+def _match_tokens(ref: list[str], ref_owner: list[tuple[int, int]], hyp: list[str],
+                  hyp_t: list[tuple[float, float]], spans: list[tuple[float, float]],
+                  ) -> tuple[list[tuple[float, float] | None], list[bool]]:
+    """Times per known token: exact matches first, substitutions spread over their span."""
     tok_t: list[tuple[float, float] | None] = [None] * len(ref)
     exact = [False] * len(ref)
     sm = difflib.SequenceMatcher(None, ref, hyp, autojunk=False)
@@ -93,34 +121,30 @@ def align_known_words(texts: list[str], spans: list[tuple[float, float]], speech
             # Only within one clip: a stretch across a clip boundary would bridge the gap.
             if len(clips) == 1 and _inside(s, e, spans[ref_owner[i1][0]]):
                 _spread(tok_t, range(i1, i2), ref, s, e)
+    return tok_t, exact
 
-    out: list[ClipWords] = []
-    pos = 0
-    for c, words in enumerate(clip_words):
-        c0, c1 = spans[c]
-        lo, hi = speech[c]
-        n_tok = sum(len(tokens(w)) for w in words)
-        idx = range(pos, pos + n_tok)
-        pos += n_tok
-        # Token times relative to the clip; out-of-clip times are dropped (re-interpolated).
-        rel: list[tuple[float, float] | None] = []
-        for i in idx:
-            t = tok_t[i]
-            if t is not None and c0 - 0.05 <= t[0] and t[1] <= c1 + 0.05:
-                rel.append((min(max(t[0] - c0, lo), hi), min(max(t[1] - c0, lo), hi)))
-            else:
-                rel.append(None)
-        # Word times = union of its tokens; words without tokens ("&") are interpolated too.
-        owners = [ref_owner[i][1] for i in idx]
-        wt: list[tuple[float, float] | None] = []
-        for w_i in range(len(words)):
-            ts = [rel[k] for k, o in enumerate(owners) if o == w_i and rel[k] is not None]
-            wt.append((min(t[0] for t in ts), max(t[1] for t in ts)) if ts else None)
-        wt = _interpolate(words, wt, lo, hi)
-        matched = sum(exact[i] for i in idx) / max(1, n_tok)
-        asr = " ".join(w for w, s, e in whisper_words if c0 <= (s + e) / 2 < c1)
-        out.append(ClipWords([(w, round(s, 3), round(e, 3)) for w, (s, e) in zip(words, wt)], matched, asr))
-    return out
+
+def _clip_word_times(words: list[str], idx: range, tok_t: list[tuple[float, float] | None],
+                     ref_owner: list[tuple[int, int]], span: tuple[float, float],
+                     speech: tuple[float, float]) -> list[tuple[float, float]]:
+    """One clip's word times relative to the clip, every word given one (interpolated if need be)."""
+    c0, c1 = span
+    lo, hi = speech
+    # Token times relative to the clip; out-of-clip times are dropped (re-interpolated).
+    rel: list[tuple[float, float] | None] = []
+    for i in idx:
+        t = tok_t[i]
+        if t is not None and c0 - 0.05 <= t[0] and t[1] <= c1 + 0.05:
+            rel.append((min(max(t[0] - c0, lo), hi), min(max(t[1] - c0, lo), hi)))
+        else:
+            rel.append(None)
+    # Word times = union of its tokens; words without tokens ("&") are interpolated too.
+    owners = [ref_owner[i][1] for i in idx]
+    wt: list[tuple[float, float] | None] = []
+    for w_i in range(len(words)):
+        ts = [rel[k] for k, o in enumerate(owners) if o == w_i and rel[k] is not None]
+        wt.append((min(t[0] for t in ts), max(t[1] for t in ts)) if ts else None)
+    return _interpolate(words, wt, lo, hi)
 
 
 def _inside(s: float, e: float, span: tuple[float, float]) -> bool:

@@ -73,36 +73,26 @@ def _limit(n: int | None) -> int | None:
     return None if n is None or n <= 0 else n
 
 
-def _run_speech(tasks: tuple[str, ...], args: argparse.Namespace, eval_sub: Any = None) -> int:
-    import torch
-
+def _load_speech_model(source: str, device: str, seed: Any) -> Any:
+    """michi.load the model, warning on stderr when its weights or basis are not trained/fitted."""
     import michi
 
-    from . import speech
-    from .report import describe_model, machine_info, make_figures, new_report, summary_lines, write_report
-
-    wall0 = time.perf_counter()
-    what = args.eval_what
-    out = Path(args.out or f"eval_{what}.json")
-    files = out.with_name(out.stem + "_files")
-    source = args.model or _default_model()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    limit = _limit(args.limit)
-    asterisk_limit = limit if args.asterisk_limit is None else args.asterisk_limit
-    progress = _Printer(args.quiet)
-
-    model = michi.load(source, device=device, seed=args.seed)
+    model = michi.load(source, device=device, seed=seed)
     if not model.trained:
         print(f"WARNING: {source}: untrained (random) weights; expect WER near 1", file=sys.stderr)
     if not model.basis_fitted:
         from ..api import BASIS_WARNING
 
         print(f"WARNING: {source}: {BASIS_WARNING}", file=sys.stderr)
-    options = {k: v for k, v in vars(args).items() if k not in ("func",) and not callable(v)}
-    report = new_report(f"michi eval {what}", describe_model(source, model), machine_info(device), options)
+    return model
 
-    # Held-out items: the corpus's held-out splits, or synthesized from held-out sentences.
-    t0 = time.perf_counter()
+
+def _speech_items(tasks: tuple[str, ...], args: argparse.Namespace, limit: int | None,
+                  report: dict[str, Any]) -> tuple[list, dict[str, list]]:
+    """Held-out items: the corpus's held-out splits, or synthesized from held-out sentences.
+    Returns (TTS sentences, voice sets) and records the source in report["items"]."""
+    from . import speech
+
     if args.corpus:
         sets = speech.load_segments(args.corpus, limit=limit)
         # TTS speaks distinct held-out sentences (every training voice reads each of them).
@@ -120,6 +110,71 @@ def _run_speech(tasks: tuple[str, ...], args: argparse.Namespace, eval_sub: Any 
             voice_sets = {"heldout_voice": speech.synthetic_items(sentences)}
         report["items"] = {"source": "michi.data.text heldout sentences", "sentences": len(sentences),
                            "heldout_voice": "synthesized with michi.data.voices.DEFAULT_HELDOUT_VOICE"}
+    return sentences, voice_sets
+
+
+def _run_speech_task(task: str, model: Any, args: argparse.Namespace, sentences: list,
+                     voice_sets: dict[str, list], asterisk: list, judge: Any, wav_dir: Path | None,
+                     progress: _Printer) -> dict[str, Any] | None:
+    """One of SPEECH_TASKS; its result, or None for an unknown task."""
+    from . import speech
+
+    if task == "tts":
+        return speech.eval_tts(model, sentences, judge, reference_voice=args.reference_voice,
+                               seed=args.seed, continue_ticks=args.continue_ticks,
+                               wav_dir=wav_dir, save_wavs=args.save_wavs, progress=progress)
+    if task == "codec":
+        codec_sets = dict(voice_sets)
+        if asterisk:
+            codec_sets["asterisk"] = asterisk
+        return speech.eval_codec(model, codec_sets, judge, wav_dir=wav_dir,
+                                 save_wavs=args.save_wavs, progress=progress)
+    if task == "listen":
+        listen_sets = {k: v for k, v in voice_sets.items() if k != "heldout_sentence"} or voice_sets
+        return speech.eval_listen(model, listen_sets, asterisk=asterisk or False, progress=progress)
+    return None
+
+
+def _finish_speech_report(report: dict[str, Any], args: argparse.Namespace, out: Path, files: Path,
+                          wall0: float) -> None:
+    """Figures (unless --no-figures), wall time, the final write and the printed summary."""
+    from .report import make_figures, summary_lines, write_report
+
+    results = report["results"]
+    if not args.no_figures:
+        try:
+            report["figures"] = make_figures(results, files)
+        except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the metrics
+            report["figures_error"] = f"{type(e).__name__}: {e}"
+    report["wall_s"] = time.perf_counter() - wall0
+    write_report(out, report)
+    for line in summary_lines(results):
+        print(line)
+    print(f"report: {out}" + (f" (+ {files}/)" if files.exists() else "") + f"; {report['wall_s']:.0f} s")
+
+
+def _run_speech(tasks: tuple[str, ...], args: argparse.Namespace, eval_sub: Any = None) -> int:
+    import torch
+
+    from . import speech
+    from .report import describe_model, machine_info, new_report, write_report
+
+    wall0 = time.perf_counter()
+    what = args.eval_what
+    out = Path(args.out or f"eval_{what}.json")
+    files = out.with_name(out.stem + "_files")
+    source = args.model or _default_model()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    limit = _limit(args.limit)
+    asterisk_limit = limit if args.asterisk_limit is None else args.asterisk_limit
+    progress = _Printer(args.quiet)
+
+    model = _load_speech_model(source, device, args.seed)
+    options = {k: v for k, v in vars(args).items() if k not in ("func",) and not callable(v)}
+    report = new_report(f"michi eval {what}", describe_model(source, model), machine_info(device), options)
+
+    t0 = time.perf_counter()
+    sentences, voice_sets = _speech_items(tasks, args, limit, report)
     asterisk = speech.asterisk_prompts(_limit(asterisk_limit)) if asterisk_limit != 0 else []
     report["timings_s"]["items"] = time.perf_counter() - t0
 
@@ -132,20 +187,9 @@ def _run_speech(tasks: tuple[str, ...], args: argparse.Namespace, eval_sub: Any 
     results = report["results"]
     for task in tasks:
         t0 = time.perf_counter()
-        if task == "tts":
-            results["tts"] = speech.eval_tts(model, sentences, judge, reference_voice=args.reference_voice,
-                                             seed=args.seed, continue_ticks=args.continue_ticks,
-                                             wav_dir=wav_dir, save_wavs=args.save_wavs, progress=progress)
-        elif task == "codec":
-            codec_sets = dict(voice_sets)
-            if asterisk:
-                codec_sets["asterisk"] = asterisk
-            results["codec"] = speech.eval_codec(model, codec_sets, judge, wav_dir=wav_dir,
-                                                 save_wavs=args.save_wavs, progress=progress)
-        elif task == "listen":
-            listen_sets = {k: v for k, v in voice_sets.items() if k != "heldout_sentence"} or voice_sets
-            results["listen"] = speech.eval_listen(model, listen_sets, asterisk=asterisk or False,
-                                                   progress=progress)
+        result = _run_speech_task(task, model, args, sentences, voice_sets, asterisk, judge, wav_dir, progress)
+        if result is not None:
+            results[task] = result
         report["timings_s"][task] = time.perf_counter() - t0
         write_report(out, report)  # a partial report survives a later failure
 
@@ -155,16 +199,7 @@ def _run_speech(tasks: tuple[str, ...], args: argparse.Namespace, eval_sub: Any 
             results[task] = _run_text_task(eval_sub, task, source, args)
             report["timings_s"][task] = time.perf_counter() - t0
 
-    if not args.no_figures:
-        try:
-            report["figures"] = make_figures(results, files)
-        except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the metrics
-            report["figures_error"] = f"{type(e).__name__}: {e}"
-    report["wall_s"] = time.perf_counter() - wall0
-    write_report(out, report)
-    for line in summary_lines(results):
-        print(line)
-    print(f"report: {out}" + (f" (+ {files}/)" if files.exists() else "") + f"; {report['wall_s']:.0f} s")
+    _finish_speech_report(report, args, out, files, wall0)
     return 0
 
 

@@ -51,7 +51,7 @@ def log(msg: str, t0: float) -> None:
     print(f"[melpca-probe {time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m michi.eval.melpca_probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--fit", type=int, default=150, help="piper-joe training sentences the basis is fit on")
     ap.add_argument("--limit", type=int, default=20, help="items per evaluation set")
@@ -59,30 +59,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="directory for report.json and spectrogram.png")
     ap.add_argument("--whisper-threads", type=int, default=2)
     ap.add_argument("--save-basis", action="store_true", help="also write basis.safetensors (largest K)")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    torch.set_num_threads(2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    return ap.parse_args(argv)
 
-    from ..data import voices
+
+def _fit_texts(n_fit: int, limit: int) -> tuple[list[str], list[str]]:
+    """(fit sentences, held-out sentences); raises if they overlap."""
     from ..data.synth import make_plan
     from . import speech
 
-    # ---- fit ----
-    t = time.perf_counter()
     plan = make_plan()
-    fit_texts = [it.text for it in plan if it.voice == "piper-joe" and it.split == "train"][:args.fit]
-    held_texts = speech.default_sentences(args.limit)
+    fit_texts = [it.text for it in plan if it.voice == "piper-joe" and it.split == "train"][:n_fit]
+    held_texts = speech.default_sentences(limit)
     overlap = set(fit_texts) & set(held_texts)
     if overlap:
         raise RuntimeError(f"fit and held-out sentences overlap: {sorted(overlap)[:3]}")
+    return fit_texts, held_texts
+
+
+def _synth_fit_clips(fit_texts: list[str], t0: float) -> list:
+    from ..data import voices
+
     fit_clips = []
     for i, text in enumerate(fit_texts):
         fit_clips.append(voices.synthesize("piper-joe", text, seed=1000 + i))
         if (i + 1) % 25 == 0 or i + 1 == len(fit_texts):
             log(f"fit corpus: {i + 1}/{len(fit_texts)} sentences synthesised by piper-joe", t0)
+    return fit_clips
+
+
+def _fit(args: argparse.Namespace, out: Path, fit_texts: list[str], timings: dict[str, float],
+         t: float, t0: float) -> tuple[Any, float, dict[int, MelPCACodec]]:
+    """Synthesise the fit corpus, fit the basis; (full basis, fit audio seconds, codec per K)."""
+    fit_clips = _synth_fit_clips(fit_texts, t0)
     timings["synth_fit"] = time.perf_counter() - t
     t = time.perf_counter()
     kmax = max(args.ks)
@@ -95,89 +103,118 @@ def main(argv: list[str] | None = None) -> int:
     codecs = {k: MelPCACodec.from_basis(full.truncate(k)).eval() for k in args.ks}
     if args.save_basis:
         full.truncate(kmax).save(out / "basis.safetensors")
+    return full, fit_audio_s, codecs
 
-    # ---- evaluation sets ----
-    t = time.perf_counter()
-    sets: dict[str, list] = {
+
+def _eval_sets(held_texts: list[str], limit: int) -> dict[str, list]:
+    from ..data import voices
+    from . import speech
+
+    return {
         "heldout_sentence_piper_joe": [speech.SpeechItem(id=f"piper-joe-{i:03d}", text=s,
                                                          pcm=voices.synthesize("piper-joe", s, seed=0),
                                                          split="heldout_sentence", speaker="joe")
                                        for i, s in enumerate(held_texts)],
         "heldout_voice_flite_awb": speech.synthetic_items(held_texts, voices.DEFAULT_HELDOUT_VOICE),
-        "asterisk": speech.asterisk_prompts(args.limit),
+        "asterisk": speech.asterisk_prompts(limit),
     }
-    timings["synth_eval"] = time.perf_counter() - t
-    log("evaluation sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), t0)
 
-    judge = speech.WhisperJudge(threads=args.whisper_threads)
+
+def _evaluate_item(item: Any, set_name: str, index: int, codecs: dict[int, MelPCACodec], judge: Any,
+                   examples: dict[str, dict[str, np.ndarray]], acc: dict[str, float]) -> dict[str, Any]:
+    """One item's row: the judge on the original and, per K, on the resynthesis, plus the L1s and
+    voicing; adds to acc's "codec", "judge" and "audio" seconds."""
+    pcm = item.audio(RATE).astype(np.float32)
+    acc["audio"] += len(pcm) / RATE
+    tj = time.perf_counter()
+    row: dict[str, Any] = {"id": item.id, "set": set_name, "ref": item.text,
+                           "duration_s": len(pcm) / RATE, "hyp_original": judge(pcm, RATE)}
+    acc["judge"] += time.perf_counter() - tj
+    x = torch.from_numpy(pcm)
+    mel100_o, mel80_o = log_mel_spectrogram(x), causal_log_mel(x)
+    ticks = tick_vectors(pcm, pad_end=True)
+    if index == 0:
+        examples[set_name] = {"original": pcm}
+    for k, codec in codecs.items():
+        tc = time.perf_counter()
+        with torch.no_grad():
+            resynth = codec.resynthesize(pcm).numpy()
+            projected = codec.basis.reconstruct(codec.basis.project(ticks))
+        acc["codec"] += time.perf_counter() - tc
+        tj = time.perf_counter()
+        hyp = judge(resynth, RATE)
+        acc["judge"] += time.perf_counter() - tj
+        res = torch.from_numpy(resynth)
+        row[f"k{k}"] = {
+            "hyp": hyp, "wer": word_errors(item.text, hyp).wer,
+            "mel_l1": _l1(log_mel_spectrogram(res), mel100_o, -1),
+            "mel80_l1": _l1(causal_log_mel(res), mel80_o, 0),
+            "projection_l1": (float((projected - ticks).abs().sum()), ticks.numel()),
+            "sq_error": float((projected - ticks).square().sum()),
+            "voicing": voicing_counts(pcm, resynth)}
+        if index == 0:
+            examples[set_name][f"K = {k}"] = resynth
+    row["wer_original"] = word_errors(item.text, row["hyp_original"]).wer
+    row["_ticks"] = ticks
+    return row
+
+
+def _evaluate(sets: dict[str, list], codecs: dict[int, MelPCACodec], judge: Any, t0: float
+              ) -> tuple[list[dict[str, Any]], dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    """(rows, example audio per set, {"codec", "judge", "audio"} seconds)."""
     rows: list[dict[str, Any]] = []
     examples: dict[str, dict[str, np.ndarray]] = {}
-    codec_s = judge_s = audio_s = 0.0
+    acc = {"codec": 0.0, "judge": 0.0, "audio": 0.0}
     for set_name, items in sets.items():
         for index, item in enumerate(items):
-            pcm = item.audio(RATE).astype(np.float32)
-            audio_s += len(pcm) / RATE
-            tj = time.perf_counter()
-            row: dict[str, Any] = {"id": item.id, "set": set_name, "ref": item.text,
-                                   "duration_s": len(pcm) / RATE, "hyp_original": judge(pcm, RATE)}
-            judge_s += time.perf_counter() - tj
-            x = torch.from_numpy(pcm)
-            mel100_o, mel80_o = log_mel_spectrogram(x), causal_log_mel(x)
-            ticks = tick_vectors(pcm, pad_end=True)
-            if index == 0:
-                examples[set_name] = {"original": pcm}
-            for k, codec in codecs.items():
-                tc = time.perf_counter()
-                with torch.no_grad():
-                    resynth = codec.resynthesize(pcm).numpy()
-                    projected = codec.basis.reconstruct(codec.basis.project(ticks))
-                codec_s += time.perf_counter() - tc
-                tj = time.perf_counter()
-                hyp = judge(resynth, RATE)
-                judge_s += time.perf_counter() - tj
-                res = torch.from_numpy(resynth)
-                row[f"k{k}"] = {
-                    "hyp": hyp, "wer": word_errors(item.text, hyp).wer,
-                    "mel_l1": _l1(log_mel_spectrogram(res), mel100_o, -1),
-                    "mel80_l1": _l1(causal_log_mel(res), mel80_o, 0),
-                    "projection_l1": (float((projected - ticks).abs().sum()), ticks.numel()),
-                    "sq_error": float((projected - ticks).square().sum()),
-                    "voicing": voicing_counts(pcm, resynth)}
-                if index == 0:
-                    examples[set_name][f"K = {k}"] = resynth
-            row["wer_original"] = word_errors(item.text, row["hyp_original"]).wer
-            row["_ticks"] = ticks
-            rows.append(row)
+            rows.append(_evaluate_item(item, set_name, index, codecs, judge, examples, acc))
             done = len(rows)
             total = sum(len(v) for v in sets.values())
             if done % 5 == 0 or done == total:
-                log(f"evaluated {done}/{total} items (judge {judge_s:.0f} s, codec {codec_s:.1f} s)", t0)
-    timings.update(judge=judge_s, codec=codec_s)
+                log(f"evaluated {done}/{total} items (judge {acc['judge']:.0f} s, codec {acc['codec']:.1f} s)", t0)
+    return rows, examples, acc
 
-    # ---- figures ----
-    def figures(set_rows: list[dict]) -> dict[str, Any]:
-        out_: dict[str, Any] = {"items": len(set_rows), "audio_s": sum(r["duration_s"] for r in set_rows),
-                                "wer_original": summary(set_rows, "ref", "hyp_original")["wer"]}
-        ticks = torch.cat([r["_ticks"] for r in set_rows])
-        total_var = float((ticks - ticks.mean(0)).square().sum())
-        for k in args.ks:
-            sub = [r[f"k{k}"] | {"ref": r["ref"]} for r in set_rows]
-            s = summary(sub, "ref", "hyp")
-            mel = [sum(x[key][i] for x in sub)
-                   for key in ("mel_l1", "mel80_l1", "projection_l1") for i in (0, 1)]
-            vc = {key: sum(x["voicing"][key] for x in sub) for key in sub[0]["voicing"]}
-            out_[f"k{k}"] = {"wer": s["wer"], "cer": s["cer"], "counts": s["counts"],
-                             "mel_l1": mel[0] / mel[1], "mel80_l1": mel[2] / mel[3],
-                             "projection_l1": mel[4] / mel[5],
-                             "variance_kept": 1 - sum(x["sq_error"] for x in sub) / total_var,
-                             **voicing_figures(vc), "voicing_counts": vc}
-        return out_
 
-    per_set = {name: figures([r for r in rows if r["set"] == name]) for name in sets}
-    for r in rows:
-        del r["_ticks"]
-    wall = time.perf_counter() - t0
-    report = {
+def _figures(set_rows: list[dict], ks: list[int]) -> dict[str, Any]:
+    out_: dict[str, Any] = {"items": len(set_rows), "audio_s": sum(r["duration_s"] for r in set_rows),
+                            "wer_original": summary(set_rows, "ref", "hyp_original")["wer"]}
+    ticks = torch.cat([r["_ticks"] for r in set_rows])
+    total_var = float((ticks - ticks.mean(0)).square().sum())
+    for k in ks:
+        sub = [r[f"k{k}"] | {"ref": r["ref"]} for r in set_rows]
+        s = summary(sub, "ref", "hyp")
+        mel = [sum(x[key][i] for x in sub)
+               for key in ("mel_l1", "mel80_l1", "projection_l1") for i in (0, 1)]
+        vc = {key: sum(x["voicing"][key] for x in sub) for key in sub[0]["voicing"]}
+        out_[f"k{k}"] = {"wer": s["wer"], "cer": s["cer"], "counts": s["counts"],
+                         "mel_l1": mel[0] / mel[1], "mel80_l1": mel[2] / mel[3],
+                         "projection_l1": mel[4] / mel[5],
+                         "variance_kept": 1 - sum(x["sq_error"] for x in sub) / total_var,
+                         **voicing_figures(vc), "voicing_counts": vc}
+    return out_
+
+
+def _metric_descriptions() -> dict[str, str]:
+    return {
+        "wer": "corpus WER of the Whisper judge (michi.eval.wer normalisation)",
+        "mel_l1": "mean |log-mel difference|, log_mel_spectrogram (100 mels, hop 256), as michi eval codec",
+        "mel80_l1": "the same on the codec's own causal 80-bin log-mel (hop 240)",
+        "projection_l1": "log-mel -> latent -> log-mel, no audio: what the projection alone loses",
+        "variance_kept": "1 - squared projection error / total variance of the set's tick vectors",
+        "voicing": f"per 10 ms frame within {SPEECH_DB:.0f} dB of the clip's loudest: voiced when the "
+                   "autocorrelation peak (spectrally flattened, window-normalised) over f0 "
+                   f"{F0_RANGE_HZ[0]:.0f}-{F0_RANGE_HZ[1]:.0f} Hz "
+                   f">= {VOICING_THRESHOLD}; agreement = same decision as the original; voiced_recall = "
+                   "original's voiced frames also voiced in the resynthesis; f0_agreement = frames voiced "
+                   "in both "
+                   "whose f0 (autocorrelation peak) agrees within 5 %; periodicity = mean peak normalised "
+                   "autocorrelation on the original's voiced frames, original -> resynthesis"}
+
+
+def _report(argv: list[str] | None, args: argparse.Namespace, fit_texts: list[str], full: Any,
+            fit_audio_s: float, judge: Any, per_set: dict[str, Any], timings: dict[str, float],
+            audio_s: float, wall: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
         "what": "mel-PCA latent + analytic decoder (random phase, overlap-add), no training",
         "command": "python -m michi.eval.melpca_probe " + " ".join(argv if argv is not None else sys.argv[1:]),
         "codec": {"sample_rate": RATE, "hop": melpca.HOP, "window": melpca.WINDOW, "n_fft": melpca.N_FFT,
@@ -193,26 +230,46 @@ def main(argv: list[str] | None = None) -> int:
                         "heldout_voice_flite_awb": "the same sentences by the held-out voice flite-awb",
                         "asterisk": "michi.eval.speech.asterisk_prompts(limit): one human speaker, 8 kHz"},
         "judge": judge.describe(),
-        "metrics": {
-            "wer": "corpus WER of the Whisper judge (michi.eval.wer normalisation)",
-            "mel_l1": "mean |log-mel difference|, log_mel_spectrogram (100 mels, hop 256), as michi eval codec",
-            "mel80_l1": "the same on the codec's own causal 80-bin log-mel (hop 240)",
-            "projection_l1": "log-mel -> latent -> log-mel, no audio: what the projection alone loses",
-            "variance_kept": "1 - squared projection error / total variance of the set's tick vectors",
-            "voicing": f"per 10 ms frame within {SPEECH_DB:.0f} dB of the clip's loudest: voiced when the "
-                       "autocorrelation peak (spectrally flattened, window-normalised) over f0 "
-                       f"{F0_RANGE_HZ[0]:.0f}-{F0_RANGE_HZ[1]:.0f} Hz "
-                       f">= {VOICING_THRESHOLD}; agreement = same decision as the original; voiced_recall = "
-                       "original's voiced frames also voiced in the resynthesis; f0_agreement = frames voiced "
-                       "in both "
-                       "whose f0 (autocorrelation peak) agrees within 5 %; periodicity = mean peak normalised "
-                       "autocorrelation on the original's voiced frames, original -> resynthesis"},
+        "metrics": _metric_descriptions(),
         "sets": per_set,
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "timings_s": {**timings, "audio_evaluated_s": audio_s, "wall": wall},
         "rows": rows,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    t0 = time.perf_counter()
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    from . import speech
+
+    # ---- fit ----
+    t = time.perf_counter()
+    fit_texts, held_texts = _fit_texts(args.fit, args.limit)
+    full, fit_audio_s, codecs = _fit(args, out, fit_texts, timings, t, t0)
+
+    # ---- evaluation sets ----
+    t = time.perf_counter()
+    sets = _eval_sets(held_texts, args.limit)
+    timings["synth_eval"] = time.perf_counter() - t
+    log("evaluation sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), t0)
+
+    judge = speech.WhisperJudge(threads=args.whisper_threads)
+    rows, examples, acc = _evaluate(sets, codecs, judge, t0)
+    timings.update(judge=acc["judge"], codec=acc["codec"])
+
+    # ---- figures ----
+    per_set = {name: _figures([r for r in rows if r["set"] == name], args.ks) for name in sets}
+    for r in rows:
+        del r["_ticks"]
+    wall = time.perf_counter() - t0
+    report = _report(argv, args, fit_texts, full, fit_audio_s, judge, per_set, timings, acc["audio"], wall, rows)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_spectrograms(examples, out / "spectrogram.png")
     log(f"wrote {out / 'report.json'} and {out / 'spectrogram.png'}", t0)

@@ -320,6 +320,41 @@ def _xcorr_delay(original: np.ndarray, resynth: np.ndarray, max_lag: int) -> int
     return int(np.argmax(window))
 
 
+def _codec_item(michi, item: SpeechItem, set_name: str, judge: Judge, max_lag: int, max_lag_samples: int,
+                delay: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Resynthesise and judge one item: (row, mel-L1 sums by lag, counts by lag, original audio,
+    resynthesised audio, codec seconds)."""
+    pcm = item.audio(SAMPLE_RATE_HZ)
+    t0 = time.perf_counter()
+    original, resynth = resynthesize(michi, pcm)
+    codec_s = time.perf_counter() - t0
+    mo, mr = _log_mel(original), _log_mel(resynth)
+    s, c = _mel_l1_by_lag(mo, mr, max_lag)
+    row = {"id": item.id, "set": set_name, "ref": item.text, "duration_s": len(original) / SAMPLE_RATE_HZ}
+    orig, res = _row(item.text, judge(original, SAMPLE_RATE_HZ)), _row(item.text, judge(resynth, SAMPLE_RATE_HZ))
+    row.update({"hyp_original": orig["hyp"], "wer_original": orig["wer"], "errors_original": orig["errors"],
+                "hyp_resynth": res["hyp"], "wer_resynth": res["wer"], "errors_resynth": res["errors"],
+                "mel_l1": float(s[0] / c[0]) if c[0] else None,
+                "xcorr_delay_ms": 1000 * _xcorr_delay(original, resynth, max_lag_samples) / SAMPLE_RATE_HZ,
+                "voicing": voicing_counts(original, resynth[delay:])})
+    return row, s, c, original, resynth, codec_s
+
+
+def _codec_figures(set_rows: list[dict], sums: np.ndarray, counts: np.ndarray, best: int) -> dict[str, Any]:
+    """WER/CER of original and resynthesis, mel L1 raw and at lag `best`, xcorr delay, voicing."""
+    orig = summary(set_rows, "ref", "hyp_original")
+    res = summary(set_rows, "ref", "hyp_resynth")
+    xc = [r["xcorr_delay_ms"] for r in set_rows]
+    return {"items": len(set_rows),
+            "wer_original": orig["wer"], "wer_resynth": res["wer"],
+            "cer_original": orig["cer"], "cer_resynth": res["cer"],
+            "counts_original": orig["counts"], "counts_resynth": res["counts"],
+            "mel_l1": float(sums[0] / counts[0]) if counts[0] else None,
+            "mel_l1_delay_compensated": float(sums[best] / counts[best]) if counts[best] else None,
+            "xcorr_delay_ms_median": float(np.median(xc)) if xc else None,
+            **voicing_figures({k: sum(r["voicing"][k] for r in set_rows) for k in set_rows[0]["voicing"]})}
+
+
 def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[SpeechItem]], judge: Judge,
                max_delay_ms: float = 240.0, wav_dir: str | Path | None = None, save_wavs: int = 3,
                progress: Progress = _no_progress) -> dict[str, Any]:
@@ -349,21 +384,11 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
     for set_name, items in sets.items():
         sums, counts = np.zeros(max_lag + 1), np.zeros(max_lag + 1)
         for item in items:
-            pcm = item.audio(SAMPLE_RATE_HZ)
-            t0 = time.perf_counter()
-            original, resynth = resynthesize(michi, pcm)
-            codec_s += time.perf_counter() - t0
+            row, s, c, original, resynth, item_codec_s = _codec_item(michi, item, set_name, judge, max_lag,
+                                                                     max_lag_samples, delay)
+            codec_s += item_codec_s
             audio_s += len(original) / SAMPLE_RATE_HZ
-            mo, mr = _log_mel(original), _log_mel(resynth)
-            s, c = _mel_l1_by_lag(mo, mr, max_lag)
             sums, counts = sums + s, counts + c
-            row = {"id": item.id, "set": set_name, "ref": item.text, "duration_s": len(original) / SAMPLE_RATE_HZ}
-            orig, res = _row(item.text, judge(original, SAMPLE_RATE_HZ)), _row(item.text, judge(resynth, SAMPLE_RATE_HZ))
-            row.update({"hyp_original": orig["hyp"], "wer_original": orig["wer"], "errors_original": orig["errors"],
-                        "hyp_resynth": res["hyp"], "wer_resynth": res["wer"], "errors_resynth": res["errors"],
-                        "mel_l1": float(s[0] / c[0]) if c[0] else None,
-                        "xcorr_delay_ms": 1000 * _xcorr_delay(original, resynth, max_lag_samples) / SAMPLE_RATE_HZ,
-                        "voicing": voicing_counts(original, resynth[delay:])})
             if wav_dir is not None and done < save_wavs:
                 stem = f"codec_{done:02d}_{_safe(item.id)}"
                 row["wav_original"] = _save(wav_dir, f"{stem}_original.wav", original)
@@ -376,22 +401,8 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
     all_counts = sum((v[1] for v in lag_stats.values()), np.zeros(max_lag + 1))
     valid = all_counts > 0
     best = int(np.argmin(np.where(valid, all_sums / np.maximum(all_counts, 1), np.inf))) if valid.any() else 0
-
-    def figures(set_rows: list[dict], sums: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
-        orig = summary(set_rows, "ref", "hyp_original")
-        res = summary(set_rows, "ref", "hyp_resynth")
-        xc = [r["xcorr_delay_ms"] for r in set_rows]
-        return {"items": len(set_rows),
-                "wer_original": orig["wer"], "wer_resynth": res["wer"],
-                "cer_original": orig["cer"], "cer_resynth": res["cer"],
-                "counts_original": orig["counts"], "counts_resynth": res["counts"],
-                "mel_l1": float(sums[0] / counts[0]) if counts[0] else None,
-                "mel_l1_delay_compensated": float(sums[best] / counts[best]) if counts[best] else None,
-                "xcorr_delay_ms_median": float(np.median(xc)) if xc else None,
-                **voicing_figures({k: sum(r["voicing"][k] for r in set_rows) for k in set_rows[0]["voicing"]})}
-
-    per_set = {name: figures([r for r in rows if r["set"] == name], *lag_stats[name]) for name in sets}
-    return {"task": "codec", **figures(rows, all_sums, all_counts),
+    per_set = {name: _codec_figures([r for r in rows if r["set"] == name], *lag_stats[name], best) for name in sets}
+    return {"task": "codec", **_codec_figures(rows, all_sums, all_counts, best),
             "delay_ms": 1000 * best * hop / SAMPLE_RATE_HZ, "delay_mel_frames": best, "max_delay_ms": max_delay_ms,
             "mel": {"n_mels": 100, "n_fft": 1024, "hop": hop, "log": "natural, clamp 1e-5"},
             "mel_l1_by_delay_ms": {f"{1000 * lag * hop / SAMPLE_RATE_HZ:.1f}": float(all_sums[lag] / all_counts[lag])

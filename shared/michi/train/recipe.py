@@ -210,30 +210,59 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
         (out / "recipe.json").write_text(json.dumps(asdict(rc), indent=2, default=str))
     torch.manual_seed(rc.seed)
     model = initial_model(rc, d.device, log)
-    codec = model.cfg.codec
     tokenizer = load_tokenizer(model.cfg.backbone.tokenizer, model.cfg.backbone.vocab_size)
 
     texts = text_bank(model, rc.text_file) if {"text", "joint", "baseline"} & set(rc.stages) else None
     if "text" in rc.stages:
         run_stage(SequenceStage("text", "text", model, d, rc.sequence, _optim(rc, "text"), text=texts,
                                 seed=rc.seed), out / "text", _budget(rc, "text"), d, progress=log)
+    fits = _codec_fits(rc, model, log)
+    _run_basis(rc, model, d, out, log)
+    # The baseline starts here: after the text stage (or from the initial weights without it) and
+    # the basis, so that a mel-PCA baseline has its codec too.
+    text_state = copy.deepcopy(model.state_dict())
+
+    _run_codec_stages(rc, model, d, out, fits, tokenizer, log)
+    _run_durations(rc, model, d, out, log)
+    speech = _speech_bank(rc, model, d, out, log) if {"speak", "joint"} & set(rc.stages) else None
+    _run_sequence_stages(rc, model, d, out, speech, texts, log)
+    info = recipe_info(rc, out)
+    if d.main:
+        save_checkpoint(model, out / "model", info={**info, "trained": True})
+        log(f"model written to {out / 'model'}")
+
+    if "baseline" in rc.stages:
+        _run_baseline(rc, model, d, out, text_state, texts, info, log)
+    barrier(d)
+    return out / "model"
+
+
+def _codec_fits(rc: RecipeConfig, model: MichiModel, log: Callable[..., None]) -> tuple[str, ...]:
+    """The codec stages this model has; logs the requested ones it has not."""
+    codec = model.cfg.codec
     fits = tuple(s for s in CODEC_STAGES[codec] if s != "voicing" or model.cfg.decoder == "voiced")
     skipped = [s for s in ("basis", "codec", "vocoder", "voicing") if s in rc.stages and s not in fits]
     if skipped:
         log(f"[{skipped[0]}] skipping {', '.join(skipped)}: not stages of a {codec!r} codec model "
             f"with the {model.cfg.decoder!r} decoder")
+    return fits
+
+
+def _run_basis(rc: RecipeConfig, model: MichiModel, d, out: Path, log: Callable[..., None]) -> None:
+    """The mel-PCA basis: fit on rank 0 (or found where an earlier run fit it), loaded by the rest."""
     # A rerun without the basis stage still finds the basis an earlier run fit.
     saved_basis = (out / "basis" / BASIS_FILE).is_file() and not model.basis_fitted
-    if codec == "melpca" and ("basis" in rc.stages or saved_basis):
+    if model.cfg.codec == "melpca" and ("basis" in rc.stages or saved_basis):
         if d.main:
             run_basis_stage(model, rc.corpus, out / "basis", rc.basis, seed=rc.seed, progress=log)
         barrier(d)
         if not d.main:  # the other ranks load what rank 0 fit
             run_basis_stage(model, rc.corpus, out / "basis", rc.basis, seed=rc.seed, progress=log, main=False)
-    # The baseline starts here: after the text stage (or from the initial weights without it) and
-    # the basis, so that a mel-PCA baseline has its codec too.
-    text_state = copy.deepcopy(model.state_dict())
 
+
+def _run_codec_stages(rc: RecipeConfig, model: MichiModel, d, out: Path, fits: tuple[str, ...], tokenizer,
+                      log: Callable[..., None]) -> None:
+    """The codec, vocoder and voicing stages (those requested that this model has) on the corpus audio."""
     codec_stages = [s for s in ("codec", "vocoder", "voicing") if s in rc.stages and s in fits]
     if codec_stages:
         log(f"[{codec_stages[0]}] loading audio from {rc.corpus}")
@@ -246,6 +275,10 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
                 trainer = CodecStage(model, bank, tokenizer, d, rc.codec, _optim(rc, stage), seed=rc.seed, name=stage)
             run_stage(trainer, out / stage, _budget(rc, stage), d, progress=log)
         del bank
+
+
+def _run_durations(rc: RecipeConfig, model: MichiModel, d, out: Path, log: Callable[..., None]) -> None:
+    """The duration predictor's stage, on the TTS voices' phoneme timings."""
     if "durations" in rc.stages:
         if model.durations is None:
             log("[durations] skipping: this model has no duration predictor (config durations: false)")
@@ -256,23 +289,30 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
             run_stage(DurationStage(model, train, heldout, rc.durations, _optim(rc, "durations"), seed=rc.seed),
                       out / "durations", _budget(rc, "durations"), d, progress=log)
 
-    speech = None
-    if {"speak", "joint"} & set(rc.stages):
-        latents_dir = out / "latents"
-        if not model.basis_fitted:
-            raise ValueError("the speak and joint stages need the model's mel-PCA basis: run the basis "
-                             "stage first (--stages basis,...) or --init a model that has one")
-        if d.main and not (latents_dir / "manifest.json").is_file():
-            model.eval()
-            encode_corpus(model, rc.corpus, latents_dir, progress=log)
-        barrier(d)
-        speech = SequenceBank(latents_dir, "train", rc.tts_speakers, pad_token=model.backbone.vocab.pad)
-        if codec == "melpca":  # the basis's whitening (set with the basis), not shard statistics
-            log("[latents] latent normalisation: the mel-PCA basis's whitening (mean 0, its std)")
-        else:
-            set_latent_stats(model, speech)
-        log(f"[latents] {len(speech.utterances)} utterances, {speech.ticks} ticks "
-            f"({speech.ticks * TICK_S / 60:.1f} min) for the speak and joint stages")
+
+def _speech_bank(rc: RecipeConfig, model: MichiModel, d, out: Path, log: Callable[..., None]) -> SequenceBank:
+    """The corpus encoded into `<run>/latents/` (once) and the latent normalisation set."""
+    latents_dir = out / "latents"
+    if not model.basis_fitted:
+        raise ValueError("the speak and joint stages need the model's mel-PCA basis: run the basis "
+                         "stage first (--stages basis,...) or --init a model that has one")
+    if d.main and not (latents_dir / "manifest.json").is_file():
+        model.eval()
+        encode_corpus(model, rc.corpus, latents_dir, progress=log)
+    barrier(d)
+    speech = SequenceBank(latents_dir, "train", rc.tts_speakers, pad_token=model.backbone.vocab.pad)
+    if model.cfg.codec == "melpca":  # the basis's whitening (set with the basis), not shard statistics
+        log("[latents] latent normalisation: the mel-PCA basis's whitening (mean 0, its std)")
+    else:
+        set_latent_stats(model, speech)
+    log(f"[latents] {len(speech.utterances)} utterances, {speech.ticks} ticks "
+        f"({speech.ticks * TICK_S / 60:.1f} min) for the speak and joint stages")
+    return speech
+
+
+def _run_sequence_stages(rc: RecipeConfig, model: MichiModel, d, out: Path, speech, texts,
+                         log: Callable[..., None]) -> None:
+    """The speak and joint stages, with wall-clock snapshots when asked for."""
     for stage, mode in (("speak", "speak"), ("joint", "joint")):
         if stage in rc.stages:
             budget = _budget(rc, stage)
@@ -282,23 +322,20 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
                                                                                recipe_info(rc, out))
             run_stage(SequenceStage(stage, mode, model, d, rc.sequence, _optim(rc, stage), speech, texts,
                                     seed=rc.seed), out / stage, budget, d, progress=log)
-    info = recipe_info(rc, out)
-    if d.main:
-        save_checkpoint(model, out / "model", info={**info, "trained": True})
-        log(f"model written to {out / 'model'}")
 
-    if "baseline" in rc.stages:
-        baseline = MichiModel(model.cfg, load_pretrained=False).to(d.device)
-        baseline.load_state_dict(text_state)
-        run_stage(SequenceStage("baseline", "text", baseline, d, rc.sequence, _optim(rc, "baseline"),
-                                text=texts, seed=rc.seed + 1), out / "baseline", _budget(rc, "baseline"), d,
-                  progress=log)
-        if d.main:
-            save_checkpoint(baseline, out / "baseline" / "model",
-                            info={"trained": True, "what": "text-only baseline: the text stage, then "
-                                  "the joint stage's budget on pure text", "recipe": info["recipe"]})
-    barrier(d)
-    return out / "model"
+
+def _run_baseline(rc: RecipeConfig, model: MichiModel, d, out: Path, text_state: dict, texts, info: dict,
+                  log: Callable[..., None]) -> None:
+    """The text-only baseline: from `text_state`, the joint stage's budget on pure text."""
+    baseline = MichiModel(model.cfg, load_pretrained=False).to(d.device)
+    baseline.load_state_dict(text_state)
+    run_stage(SequenceStage("baseline", "text", baseline, d, rc.sequence, _optim(rc, "baseline"),
+                            text=texts, seed=rc.seed + 1), out / "baseline", _budget(rc, "baseline"), d,
+              progress=log)
+    if d.main:
+        save_checkpoint(baseline, out / "baseline" / "model",
+                        info={"trained": True, "what": "text-only baseline: the text stage, then "
+                              "the joint stage's budget on pure text", "recipe": info["recipe"]})
 
 
 def _snapshot(model: MichiModel, out: Path, stage: str, minutes: float, step: int, info: dict) -> None:
