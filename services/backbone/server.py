@@ -44,7 +44,8 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
                  admission: Admission | None = None):
         self.michi, self.executor = michi, executor
         self.engine = BackboneEngine(michi.model, rows=rows)
-        self.engine.warm_up()  # before the stage reports ready: no call pays the one-time costs
+        # before the stage reports ready: no call pays the one-time costs
+        self.engine.warm_up(michi.tokenizer.encode("Hello, how are you?"))
         self.batcher = Batcher(self.engine, executor, window_s=window_s)
         self.admission = admission or Admission("backbone", DEFAULT_MAX_CALLS)
 

@@ -24,7 +24,7 @@ import structlog
 from michi.audio.pcm import Encoding, encode
 from michi.audio.resample import StreamingResampler
 from michi.audio.vad import StreamingVAD
-from michi.config import FRAME_SAMPLES, SAMPLE_RATE_HZ, TICK_S
+from michi.config import FRAME_SAMPLES, SAMPLE_RATE_HZ, TICK_MS, TICK_S
 from michi.generate import tts_max_ticks
 from michi.proto.backbone.v1 import backbone_pb2
 from michi.proto.gateway.v1 import gateway_pb2 as pb
@@ -34,7 +34,7 @@ from michi.serving.metrics import FIRST_AUDIO_SECONDS, MISSED_TICKS, TICK_SECOND
 from michi.session.store import SessionStoreError, TranscriptEntry
 from michi.text_roles import text_insertion
 
-from .contract import TICK_MS, BadRequest, CallConfig
+from .contract import BadRequest, CallConfig
 from .events import BargeIn, Error, Event, ReplyDone, TurnEnd, TurnStart, response
 from .inbox import CallInbox
 from .jitter import JitterBuffer
@@ -392,7 +392,7 @@ class Call:
                          f"{role} text of {len(tokens)} tokens does not fit the call's context budget: {used} of "
                          f"{budget} positions used (--context-positions); the text was not used")
         call.text_queue.extend(tokens)
-        now_ms = int(call.tick * TICK_S * 1000)
+        now_ms = _tick_ms(call.tick)
         call.pending_transcript.append(TranscriptEntry(role, text, now_ms, now_ms))
         return None
 
@@ -472,8 +472,13 @@ def _raise_client_error(reader: asyncio.Task) -> None:
         raise reader.exception()
 
 
+def _tick_ms(tick: int) -> int:
+    """Where a tick starts on the call's clock, in ms."""
+    return tick * TICK_MS
+
+
 def _tick_end_ms(tick: int) -> int:
-    return int((tick + 1) * TICK_S * 1000)
+    return _tick_ms(tick + 1)
 
 
 def out_frame(rate_hz: int) -> int:

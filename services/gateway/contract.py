@@ -10,12 +10,11 @@ from dataclasses import dataclass
 
 from michi.audio.io import AudioError
 from michi.audio.pcm import _RATES_HZ, Encoding, check_format
-from michi.config import TICK_S
+from michi.config import TICK_MS
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.serving.server import MAX_MESSAGE_BYTES
 from michi.text_roles import ROLES
 
-TICK_MS = round(TICK_S * 1000)  # 80
 DEFAULT_INPUT = (Encoding.LINEAR16, 16_000)
 ENCODINGS = {pb.LINEAR16: Encoding.LINEAR16, pb.MULAW: Encoding.MULAW, pb.ALAW: Encoding.ALAW,
              pb.FLOAT32LE: Encoding.FLOAT32LE}

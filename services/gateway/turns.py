@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from michi.config import TICK_S
+from michi.config import TICK_MS
 
 from .events import BargeIn, Event, TurnEnd, TurnStart
 
@@ -25,7 +25,7 @@ class TurnSettings:
     barge_in_min_speech_ms: int = 600
     end_of_turn_silence_ms: int = 700
     agent_silence_ticks: int = 8
-    tick_ms: int = round(TICK_S * 1000)  # 80
+    tick_ms: int = TICK_MS
 
 
 @dataclass

@@ -12,6 +12,7 @@ SAMPLE_RATE_HZ = 24_000
 FRAME_RATE_HZ = 12.5
 FRAME_SAMPLES = int(SAMPLE_RATE_HZ / FRAME_RATE_HZ)  # 1920 samples = 80 ms
 TICK_S = 1 / FRAME_RATE_HZ  # 0.08 s: one tick (one frame) of the streams
+TICK_MS = round(1000 / FRAME_RATE_HZ)  # 80
 
 
 @dataclass

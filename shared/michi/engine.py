@@ -118,13 +118,12 @@ class BackboneEngine:
         return PhonemeQueue(self.decode, cfg.phone_slots) if cfg.phone_slots else None
 
     @torch.no_grad()
-    def warm_up(self, text: str = "Hello, how are you?", ticks: int = 4) -> None:
+    def warm_up(self, tokens: Sequence[int], ticks: int = 4) -> None:
         """Pay the first call's one-time costs now (the phonemizer's load, the duration predictor's
-        and every module's first pass), not on a live call's tick: a throwaway row says `text`."""
+        and every module's first pass), not on a live call's tick: a throwaway row says `tokens`."""
         key = "__warm_up__"
         self.open(key)
         try:
-            tokens = load_tokenizer(self.model.cfg.backbone.tokenizer, self.model.cfg.backbone.vocab_size).encode(text)
             self.force_text(key, tokens)
             silence = torch.zeros(self.model.cfg.latent_dim)
             for _ in range(ticks):
