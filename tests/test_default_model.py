@@ -11,6 +11,7 @@ from safetensors import safe_open
 import michi
 from michi.checkpoint import read_checkpoint_config
 from michi.cli import main
+from michi.config import preset
 
 LEARNED = michi.DEFAULT_MODEL.parent / "michi-tiny-learned"
 
@@ -19,6 +20,7 @@ def test_default_model_is_a_trained_melpca_model_with_phonemes():
     m = michi.load()
     assert m.trained and m.cfg.preset == "tiny-melpca" and not m.warnings
     assert m.cfg.codec == "melpca" and m.cfg.phone_frames and m.cfg.latent_dim == 64
+    assert m.cfg.voicing == preset("tiny-melpca").voicing and m.cfg.voicing.f0_bins  # the preset's voicing net
     assert m.basis_fitted
     _, info = read_checkpoint_config(michi.DEFAULT_MODEL)
     assert info["what"].startswith("trained by michi's recipe")

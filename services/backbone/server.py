@@ -76,7 +76,6 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             log.warning("backbone_call_refused", session_id=o.session_id, live=self.admission.live)
             await refuse(context, self.admission)
         key = f"{o.session_id}/{uuid.uuid4().hex[:8]}"  # a reconnecting call gets a fresh row
-        dim = self.michi.cfg.latent_dim
         counted = False
         try:
             await self.batcher.call(lambda: self.engine.open(key, seed=o.seed,
@@ -90,20 +89,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             async for request in request_iterator:
                 kind = request.WhichOneof("request")
                 if kind == "tick":
-                    t = request.tick
-                    if len(t.user_latent) != dim or (t.forced_latent and len(t.forced_latent) != dim):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"latents must have {dim} values")
-                    if t.forced_text:
-                        await self.batcher.call(lambda t=t: self.engine.force_text(key, list(t.forced_text)))
-                    x = TickInput(torch.tensor(list(t.user_latent)), list(t.user_tokens),
-                                  torch.tensor(list(t.forced_latent)) if t.forced_latent else None)
-                    out = await self.batcher.tick(key, x)
-                    yield backbone_pb2.StepResponse(
-                        tick=backbone_pb2.TickRecord(tick=t.tick, user_latent=t.user_latent,
-                                                     user_tokens=t.user_tokens, agent_token=out.agent_token,
-                                                     agent_latent=out.agent_latent.float().cpu().tolist(),
-                                                     agent_phones=out.phones, next_phone=out.next_phone),
-                        agent_text=self._decode([out.agent_token]))
+                    yield await self._tick(key, request.tick, context)
                 elif kind == "text":
                     await self.batcher.insert_text(key, list(request.text.tokens))
                 elif kind == "generate":
@@ -122,3 +108,20 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             self.admission.release()
             self.batcher.submit(lambda: self.engine.close(key))
             log.info("backbone_stream_closed", session_id=o.session_id)
+
+    async def _tick(self, key: str, t: backbone_pb2.Tick, context) -> backbone_pb2.StepResponse:
+        """One tick of the call's row, batched with the other calls' (and its forced text first)."""
+        dim = self.michi.cfg.latent_dim
+        if len(t.user_latent) != dim or (t.forced_latent and len(t.forced_latent) != dim):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"latents must have {dim} values")
+        if t.forced_text:
+            await self.batcher.call(lambda: self.engine.force_text(key, list(t.forced_text)))
+        x = TickInput(torch.tensor(list(t.user_latent)), list(t.user_tokens),
+                      torch.tensor(list(t.forced_latent)) if t.forced_latent else None)
+        out = await self.batcher.tick(key, x)
+        return backbone_pb2.StepResponse(
+            tick=backbone_pb2.TickRecord(tick=t.tick, user_latent=t.user_latent, user_tokens=t.user_tokens,
+                                         agent_token=out.agent_token,
+                                         agent_latent=out.agent_latent.float().cpu().tolist(),
+                                         agent_phones=out.phones, next_phone=out.next_phone),
+            agent_text=self._decode([out.agent_token]))

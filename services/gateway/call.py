@@ -15,6 +15,7 @@ import asyncio
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import grpc
@@ -418,11 +419,12 @@ class Call:
         entries, call.pending_transcript = call.pending_transcript, []
         if not records and not entries:
             return
-        try:
+
+        async def write() -> None:
             await self.gw.store.append_history(call.session_id, records, owner=call.owner)
             await self.gw.store.append_transcript(call.session_id, entries, owner=call.owner)
-        except SessionStoreError as e:
-            log.warning("store_write_failed", session_id=call.session_id, error=str(e))
+
+        await self.store_write(write())
 
     async def generate_text(self) -> str:
         response_ = await self.backbone.request(
@@ -432,20 +434,22 @@ class Call:
 
     async def mark_cut_off(self, now_ms: int, heard_samples: int) -> None:
         call = self.state
-        try:
-            await self.gw.store.mark_cut_off(call.session_id, now_ms, heard_samples, owner=call.owner)
-        except SessionStoreError as e:
-            self.log.warning("store_write_failed", error=str(e))
+        await self.store_write(self.gw.store.mark_cut_off(call.session_id, now_ms, heard_samples, owner=call.owner))
 
     async def record_tick(self, entries: list) -> bool:
-        """One atomic store update per tick; False when the store failed (the call goes on, the
-        gateway keeps its own copy of the history)."""
+        """One atomic store update per tick; False when the store failed."""
         call = self.state
+        return await self.store_write(
+            self.gw.store.append_tick(call.session_id, [call.history[-1]], entries, call.tick, owner=call.owner))
+
+    async def store_write(self, write: Awaitable[None]) -> bool:
+        """Await a store write; False, logged, when the store failed: the call goes on, and the
+        gateway keeps its own copy of the history."""
         try:
-            await self.gw.store.append_tick(call.session_id, [call.history[-1]], entries, call.tick, owner=call.owner)
+            await write
             return True
         except SessionStoreError as e:
-            self.log.warning("store_write_failed", tick=call.tick, error=str(e))
+            self.log.warning("store_write_failed", tick=self.state.tick, error=str(e))
             return False
 
 

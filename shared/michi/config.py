@@ -84,6 +84,31 @@ class VocoderConfig:
     istft_n_fft: int = 0  # 0: waveform output; > 0: inverse-STFT output head with this window
 
 
+@dataclass
+class VoicingNetConfig:
+    """The voiced decoder's voicing net (`michi.model.voiced.VoicingNet`): causal convolutions of
+    kernel 3 over the 100 Hz log-mel frames, one per dilation, `width` channels. With `residual`
+    every layer after the first adds its output to its input, so a deep stack of wide dilations
+    (a receptive field of seconds: the speaker's pitch range, the phrase's intonation) trains. A
+    config without this key (written before it existed) has the first net: 128 wide, dilations
+    1, 2, 4 (each frame reads the 15 before it), no residuals."""
+
+    width: int = 128
+    dilations: tuple[int, ...] = (1, 2, 4)
+    residual: bool = False
+    # 0: f0 is one regressed value per frame. > 0: f0 is classified into this many log-spaced bins
+    # (as CREPE does) and read as the probability-weighted mean of the bins around the most likely
+    # one, so a frame that could be either of two octaves picks one rather than the geometric
+    # middle, which is wrong both ways.
+    f0_bins: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.dilations or self.width < 1:
+            raise ValueError("a voicing net needs at least one dilation and a positive width")
+        if self.f0_bins == 1 or self.f0_bins < 0:
+            raise ValueError(f"f0_bins is 0 (f0 regressed) or at least 2 bins, not {self.f0_bins}")
+
+
 CODECS = ("learned", "melpca")
 DECODERS = ("analytic", "voiced")  # a mel-PCA model's decoders
 MELPCA_FEATURE_DIM = 640  # mel-PCA features: 8 stacked 80-bin log-mel frames per tick
@@ -103,6 +128,7 @@ class MichiConfig:
     speak_head: SpeakHeadConfig = field(default_factory=SpeakHeadConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     vocoder: VocoderConfig = field(default_factory=VocoderConfig)
+    voicing: VoicingNetConfig = field(default_factory=VoicingNetConfig)
     # "learned": the listen encoder and vocoder are networks trained as a codec (a GPU's work);
     # "melpca": the listen encoder is the causal log-mel PCA projection (its basis fit on the
     # training corpus, stored in the checkpoint) and the vocoder its analytic decoder
@@ -165,7 +191,7 @@ class MichiConfig:
     def from_dict(cls, data: dict[str, Any]) -> "MichiConfig":
         """Rebuild a config; unknown keys are an error, so a config from elsewhere is not misread."""
         parts = {"backbone": BackboneConfig, "speak_head": SpeakHeadConfig,
-                 "listen": ListenConfig, "vocoder": VocoderConfig}
+                 "listen": ListenConfig, "vocoder": VocoderConfig, "voicing": VoicingNetConfig}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in parts:
@@ -229,6 +255,7 @@ def tiny_melpca() -> MichiConfig:
     cfg = tiny()
     cfg.preset, cfg.latent_dim, cfg.codec, cfg.phone_frames = "tiny-melpca", 64, "melpca", True
     cfg.agent_feedback, cfg.decoder, cfg.durations = False, "voiced", True
+    cfg.voicing = VoicingNetConfig(width=192, dilations=(1, 2, 4, 8, 16, 32), residual=True, f0_bins=64)
     # The default model's sampling (its card: judge WER sweeps on the held-out sentences).
     cfg.speak_head.temperature, cfg.speak_head.cfg_scale = 0.3, 2.5
     return cfg

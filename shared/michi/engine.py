@@ -234,14 +234,7 @@ class BackboneEngine:
             user_latent = torch.zeros(n_rows, dim).index_copy_(0, index, user_latent)
             advance = torch.zeros(n_rows, dtype=torch.bool).index_fill_(0, index, True)
         device_index = index if everyone else index.to(self.device)
-        phones = next_phone = None
-        if self.phone_width:  # each row's phonemes for this tick, from its queue
-            taken = [r.phonemes.next_tick() for r in rows]
-            phones = torch.full((n_rows, self.phone_width), NO_PHONE, dtype=torch.long)
-            next_phone = torch.full((n_rows,), NO_PHONE, dtype=torch.long)
-            phones[index] = torch.tensor([p for p, _ in taken], dtype=torch.long)
-            next_phone[index] = torch.tensor([n for _, n in taken], dtype=torch.long)
-            phones, next_phone = phones.to(self.device), next_phone.to(self.device)
+        taken, phones, next_phone = self._tick_phonemes(rows, index)
         fused = m.backbone.embed_tick(self.agent_tokens.to(self.device), self.agent_latents,
                                       m.latent_norm.normalize(user_latent.to(self.device)), user_text.to(self.device),
                                       phones, next_phone)
@@ -274,6 +267,18 @@ class BackboneEngine:
             outputs = {key: TickOutput(token, latent) for key, token, latent in zip(inputs, tokens, raw)}
         lap("speak_head")
         return outputs
+
+    def _tick_phonemes(self, rows: list[_Row], index) -> tuple[list, torch.Tensor | None, torch.Tensor | None]:
+        """Each ticking row's phonemes for this tick, from its queue: (what each took, the phoneme
+        inputs [n_rows, phone_width], the next-phoneme flags [n_rows]); Nones without a stream."""
+        if not self.phone_width:
+            return [], None, None
+        taken = [r.phonemes.next_tick() for r in rows]
+        phones = torch.full((len(self.rows), self.phone_width), NO_PHONE, dtype=torch.long)
+        next_phone = torch.full((len(self.rows),), NO_PHONE, dtype=torch.long)
+        phones[index] = torch.tensor([p for p, _ in taken], dtype=torch.long)
+        next_phone[index] = torch.tensor([n for _, n in taken], dtype=torch.long)
+        return taken, phones.to(self.device), next_phone.to(self.device)
 
     def _forced_text(self, r: _Row, token: int) -> int:
         """The sampled token, or the call's next forced text token when the model asks for text (or

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from michi.config import tiny
+from michi.config import VoicingNetConfig, tiny
 from michi.model.backbone import Backbone, BackboneState
 from michi.model.conv import StreamingConv1d, StreamingConvTranspose1d
 from michi.model.listen import ListenEncoder, ListenTextHead
@@ -63,7 +63,8 @@ def _cases() -> dict[str, Callable[[], Case]]:
         return Case(MelPCADecoder(8), [torch.randn(B, n, 8) for n in (1, 2, 1)], 1)
 
     def voiced_decoder():
-        return Case(VoicedMelPCADecoder(8, width=16), [torch.randn(B, n, 8) for n in (1, 2, 1)], 1)
+        net = VoicingNetConfig(width=16, dilations=(1, 2, 4, 8), residual=True)
+        return Case(VoicedMelPCADecoder(8, voicing=net), [torch.randn(B, n, 8) for n in (1, 2, 1)], 1)
 
     def backbone():
         bb = Backbone(cfg)

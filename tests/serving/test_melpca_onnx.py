@@ -71,7 +71,9 @@ def test_graph_state_is_float_and_fresh_streams_are_zeros(model, repository):
         assert [(t.dims, t.dtype) for t in states] == [(tuple(f.shape[1:]), torch.float32) for f in fresh]
         assert all(not f.any() for f in fresh)
     # OLA tail, frame counter; the voiced decoder's phase, excitation tail and voicing-net buffers
-    assert [t.dims for t in specs["vocoder"].inputs[1:]] == [(720,), (1,), (1,), (720,), (80, 2), (128, 4), (128, 8)]
+    net = model.cfg.voicing
+    buffers = [(80 if i == 0 else net.width, 2 * d) for i, d in enumerate(net.dilations)]
+    assert [t.dims for t in specs["vocoder"].inputs[1:]] == [(720,), (1,), (1,), (720,), *buffers]
 
 
 def test_streams_on_onnxruntime_equal_torch_over_an_utterance(model, repository, speech):

@@ -6,7 +6,7 @@ import torch
 from michi.config import preset
 from michi.model.michi import MichiModel
 from michi.train.basis import BasisConfig, run_basis_stage
-from michi.train.batches import AudioBank, load_segments
+from michi.train.batches import AudioBank, load_segments, read_audio
 from michi.train.stages import OptimConfig
 from michi.train.voicing import VoicingConfig, VoicingStage, telephone
 
@@ -31,10 +31,16 @@ def test_voicing_stage_learns_on_real_speech(mini_corpus, tmp_path):
     model = MichiModel(preset("tiny-melpca"), load_pretrained=False)
     run_basis_stage(model, mini_corpus, tmp_path / "basis", BasisConfig(max_minutes=0.25), progress=lambda _: None)
     bank = AudioBank(mini_corpus, load_segments(mini_corpus))
-    stage = VoicingStage(model, bank, VoicingConfig(batch_size=4, ticks=8), OptimConfig(lr=3e-3, warmup_steps=5))
+    heldout = [a / 32768.0 for a in read_audio(mini_corpus, load_segments(mini_corpus, ("heldout_sentence",))[:3])]
+    stage = VoicingStage(model, bank, VoicingConfig(batch_size=4, ticks=8, eval_every=30),
+                         OptimConfig(lr=3e-3, warmup_steps=5), heldout=heldout)
     assert float(model.vocoder.voicing.in_std.mean()) != 1.0  # input statistics set from the corpus
     losses = [stage.step(i) for i in range(60)]
-    first = np.mean([l["loss"] for l in losses[:10]])
-    last = np.mean([l["loss"] for l in losses[-10:]])
-    assert last < 0.8 * first, (first, last)
+    for key in ("loss", "log_f0_l1", "voicing_bce"):
+        first = np.mean([l[key] for l in losses[:10]])
+        last = np.mean([l[key] for l in losses[-10:]])
+        assert last < 0.85 * first, (key, first, last)
     assert np.mean([l["voicing_accuracy"] for l in losses[-10:]]) > 0.7
+    # the held-out clips' figures, every eval_every steps
+    assert [i for i, l in enumerate(losses) if "heldout_f0_agreement" in l] == [29, 59]
+    assert 0.5 < losses[-1]["heldout_voicing_accuracy"] <= 1 and 0 <= losses[-1]["heldout_f0_agreement"] <= 1

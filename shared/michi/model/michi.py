@@ -68,7 +68,7 @@ class MichiModel(nn.Module):
             if cfg.decoder == "voiced":
                 from .voiced import VoicedMelPCADecoder
 
-                self.vocoder = VoicedMelPCADecoder(cfg.latent_dim)
+                self.vocoder = VoicedMelPCADecoder(cfg.latent_dim, voicing=cfg.voicing)
             else:
                 self.vocoder = MelPCADecoder(cfg.latent_dim)
             with torch.no_grad():

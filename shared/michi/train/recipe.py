@@ -51,6 +51,7 @@ from .durations import DurationBank, DurationConfig, DurationStage
 from .voicing import VoicingConfig, VoicingStage
 
 STAGES = ("text", "basis", "codec", "vocoder", "voicing", "durations", "speak", "joint", "baseline")
+VOICING_HELDOUT = 20  # held-out voice clips the voicing stage reports on (none trained on)
 CODEC_STAGES = {"learned": ("codec", "vocoder"), "melpca": ("basis", "voicing")}  # what fits each codec
 
 
@@ -176,10 +177,10 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
         return model.to(device)
     model, _ = load_checkpoint(rc.init, device=device)
     reshaped = any(getattr(target, k) != getattr(model.cfg, k)
-                   for k in ("phone_slots", "phone_frames", "agent_feedback", "decoder", "durations"))
+                   for k in ("phone_slots", "phone_frames", "agent_feedback", "decoder", "durations", "voicing"))
     if target.codec == "melpca" and reshaped:
-        # The preset adds (or drops) the phoneme stream or the latent feedback: new parts start
-        # new, dropped ones are left behind, the rest is copied.
+        # The preset adds (or drops) the phoneme stream or the latent feedback, or has another
+        # voicing net: new parts start new, dropped ones are left behind, the rest is copied.
         grown = MichiModel(target, load_pretrained=False).to(device)
         mine, theirs = grown.state_dict(), model.state_dict()
         copied = {k: v for k, v in theirs.items() if k in mine and v.shape == mine[k].shape}
@@ -270,7 +271,9 @@ def _run_codec_stages(rc: RecipeConfig, model: MichiModel, d, out: Path, fits: t
         log(f"[{codec_stages[0]}] {len(bank.audio)} segments, {bank.seconds / 60:.1f} min of audio")
         for stage in codec_stages:
             if stage == "voicing":
-                trainer = VoicingStage(model, bank, rc.voicing, _optim(rc, stage), seed=rc.seed)
+                held = load_segments(rc.corpus, ("heldout_voice",))[:VOICING_HELDOUT]
+                heldout = [(a / 32768.0).astype(np.float32) for a in read_audio(rc.corpus, held)] if held else None
+                trainer = VoicingStage(model, bank, rc.voicing, _optim(rc, stage), seed=rc.seed, heldout=heldout)
             else:
                 trainer = CodecStage(model, bank, tokenizer, d, rc.codec, _optim(rc, stage), seed=rc.seed, name=stage)
             run_stage(trainer, out / stage, _budget(rc, stage), d, progress=log)

@@ -8,7 +8,8 @@ after a random channel: half the crops pass through a telephone channel (8 kHz b
 mu-law), and every crop gets a random level (-20..+6 dB), so the decoder keeps its voice on callers
 as on the training voices. Some crops are pitch-shifted first (`PITCH_SHIFTS`, targets and all),
 so it learns f0 over a wider range than the training voices span. Loss: binary cross-entropy on
-voicing, plus the L1 distance of log f0 on the voiced frames.
+voicing, plus on the voiced frames the L1 distance of log f0 (a regressed f0) or the cross-entropy
+of its bins (a classified one, `VoicingNetConfig.f0_bins`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class VoicingConfig:
     pitch_shift: float = 0.6  # share of crops pitch-shifted (resampled) by one of PITCH_SHIFTS
     level_db: tuple[float, float] = (-20.0, 6.0)
     f0_weight: float = 2.0
+    eval_every: int = 250  # steps between the held-out figures (`voicing_errors`)
 
 
 # (up, down): a crop resampled by up/down plays down/up times higher (pitch and formants alike),
@@ -50,13 +52,47 @@ def telephone(pcm: np.ndarray) -> np.ndarray:
     return resample(narrow, 8_000, SAMPLE_RATE_HZ)[:len(pcm)].astype(np.float32)
 
 
+def f0_class_loss(logits: torch.Tensor, f0: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Per frame cross-entropy of f0 bin logits [B, bins, F] against target f0 [B, F] (Hz), the
+    target a Gaussian over the bins one bin wide (CREPE's blurred one-hot)."""
+    step = float(centers[1] - centers[0])
+    q = torch.exp(-0.5 * ((centers[None, :, None] - f0.log()[:, None]) / step) ** 2)
+    q = q / q.sum(1, keepdim=True).clamp(min=1e-12)
+    return -(q * torch.log_softmax(logits, 1)).sum(1)
+
+
+@torch.no_grad()
+def voicing_errors(model: MichiModel, clips: list[np.ndarray]) -> dict[str, float]:
+    """The voicing net on whole clean clips against their targets, over each clip's loud frames:
+    voicing accuracy, and f0 agreement (within 5 %, as `michi.eval.voicing`) on the frames both
+    call voiced. A minute's work on 20 clips, no resynthesis or judge: the stage's held-out curve."""
+    net = model.vocoder.voicing
+    was = net.training
+    net.eval()
+    loud = agree = both = close = 0
+    for pcm in clips:
+        target = voicing(pcm)
+        out = model.vocoder.predict_voicing(model.listen(torch.from_numpy(pcm)[None]).latents)
+        n = min(len(target["loud"]), out.f0.shape[1])
+        mask, voiced = target["loud"][:n], target["voiced"][:n]
+        said = (out.voiced_logit[0, :n] > 0).numpy()
+        f0_close = np.abs(out.f0[0, :n].numpy() / target["f0"][:n] - 1) < 0.05
+        loud, agree = loud + int(mask.sum()), agree + int((said == voiced)[mask].sum())
+        both, close = both + int((said & voiced).sum()), close + int((said & voiced & f0_close).sum())
+    net.train(was)
+    return {"voicing_accuracy": agree / max(loud, 1), "f0_agreement": close / max(both, 1)}
+
+
 class VoicingStage:
     name = "voicing"
 
-    def __init__(self, model: MichiModel, bank: AudioBank, vc: VoicingConfig, oc: OptimConfig, seed: int = 0):
+    def __init__(self, model: MichiModel, bank: AudioBank, vc: VoicingConfig, oc: OptimConfig, seed: int = 0,
+                 heldout: list[np.ndarray] | None = None):
+        """`heldout`: clips (float32, 24 kHz) whose `voicing_errors` are logged every `eval_every`
+        steps; none are trained on."""
         if not isinstance(model.vocoder, VoicedMelPCADecoder):
             raise ValueError("the voicing stage trains a voiced mel-PCA decoder (config decoder: voiced)")
-        self.model, self.bank, self.vc, self.oc = model, bank, vc, oc
+        self.model, self.bank, self.vc, self.oc, self.heldout = model, bank, vc, oc, heldout
         self.net = model.vocoder.voicing
         self.modules = {"voicing": self.net}
         self.optimizers = {"voicing": _adamw(self.net.parameters(), oc)}
@@ -111,9 +147,16 @@ class VoicingStage:
         f0 = torch.from_numpy(np.stack([t["f0"][:frames] for t in targets])).float()
         out = self.net(self._inputs(self._channel(audio)))
         bce = F.binary_cross_entropy_with_logits(out.voiced_logit, voiced)
-        f0_l1 = ((out.f0.log() - f0.log()).abs() * voiced).sum() / voiced.sum().clamp(min=1.0)
-        loss = bce + self.vc.f0_weight * f0_l1
+        frames_voiced = voiced.sum().clamp(min=1.0)
+        f0_l1 = ((out.f0.log() - f0.log()).abs() * voiced).sum() / frames_voiced
+        if out.f0_logits is None:
+            loss = bce + self.vc.f0_weight * f0_l1
+        else:
+            loss = bce + (f0_class_loss(out.f0_logits, f0, self.net.centers) * voiced).sum() / frames_voiced
         _apply(self.optimizers["voicing"], loss, step, self.progress, self.oc)
         accuracy = ((out.voiced_logit > 0).float() == voiced).float().mean()
-        return {"loss": loss.item(), "voicing_bce": bce.item(), "log_f0_l1": f0_l1.item(),
-                "voicing_accuracy": accuracy.item()}
+        figures = {"loss": loss.item(), "voicing_bce": bce.item(), "log_f0_l1": f0_l1.item(),
+                   "voicing_accuracy": accuracy.item()}
+        if self.heldout and (step + 1) % self.vc.eval_every == 0:
+            figures.update({f"heldout_{k}": v for k, v in voicing_errors(self.model, self.heldout).items()})
+        return figures
