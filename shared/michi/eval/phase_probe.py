@@ -7,7 +7,8 @@ keeps the words, on the codec evaluation's three sets?
 Each phase replaces the decoder's minimum phase for one run of `eval_codec` (the same items and
 judge as `michi eval codec --corpus C --limit N --asterisk-limit N`; "minimum" is the shipped
 decoder), "zero" (a real, zero-phase envelope, the decoder before), "half" (half the minimum
-phase), or `lifterL` (the minimum phase of the envelope's first L quefrencies). Prints each run's
+phase), `lifterL` (the minimum phase of the envelope's first L quefrencies) or `bandLO-HI` (the
+minimum phase below LO Hz, fading to zero phase at HI). Prints each run's
 WER per set and writes them all as JSON. About 4.5 minutes per phase on 2 CPU cores.
 """
 from __future__ import annotations
@@ -46,7 +47,12 @@ def phase_fn(name: str, minimum: PhaseFn) -> PhaseFn:
         return lambda magnitude: 0.5 * minimum(magnitude)
     if name.startswith("lifter") and name[6:].isdigit():
         return liftered(int(name[6:]))
-    raise ValueError(f"unknown phase {name!r}: zero, half, minimum or lifterL (e.g. lifter96)")
+    if name.startswith("band") and len(name[4:].split("-")) == 2:
+        lo, hi = (float(v) for v in name[4:].split("-"))
+        fade = ((hi - torch.arange(N_FFT // 2 + 1) * (voiced.SAMPLE_RATE / N_FFT)) / (hi - lo)).clamp(0.0, 1.0)
+        return lambda magnitude: fade * minimum(magnitude)
+    raise ValueError(f"unknown phase {name!r}: zero, half, minimum, lifterL (e.g. lifter96) "
+                     "or bandLO-HI (e.g. band1000-3000)")
 
 
 def main(argv: list[str] | None = None) -> int:
