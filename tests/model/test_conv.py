@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from michi.model.conv import StreamingConv1d, StreamingConvTranspose1d, reset_state
+from michi.model.conv import StreamingConv1d, StreamingConvTranspose1d
 
 
 def rel_err(a, b):
@@ -104,7 +104,7 @@ def test_reset_row_restarts_that_stream_only(make):
     with torch.inference_mode():
         state = conv.init_state(3)
         conv.step(first, state)
-        reset_state(state, torch.tensor([False, True, False]))
+        state.reset(torch.tensor([False, True, False]))
         out, _ = conv.step(second, state)
         fresh, _ = conv.step(second[1:2], conv.init_state(1))
         carried = conv(torch.cat([first, second], -1))[..., -out.shape[-1]:]

@@ -45,6 +45,14 @@ def test_control_characters_are_not_spoken():
     assert word_phonemes("\x00") == ()
 
 
+def test_word_phonemes_are_cached():
+    """Every forced word and every training clip's words go through espeak here: once per word."""
+    word_phonemes("cached")
+    hits = word_phonemes.cache_info().hits
+    word_phonemes("cached")
+    assert word_phonemes.cache_info().hits == hits + 1
+
+
 def test_word_matching_pairs_groups_either_way():
     a, b, c = (1, 2), (3,), (4, 5, 6)
     assert match_words([a, b, c], [a + b, c]) == [a + b, (), c]  # two text words, one spoken

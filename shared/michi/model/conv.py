@@ -139,11 +139,6 @@ class StreamingConvTranspose1d(StreamingModule, nn.ConvTranspose1d):
         return (y if self.bias is None else y + self.bias[:, None]), state
 
 
-def reset_state(state: StreamingState, mask: Tensor) -> None:
-    """Put the rows of `state` selected by `mask` [B] back to a fresh stream."""
-    state.reset(mask)
-
-
 def run(module: nn.Module, x: Tensor, state: Any) -> Tensor:
     """Apply a child offline (state None) or streaming, so composite modules keep one code path.
     (A child steps every row: the exec mask applies once, at the outermost `step`.)"""

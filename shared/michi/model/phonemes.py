@@ -57,13 +57,13 @@ def _tables():
     return EspeakPhonemizer(), ids
 
 
-@lru_cache(maxsize=65536)
 def speakable(text: str) -> str:
     """`text` without control characters (NUL and the like: a model may emit any byte, and espeak
     refuses them)."""
     return "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
 
 
+@lru_cache(maxsize=65536)
 def word_phonemes(word: str) -> tuple[int, ...]:
     """Phoneme ids of one word (with its punctuation), spaces dropped; () for no sound."""
     word = speakable(word).strip()
