@@ -30,26 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="loadtest/results/decoder-step-ab-cpu.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    minimum = voiced.minimum_phase
     k = preset("tiny-melpca").latent_dim
-    designs = {"before": (VoicingNetConfig(), torch.zeros_like), "now": (preset("tiny-melpca").voicing, minimum)}
-    decoders = {name: voiced.VoicedMelPCADecoder(k, voicing=net).eval() for name, (net, _) in designs.items()}
-    times: dict[str, list[float]] = {name: [] for name in designs}
+    decoders = {"before": voiced.VoicedMelPCADecoder(k, voicing=VoicingNetConfig()).eval(),
+                "now": voiced.VoicedMelPCADecoder(k, voicing=preset("tiny-melpca").voicing).eval()}
+    decoders["before"].envelope_phase = torch.zeros_like
+    times: dict[str, list[float]] = {name: [] for name in decoders}
     latent = 0.1 * torch.randn(1, 1, k, generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            for _ in range(args.rounds):
-                for name, (_, phase) in designs.items():
-                    voiced.minimum_phase = phase  # type: ignore[assignment]  # the decoder reads it here
-                    dec = decoders[name]
-                    state = dec.init_state(1)
-                    for i in range(args.ticks + 10):
-                        t0 = time.perf_counter()
-                        dec.step(latent, state)
-                        if i >= 10:  # warm-up
-                            times[name].append(time.perf_counter() - t0)
-    finally:
-        voiced.minimum_phase = minimum
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for name, dec in decoders.items():
+                state = dec.init_state(1)
+                for i in range(args.ticks + 10):
+                    t0 = time.perf_counter()
+                    dec.step(latent, state)
+                    if i >= 10:  # warm-up
+                        times[name].append(time.perf_counter() - t0)
     figures = {name: {"median_ms": 1e3 * float(np.median(t)), "p95_ms": 1e3 * float(np.percentile(t, 95))}
                for name, t in times.items()}
     report = {"command": "python -m loadtest.decoder_step_ab", "threads": 1, "ticks": args.ticks * args.rounds,

@@ -4,7 +4,8 @@ keeps the words, on the codec evaluation's three sets?
     python -m michi.eval.phase_probe [--model M] [--corpus data/eval] [--limit 60]
         [--phases zero,half,lifter96,minimum] [--out runs/eval/phase-probe.json]
 
-Each phase replaces the decoder's minimum phase for one run of `eval_codec` (the same items and
+Each phase replaces the decoder's envelope phase (`VoicedMelPCADecoder.envelope_phase`) for one
+run of `eval_codec` (the same items and
 judge as `michi eval codec --corpus C --limit N --asterisk-limit N`; "minimum" is the shipped
 decoder), "zero" (a real, zero-phase envelope, the decoder before), "half" (half the minimum
 phase), `lifterL` (the minimum phase of the envelope's first L quefrencies) or `bandLO-HI` (the
@@ -23,22 +24,12 @@ import torch
 from torch import Tensor
 
 from ..model import voiced
-from ..model.melpca import LOG_FLOOR, N_FFT
 
 PhaseFn = Callable[[Tensor], Tensor]
 
 
-def liftered(quefrencies: int) -> PhaseFn:
-    """The minimum phase of the envelope's first `quefrencies` cepstral coefficients."""
-    def phase(magnitude: Tensor) -> Tensor:
-        cepstrum = torch.fft.irfft(torch.log(magnitude.clamp(min=LOG_FLOOR)), n=N_FFT)
-        folded = torch.cat([cepstrum[..., :1], 2 * cepstrum[..., 1:quefrencies],
-                            torch.zeros_like(cepstrum[..., quefrencies:])], dim=-1)
-        return torch.fft.rfft(folded, n=N_FFT).imag
-    return phase
-
-
-def phase_fn(name: str, minimum: PhaseFn) -> PhaseFn:
+def phase_fn(name: str) -> PhaseFn:
+    minimum = voiced.minimum_phase
     if name == "minimum":
         return minimum
     if name == "zero":
@@ -46,10 +37,9 @@ def phase_fn(name: str, minimum: PhaseFn) -> PhaseFn:
     if name == "half":
         return lambda magnitude: 0.5 * minimum(magnitude)
     if name.startswith("lifter") and name[6:].isdigit():
-        return liftered(int(name[6:]))
+        return lambda magnitude: minimum(magnitude, int(name[6:]))
     if name.startswith("band") and len(name[4:].split("-")) == 2:
-        lo, hi = (float(v) for v in name[4:].split("-"))
-        fade = ((hi - torch.arange(N_FFT // 2 + 1) * (voiced.SAMPLE_RATE / N_FFT)) / (hi - lo)).clamp(0.0, 1.0)
+        fade = voiced.band_fade(*(float(v) for v in name[4:].split("-")))
         return lambda magnitude: fade * minimum(magnitude)
     raise ValueError(f"unknown phase {name!r}: zero, half, minimum, lifterL (e.g. lifter96) "
                      "or bandLO-HI (e.g. band1000-3000)")
@@ -69,24 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     from .speech import WhisperJudge, asterisk_prompts, eval_codec, load_segments
 
     names = args.phases.split(",")
-    minimum = voiced.minimum_phase
-    fns = {name: phase_fn(name, minimum) for name in names}  # unknown names fail before any work
+    fns = {name: phase_fn(name) for name in names}  # unknown names fail before any work
     michi = api.load(args.model or "default")
+    decoder = michi.model.vocoder
+    if not isinstance(decoder, voiced.VoicedMelPCADecoder):
+        raise SystemExit(f"{args.model or 'default'}: not a voiced mel-PCA decoder")
     sets = load_segments(args.corpus, ("heldout_sentence", "heldout_voice"), limit=args.limit)
     sets["asterisk"] = asterisk_prompts(args.limit)
     judge = WhisperJudge(threads=args.threads)
     results = {}
-    try:
-        for name in names:
-            voiced.minimum_phase = fns[name]  # type: ignore[assignment]  # the decoder reads it here
-            r = eval_codec(michi, sets, judge)
-            results[name] = {s: {"wer_resynth": v["wer_resynth"], "wer_original": v["wer_original"],
-                                 "gap_points": 100 * (v["wer_resynth"] - v["wer_original"])}
-                             for s, v in r["sets"].items()}
-            print(name, " | ".join(f"{s} {100 * v['wer_resynth']:.1f} vs {100 * v['wer_original']:.1f} %"
-                                   for s, v in r["sets"].items()), flush=True)
-    finally:
-        voiced.minimum_phase = minimum
+    for name in names:
+        decoder.envelope_phase = fns[name]
+        r = eval_codec(michi, sets, judge)
+        results[name] = {s: {"wer_resynth": v["wer_resynth"], "wer_original": v["wer_original"],
+                             "gap_points": 100 * (v["wer_resynth"] - v["wer_original"])}
+                         for s, v in r["sets"].items()}
+        print(name, " | ".join(f"{s} {100 * v['wer_resynth']:.1f} vs {100 * v['wer_original']:.1f} %"
+                               for s, v in r["sets"].items()), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(sys.argv), "limit": args.limit, "results": results}, indent=1) + "\n")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +53,11 @@ MAX_TICKS_PER_PASS = 16  # `forward` runs the excitation in passes of at most th
 F0_PEAK_BINS = 2  # a classified f0 is read from the most likely bin and this many on each side
 
 
-def minimum_phase(magnitude: Tensor) -> Tensor:
+def minimum_phase(magnitude: Tensor, quefrencies: int | None = None) -> Tensor:
     """The phase [..., 513] of the minimum-phase filter whose magnitude is `magnitude` [..., 513]:
     the real cepstrum of its log, folded onto the positive quefrencies (as source-filter vocoders
-    such as WORLD give the vocal tract its phase).
+    such as WORLD give the vocal tract its phase). `quefrencies`: keep only the first ones (the
+    envelope's smooth part), for comparison (`michi.eval.phase_probe`).
 
     Its response is longer than a zero-phase one where the mel pseudo-inverse leaves deep nulls, and
     the frame's window cuts what runs past it: voiced speech comes out 1.5 dB quieter (0.6 to 2.2
@@ -65,9 +66,16 @@ def minimum_phase(magnitude: Tensor) -> Tensor:
     against 18.3 % judge WER (the model card's phase table, `michi.eval.phase_probe`)."""
     cepstrum = torch.fft.irfft(torch.log(magnitude.clamp(min=LOG_FLOOR)), n=N_FFT)
     half = N_FFT // 2
-    folded = torch.cat([cepstrum[..., :1], 2 * cepstrum[..., 1:half], cepstrum[..., half:half + 1],
-                        torch.zeros_like(cepstrum[..., half + 1:])], dim=-1)
-    return torch.fft.rfft(folded, n=N_FFT).imag
+    folded = [cepstrum[..., :1], 2 * cepstrum[..., 1:half if quefrencies is None else quefrencies]]
+    if quefrencies is None:
+        folded.append(cepstrum[..., half:half + 1])  # the Nyquist quefrency, once
+    return torch.fft.rfft(torch.cat(folded, dim=-1), n=N_FFT).imag  # zeros after, by the padding
+
+
+def band_fade(lo_hz: float, hi_hz: float) -> Tensor:
+    """A weight per frequency bin [513]: 1 below lo_hz, 0 above hi_hz, linear between."""
+    freqs = torch.arange(BINS, device="cpu") * (SAMPLE_RATE / N_FFT)
+    return ((hi_hz - freqs) / (hi_hz - lo_hz)).clamp(0.0, 1.0)
 
 
 @dataclass
@@ -150,9 +158,10 @@ class VoicedMelPCADecoder(MelPCADecoder):
     def __init__(self, k: int, seed: int = 0, voicing: VoicingNetConfig | None = None):
         super().__init__(k, seed)
         self.voicing = VoicingNet(voicing)
-        freqs = torch.arange(BINS, device="cpu") * (SAMPLE_RATE / N_FFT)
-        lo, hi = VOICED_BAND_HZ
-        self.register_buffer("band", ((hi - freqs) / (hi - lo)).clamp(0.0, 1.0), persistent=False)
+        # The envelope's phase from its magnitude; an instance may set another to compare decoders
+        # (`michi.eval.phase_probe`, `loadtest.decoder_step_ab`).
+        self.envelope_phase: Callable[[Tensor], Tensor] = minimum_phase
+        self.register_buffer("band", band_fade(*VOICED_BAND_HZ), persistent=False)
         self.register_buffer("harmonics", torch.arange(1, HARMONICS + 1, dtype=torch.float32, device="cpu"), persistent=False)
 
     def init_state(self, batch_size: int, device: Any = None,
@@ -197,7 +206,7 @@ class VoicedMelPCADecoder(MelPCADecoder):
         power = pulse[..., :HARMONIC_BINS].abs().square().mean(-1, keepdim=True)  # where the harmonics are
         pulse = pulse * (COHERENT_GAIN * torch.rsqrt(power + 1e-12))
         share = torch.sigmoid(voicing.voiced_logit)[..., None] * self.band  # [B, F, 513]
-        envelope = torch.polar(magnitude, minimum_phase(magnitude))
+        envelope = torch.polar(magnitude, self.envelope_phase(magnitude))
         return envelope * (share.sqrt() * pulse + (1.0 - share).sqrt() * noise)
 
     @torch.no_grad()
