@@ -42,8 +42,19 @@ from pathlib import Path
 import numpy as np
 
 from loadtest import run
-from loadtest.common import (MAX_FIRST_AUDIO_MS, MAX_MISSED, backbone_deltas, cpu_snapshot, cpu_use,
-                             gateway_deltas, percentiles, save_figure, say, scrape, write_report)
+from loadtest.common import (
+    MAX_FIRST_AUDIO_MS,
+    MAX_MISSED,
+    backbone_deltas,
+    cpu_snapshot,
+    cpu_use,
+    gateway_deltas,
+    percentiles,
+    save_figure,
+    say,
+    scrape,
+    write_report,
+)
 from loadtest.scenarios import Speech, load_speech, plan_call
 
 REFUSED = "RESOURCE_EXHAUSTED"

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import michi
+from loadtest.common import MAX_FIRST_AUDIO_MS, MAX_MISSED, T0, delta, say, scrape, write_report
 from michi.audio.io import read_wav
 from michi.bench import machine_info
 from michi.config import TICK_S
@@ -42,8 +43,6 @@ from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.serving import client
 from michi.serving.launcher import Mesh, free_port, wait_healthy
 from michi.serving.server import CHANNEL_OPTIONS
-
-from loadtest.common import MAX_FIRST_AUDIO_MS, MAX_MISSED, T0, delta, say, scrape, write_report
 
 SPEECH = Path("/usr/share/asterisk/sounds/en/demo-congrats.wav")
 LEVELS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)

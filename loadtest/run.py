@@ -42,11 +42,22 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from michi.config import SAMPLE_RATE_HZ, TICK_S
-
-from loadtest.common import (MAX_FIRST_AUDIO_MS, MAX_MISSED, backbone_deltas, cpu_snapshot, cpu_use,
-                             gateway_deltas, objective, percentiles, save_figure, say, scrape, write_report)
+from loadtest.common import (
+    MAX_FIRST_AUDIO_MS,
+    MAX_MISSED,
+    backbone_deltas,
+    cpu_snapshot,
+    cpu_use,
+    gateway_deltas,
+    objective,
+    percentiles,
+    save_figure,
+    say,
+    scrape,
+    write_report,
+)
 from loadtest.scenarios import AUDIO_SCENARIOS, SCENARIOS, Plan, load_speech, plan_call, schedule
+from michi.config import SAMPLE_RATE_HZ, TICK_S
 
 OUT_RATE = SAMPLE_RATE_HZ  # the agent's audio as the calls take it: the model rate (client.config's default)
 CHUNK_MS = 20

@@ -15,13 +15,13 @@ from michi.audio.io import AudioError
 from michi.audio.pcm import Encoding, check_format, decode
 from michi.audio.resample import StreamingResampler
 from michi.model.listen import emitted
-from michi.serving.execution import EncoderStream, TorchEncoderStream
-from michi.serving.triton.client import TritonError
 from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
 from michi.serving.admission import Admission, refuse
+from michi.serving.execution import EncoderStream, TorchEncoderStream
 from michi.serving.liveness import WatchedExecutor
 from michi.serving.metrics import LIVE_SESSIONS
 from michi.serving.stage_cli import DEFAULT_MAX_CALLS
+from michi.serving.triton.client import TritonError
 
 log = structlog.get_logger()
 

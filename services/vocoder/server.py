@@ -10,12 +10,12 @@ import structlog
 
 from michi.api import Michi
 from michi.proto.vocoder.v1 import vocoder_pb2, vocoder_pb2_grpc
-from michi.serving.execution import TorchVocoderStream, VocoderStream
-from michi.serving.triton.client import TritonError
 from michi.serving.admission import Admission, refuse
+from michi.serving.execution import TorchVocoderStream, VocoderStream
 from michi.serving.liveness import WatchedExecutor
 from michi.serving.metrics import LIVE_SESSIONS
 from michi.serving.stage_cli import DEFAULT_MAX_CALLS
+from michi.serving.triton.client import TritonError
 
 log = structlog.get_logger()
 

@@ -12,8 +12,8 @@ import torch
 
 from .api import UNTRAINED_WARNING, Michi, load
 from .config import MichiConfig
-from .model.backbone import backbone_config_from_hf
 from .generate import TTS_TAIL_TICKS
+from .model.backbone import backbone_config_from_hf
 from .model.michi import MichiModel
 
 MODEL_HELP = "default (the shipped trained model), a preset (tiny, full: random weights) or a checkpoint directory"

@@ -8,9 +8,17 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import michi
-from michi.eval.text import (HFTextLM, MichiTextLM, TextLM, compare_perplexity, limit_bytes, load_text_lm,
-                             perplexity, select_indices)
 from michi.data.text import read_texts
+from michi.eval.text import (
+    HFTextLM,
+    MichiTextLM,
+    TextLM,
+    compare_perplexity,
+    limit_bytes,
+    load_text_lm,
+    perplexity,
+    select_indices,
+)
 from michi.eval.text_cli import add_text_eval_commands, heldout_texts
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."

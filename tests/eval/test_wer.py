@@ -1,8 +1,20 @@
 """WER: normalisation and alignment counts, checked against hand-computed cases."""
 import pytest
 
-from michi.eval.wer import (ErrorCounts, align, cer, char_errors, corpus_counts, corpus_wer, normalize_text,
-                            number_to_words, ordinal_words, summary, wer, word_errors)
+from michi.eval.wer import (
+    ErrorCounts,
+    align,
+    cer,
+    char_errors,
+    corpus_counts,
+    corpus_wer,
+    normalize_text,
+    number_to_words,
+    ordinal_words,
+    summary,
+    wer,
+    word_errors,
+)
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -5,8 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from loadtest.common import (backbone_deltas, cpu_use, delta, gateway_deltas, objective, percentiles,
-                             process_cpu_s)
+from loadtest.common import backbone_deltas, cpu_use, delta, gateway_deltas, objective, percentiles, process_cpu_s
 from loadtest.run import CallRecord, Marks, Msg, aggregate, analyse, level_row, playout, sample_played_at
 from loadtest.scenarios import SCENARIOS, Speech, plan_call, schedule, speech_bounds
 

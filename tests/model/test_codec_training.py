@@ -5,8 +5,13 @@ import torch
 
 from michi.audio.mel import log_mel_spectrogram, mel_filterbank
 from michi.config import FRAME_SAMPLES, tiny
-from michi.model.discriminators import (MultiPeriodDiscriminator, MultiScaleDiscriminator,
-                                        codec_generator_loss, discriminator_loss, mel_l1_loss)
+from michi.model.discriminators import (
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+    codec_generator_loss,
+    discriminator_loss,
+    mel_l1_loss,
+)
 from michi.model.listen import ListenEncoder
 from michi.model.vocoder import Vocoder
 

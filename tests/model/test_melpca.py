@@ -5,8 +5,20 @@ import numpy as np
 import pytest
 import torch
 
-from michi.model.melpca import (BINS, DECODER_DELAY, PAD, PHASE_PERIOD, TICK, TICK_DIM, MelPCABasis,
-                                MelPCACodec, causal_log_mel, fit_basis, random_phases, tick_vectors)
+from michi.model.melpca import (
+    BINS,
+    DECODER_DELAY,
+    PAD,
+    PHASE_PERIOD,
+    TICK,
+    TICK_DIM,
+    MelPCABasis,
+    MelPCACodec,
+    causal_log_mel,
+    fit_basis,
+    random_phases,
+    tick_vectors,
+)
 from michi.model.state import load_state_tensors, state_tensors
 
 RATE = 24_000

@@ -1,9 +1,9 @@
 """The mel-PCA codec as a model's codec (`codec: melpca`, the `tiny-melpca` preset): the Session, the
 checkpoint, the stage streams, and old configs that predate the choice."""
 import json
-from dataclasses import replace
 import shutil
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest

@@ -8,8 +8,17 @@ from michi.config import tiny_melpca
 from michi.data.align import align_frames, frame_slots, word_phone_times
 from michi.engine import BackboneEngine, HistoryTick, TickInput
 from michi.model.michi import MichiModel
-from michi.model.phonemes import (FRAME_START, NO_PHONE, PHONE_SLOTS, FrameQueue, PhonemeQueue, match_words,
-                                  symbols, text_phonemes, word_phonemes)
+from michi.model.phonemes import (
+    FRAME_START,
+    NO_PHONE,
+    PHONE_SLOTS,
+    FrameQueue,
+    PhonemeQueue,
+    match_words,
+    symbols,
+    text_phonemes,
+    word_phonemes,
+)
 from michi.model.tokenizer import ByteTokenizer
 from michi.train.batches import next_phones
 

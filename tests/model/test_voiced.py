@@ -3,14 +3,13 @@ analytic decoder whispers, at the analytic decoder's level."""
 import numpy as np
 import pytest
 import torch
+from test_melpca import _rel, _speechlike  # tests/model is on sys.path (rootdir import mode)
 
 from michi.config import VoicingNetConfig
 from michi.eval.voicing import voicing
 from michi.model.melpca import PAD, TICK, MelPCADecoder, fit_basis
 from michi.model.state import load_state_tensors, state_tensors
 from michi.model.voiced import VoicedMelPCADecoder, VoicingNet, f0_bin_centers, minimum_phase
-
-from test_melpca import _rel, _speechlike  # tests/model is on sys.path (rootdir import mode)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import time
 
 import grpc
 import pytest
+from mesh_support import load_session, requests, run, status
 
 from michi.proto.backbone.v1 import backbone_pb2
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.serving import client
 from michi.serving.launcher import free_port, wait_healthy
-from mesh_support import load_session, requests, run, status
 
 LIMITS = {"max-calls": 2, "config-timeout-s": 1, "idle-timeout-s": 1.5, "max-text-bytes": 2048,
           "max-call-text-bytes": 3000, "context-positions": 900, "lease-s": 0.6}

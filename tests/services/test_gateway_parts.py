@@ -8,10 +8,10 @@ import pytest
 
 from michi.audio.pcm import Encoding, encode
 from michi.proto.gateway.v1 import gateway_pb2 as pb
-from services.gateway.contract import BadRequest, Limits, parse_config, parse_token, public_token
-from services.gateway.inbox import CallInbox, Corrupt, parse_request
 from services.gateway.call import cut_turn
+from services.gateway.contract import BadRequest, Limits, parse_config, parse_token, public_token
 from services.gateway.events import BargeIn, TurnEnd, TurnStart, to_proto
+from services.gateway.inbox import CallInbox, Corrupt, parse_request
 from services.gateway.timeline import AgentTimeline
 from services.gateway.turns import TurnManager, TurnSettings
 

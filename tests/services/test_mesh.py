@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from mesh_support import load_session, requests, run, status
 
 import michi
 from michi.generate import tts, tts_max_ticks
-from services.gateway.stages import rendezvous_order
 from michi.proto.gateway.v1 import gateway_pb2 as pb
 from michi.proto.gateway.v1 import gateway_pb2_grpc
 from michi.serving import client
 from michi.serving.launcher import free_port
-from mesh_support import load_session, requests, run, status
+from services.gateway.stages import rendezvous_order
 
 FRAME = 1920
 

@@ -205,8 +205,8 @@ async def _encode(address: str, pcm: np.ndarray, rate: int, chunk: int) -> list:
 
 def test_listen_stage_on_triton_hears_as_in_process(model, triton_mesh, speech):
     """Real human speech (8 kHz) into the listen stage: the same latents and text as in-process."""
-    from services.listen.server import ListenStream
     from michi.serving.execution import TorchEncoderStream
+    from services.listen.server import ListenStream
 
     pcm, rate = speech
     pcm = pcm[: 2 * rate]

@@ -13,8 +13,7 @@ from michi.config import preset
 from michi.model.melpca import TICK, fit_basis
 from michi.model.michi import MichiModel
 from michi.model.state import state_tensors
-from michi.serving.execution import (OnnxStep, TorchEncoderStream, TorchVocoderStream, encoder_streams,
-                                     vocoder_streams)
+from michi.serving.execution import OnnxStep, TorchEncoderStream, TorchVocoderStream, encoder_streams, vocoder_streams
 from michi.serving.triton.export import MODELS, ONNX_FILE, initial_state, write_repository
 
 pytestmark = pytest.mark.skipif(shutil.which("flite") is None, reason="needs flite (apt: flite)")

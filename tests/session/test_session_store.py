@@ -8,9 +8,18 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from michi.session import (BadResumeToken, LeaseLost, MemoryStore, RedisStore, SessionBusy,
-                           SessionEnded, SessionExists, SessionNotFound, TranscriptEntry,
-                           open_store)
+from michi.session import (
+    BadResumeToken,
+    LeaseLost,
+    MemoryStore,
+    RedisStore,
+    SessionBusy,
+    SessionEnded,
+    SessionExists,
+    SessionNotFound,
+    TranscriptEntry,
+    open_store,
+)
 
 CONFIG = {"voice": "kal16", "sample_rate_hz": 24000, "duplex": True, "prompt": "héllo 日本 😀"}
 

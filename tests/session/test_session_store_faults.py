@@ -9,8 +9,15 @@ import uuid
 import pytest
 from structlog.testing import capture_logs
 
-from michi.session import (LeaseLost, RedisStore, SessionBusy, SessionNotFound,
-                           StoreUnavailable, TranscriptEntry, open_store)
+from michi.session import (
+    LeaseLost,
+    RedisStore,
+    SessionBusy,
+    SessionNotFound,
+    StoreUnavailable,
+    TranscriptEntry,
+    open_store,
+)
 
 BOUND_S = 3.0  # every failing call must raise within this
 

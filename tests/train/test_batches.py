@@ -3,8 +3,8 @@ import numpy as np
 import torch
 
 from michi.data.shards import Utterance, write_manifest, write_shard
-from michi.train.batches import SequenceBank, TextBank
 from michi.model.tokenizer import ByteTokenizer
+from michi.train.batches import SequenceBank, TextBank
 
 
 def _corpus(tmp_path, lengths=(5, 9, 3)):

@@ -15,8 +15,8 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 import warnings
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 with warnings.catch_warnings():  # luigi warns at import about range-task autoloading

@@ -32,12 +32,28 @@ from pathlib import Path
 import numpy as np
 
 from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ
-from .corpus import (BAD_FILES_FILE, DEFAULT_HELDOUT_SENTENCES, DEFAULT_SENTENCES_PER_VOICE, DEFAULT_TTS_SENTENCES,
-                     SEGMENTS_FILE, format_stats, read_jsonl, stats, text_fit_padding)
+from .corpus import (
+    BAD_FILES_FILE,
+    DEFAULT_HELDOUT_SENTENCES,
+    DEFAULT_SENTENCES_PER_VOICE,
+    DEFAULT_TTS_SENTENCES,
+    SEGMENTS_FILE,
+    format_stats,
+    read_jsonl,
+    stats,
+    text_fit_padding,
+)
 from .pipeline import Progress, luigi, write_flac_atomic, write_json_atomic, write_jsonl_atomic
 from .text import sentences
-from .voices import (DEFAULT_HELDOUT_VOICE, DEFAULT_TRAIN_VOICES, DEFAULT_TTS_VOICE, VOICES, get_voice,
-                     synthesize_batch, trim_silence)
+from .voices import (
+    DEFAULT_HELDOUT_VOICE,
+    DEFAULT_TRAIN_VOICES,
+    DEFAULT_TTS_VOICE,
+    VOICES,
+    get_voice,
+    synthesize_batch,
+    trim_silence,
+)
 from .wordtimes import align_known_words
 
 CHUNK = 40  # items per Luigi task (each loads Whisper and the voice: ~1.5 s)

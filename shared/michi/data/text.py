@@ -16,8 +16,8 @@ with the same Debian packages.
 from __future__ import annotations
 
 import hashlib
-import json
 import html
+import json
 import re
 from functools import lru_cache
 from pathlib import Path

@@ -28,10 +28,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..generate import TTS_TAIL_TICKS
-
 from ..audio.io import as_mono_float32, read_wav, resample, write_wav
 from ..config import SAMPLE_RATE_HZ
+from ..generate import TTS_TAIL_TICKS
 from .voicing import voicing_counts, voicing_figures
 from .wer import char_errors, normalize_text, summary, word_errors
 

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import michi
+
     from ..data.shards import iter_utterances
     from . import speech
     from .wer import corpus_wer

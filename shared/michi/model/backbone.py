@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..config import BackboneConfig, MichiConfig
-from .streaming import StreamingModule, StreamingState
 from .phonemes import FRAMES_PER_TICK, NO_PHONE, NUM_PHONEME_IDS
+from .streaming import StreamingModule, StreamingState
 from .tokenizer import NUM_STREAM_TOKENS, StreamVocab
 
 

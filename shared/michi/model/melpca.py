@@ -46,8 +46,8 @@ from torch import Tensor, nn
 
 from ..audio.mel import mel_filterbank
 from .conv import ConvState
-from .streaming import StreamingModule, StreamingState
 from .listen import ListenOutput
+from .streaming import StreamingModule, StreamingState
 
 SAMPLE_RATE = 24_000
 HOP = 240  # 10 ms: 100 frames per second

@@ -21,9 +21,9 @@ Two ways onto the tick axis (`data.align`), both from when each phoneme starts i
 from __future__ import annotations
 
 import re
-from collections import deque
 import threading
 import unicodedata
+from collections import deque
 from functools import lru_cache
 
 NUM_PHONEME_IDS = 256  # the embedding table's size: piper's ids (< 166) with room to spare

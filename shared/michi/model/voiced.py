@@ -38,9 +38,20 @@ from torch import Tensor, nn
 
 from ..config import VoicingNetConfig
 from .conv import StreamingConv1d
+from .melpca import (
+    BINS,
+    HOP,
+    LOG_FLOOR,
+    N_FFT,
+    N_MELS,
+    PAD,
+    SAMPLE_RATE,
+    TICK,
+    WINDOW,
+    MelPCADecoder,
+    MelPCADecoderState,
+)
 from .streaming import StateDict, StreamingModule
-from .melpca import (BINS, HOP, LOG_FLOOR, N_FFT, N_MELS, PAD, SAMPLE_RATE, TICK, WINDOW, MelPCADecoder,
-                     MelPCADecoderState)
 
 F0_MIN_HZ, F0_MAX_HZ = 60.0, 400.0
 HARMONIC_MAX_HZ = 6_000.0

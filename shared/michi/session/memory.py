@@ -11,9 +11,23 @@ from typing import Any
 
 import structlog
 
-from .store import (DEFAULT_TTL_S, BadResumeToken, LeaseLost, SessionBusy, SessionEnded,
-                    SessionExists, SessionNotFound, SessionRecord, SessionStore, TranscriptEntry,
-                    check_config, check_owner, ended_message, new_resume_token, token_hash)
+from .store import (
+    DEFAULT_TTL_S,
+    BadResumeToken,
+    LeaseLost,
+    SessionBusy,
+    SessionEnded,
+    SessionExists,
+    SessionNotFound,
+    SessionRecord,
+    SessionStore,
+    TranscriptEntry,
+    check_config,
+    check_owner,
+    ended_message,
+    new_resume_token,
+    token_hash,
+)
 
 log = structlog.get_logger()
 

@@ -25,10 +25,24 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .store import (DEFAULT_TTL_S, BadResumeToken, LeaseLost, SessionBusy, SessionEnded,
-                    SessionExists, SessionNotFound, SessionRecord, SessionStore,
-                    StoreUnavailable, TranscriptEntry, check_config, check_owner, ended_message,
-                    new_resume_token, token_hash)
+from .store import (
+    DEFAULT_TTL_S,
+    BadResumeToken,
+    LeaseLost,
+    SessionBusy,
+    SessionEnded,
+    SessionExists,
+    SessionNotFound,
+    SessionRecord,
+    SessionStore,
+    StoreUnavailable,
+    TranscriptEntry,
+    check_config,
+    check_owner,
+    ended_message,
+    new_resume_token,
+    token_hash,
+)
 
 log = structlog.get_logger()
 

@@ -17,6 +17,7 @@ from ..config import SAMPLE_RATE_HZ
 from ..data.shards import Utterance, iter_utterances
 from ..model.phonemes import FRAME_START, NO_PHONE
 
+
 def load_segments(corpus_dir: str | Path, splits: Sequence[str] = ("train",),
                   speakers: Sequence[str] | None = None) -> list[dict]:
     """The corpus's segments of these splits (and speakers)."""

@@ -45,9 +45,9 @@ from ..model.vocoder import Vocoder
 from .basis import BASIS_FILE, BasisConfig, run_basis_stage
 from .basis import INFO_FILE as BASIS_INFO_FILE
 from .batches import AudioBank, SequenceBank, TextBank, load_segments, read_audio
+from .durations import DurationBank, DurationConfig, DurationStage
 from .loop import StageBudget, barrier, run_stage, setup, stage_info
 from .stages import CodecConfig, CodecStage, OptimConfig, SequenceConfig, SequenceStage
-from .durations import DurationBank, DurationConfig, DurationStage
 from .voicing import VoicingConfig, VoicingStage
 
 STAGES = ("text", "basis", "codec", "vocoder", "voicing", "durations", "speak", "joint", "baseline")

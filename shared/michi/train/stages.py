@@ -22,8 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model.discriminators import (MultiPeriodDiscriminator, MultiScaleDiscriminator,
-                                    codec_generator_loss, discriminator_loss)
+from ..model.discriminators import (
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+    codec_generator_loss,
+    discriminator_loss,
+)
 from ..model.michi import MichiModel
 from .batches import AudioBank, SequenceBank, TextBank
 from .loop import Dist, wrap
