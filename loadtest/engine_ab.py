@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from .common import say
-
-ROOT = Path(__file__).resolve().parents[1]
+from .trees import ROOT, median, short_rev, tree_env, worktree
 
 # Runs inside each side's tree (only the engine API both sides share).
 PROBE = r"""
@@ -42,28 +39,15 @@ for t in range(warmup + ticks):
     sync(); t0 = time.perf_counter(); engine.tick(inputs); sync()
     if t >= warmup:
         times.append(1e3 * (time.perf_counter() - t0))
-print(json.dumps({"file": michi.__file__, "times_ms": times}))
+print(json.dumps({"times_ms": times}))
 """
 
 
 def run_side(tree: Path, args, batch: int) -> list[float]:
-    with tempfile.TemporaryDirectory() as link_dir:  # `import michi` from this tree's shared/michi
-        if (tree / "shared" / "michi").is_dir():
-            link_dir = str(tree / "shared")
-        else:  # a tree from before folder = package: shared/ was the package
-            os.symlink(tree / "shared", Path(link_dir) / "michi")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([link_dir, str(tree)])}
+    with tree_env(tree) as env:
         out = subprocess.run([sys.executable, "-c", PROBE, args.preset, args.device, str(batch), str(args.ticks),
                               str(args.warmup), str(args.threads)], env=env, capture_output=True, text=True, check=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-    if not result["file"].startswith(link_dir):
-        raise RuntimeError(f"imported {result['file']}, not the tree under test")
-    return result["times_ms"]
-
-
-def median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2]
+    return json.loads(out.stdout.strip().splitlines()[-1])["times_ms"]
 
 
 def main() -> None:
@@ -78,29 +62,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating before/after runs per batch size")
     p.add_argument("--json", type=Path, default=Path("loadtest/results/engine-ab.json"))
     args = p.parse_args()
-    rev = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    after_rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    with tempfile.TemporaryDirectory() as tmp:
-        before_tree = Path(tmp) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(before_tree), rev], cwd=ROOT, check=True,
-                       capture_output=True)
-        try:
-            results = {}
-            for batch in [int(b) for b in args.batches.split(",")]:
-                rounds = {"before": [], "after": []}  # per-round medians
-                for r in range(args.rounds):
-                    for side, tree in (("before", before_tree), ("after", ROOT)):
-                        rounds[side].append(median(run_side(tree, args, batch)))
-                        say(f"{batch} calls, round {r + 1}/{args.rounds}, {side}: median {rounds[side][-1]:.2f} ms")
-                ratios = [a / b for a, b in zip(rounds["after"], rounds["before"])]
-                results[str(batch)] = {"before_median_ms": median(rounds["before"]),
-                                       "after_median_ms": median(rounds["after"]),
-                                       "after_over_before": median(ratios), "round_ratios": ratios,
-                                       "rounds_ms": rounds, "ticks_per_round": args.ticks}
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=ROOT, capture_output=True)
+    rev, after_rev = short_rev(args.before), short_rev("HEAD")
+    with worktree(rev) as before_tree:
+        results = {}
+        for batch in [int(b) for b in args.batches.split(",")]:
+            rounds = {"before": [], "after": []}  # per-round medians
+            for r in range(args.rounds):
+                for side, tree in (("before", before_tree), ("after", ROOT)):
+                    rounds[side].append(median(run_side(tree, args, batch)))
+                    say(f"{batch} calls, round {r + 1}/{args.rounds}, {side}: median {rounds[side][-1]:.2f} ms")
+            ratios = [a / b for a, b in zip(rounds["after"], rounds["before"])]
+            results[str(batch)] = {"before_median_ms": median(rounds["before"]),
+                                   "after_median_ms": median(rounds["after"]),
+                                   "after_over_before": median(ratios), "round_ratios": ratios,
+                                   "rounds_ms": rounds, "ticks_per_round": args.ticks}
     from michi.bench import machine_info
 
     report = {"what": "BackboneEngine.tick, before vs after, alternating processes in one run",
