@@ -15,9 +15,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 from .common import say
-from .trees import ROOT, median, short_rev, tree_env, worktree
+from .trees import short_rev, sides
 
 # Runs inside each side's tree (only the engine API both sides share).
 PROBE = r"""
@@ -43,10 +44,9 @@ print(json.dumps({"times_ms": times}))
 """
 
 
-def run_side(tree: Path, args, batch: int) -> list[float]:
-    with tree_env(tree) as env:
-        out = subprocess.run([sys.executable, "-c", PROBE, args.preset, args.device, str(batch), str(args.ticks),
-                              str(args.warmup), str(args.threads)], env=env, capture_output=True, text=True, check=True)
+def run_side(env: dict[str, str], args, batch: int) -> list[float]:
+    out = subprocess.run([sys.executable, "-c", PROBE, args.preset, args.device, str(batch), str(args.ticks),
+                          str(args.warmup), str(args.threads)], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["times_ms"]
 
 
@@ -63,13 +63,13 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=Path("loadtest/results/engine-ab.json"))
     args = p.parse_args()
     rev, after_rev = short_rev(args.before), short_rev("HEAD")
-    with worktree(rev) as before_tree:
+    with sides(rev) as both:
         results = {}
         for batch in [int(b) for b in args.batches.split(",")]:
             rounds = {"before": [], "after": []}  # per-round medians
             for r in range(args.rounds):
-                for side, tree in (("before", before_tree), ("after", ROOT)):
-                    rounds[side].append(median(run_side(tree, args, batch)))
+                for side, _, env in both:
+                    rounds[side].append(median(run_side(env, args, batch)))
                     say(f"{batch} calls, round {r + 1}/{args.rounds}, {side}: median {rounds[side][-1]:.2f} ms")
             ratios = [a / b for a, b in zip(rounds["after"], rounds["before"])]
             results[str(batch)] = {"before_median_ms": median(rounds["before"]),

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 from .common import say
-from .trees import ROOT, median, short_rev, tree_env, worktree
+from .trees import short_rev, sides
 
 FIGURES = {  # name -> path in a mesh_bench report
     "in_process_first_audio_ms": ("in_process", "first_audio", "median_ms"),
@@ -32,12 +33,11 @@ FIGURES = {  # name -> path in a mesh_bench report
 }
 
 
-def run_side(tree: Path, args, out: Path) -> dict[str, float]:
-    """One `loadtest.mesh_bench` run of `tree`: its FIGURES."""
+def run_side(tree: Path, env: dict[str, str], args, out: Path) -> dict[str, float]:
+    """One `loadtest.mesh_bench` run of `tree` in `env`: its FIGURES."""
     cmd = [sys.executable, "-m", "loadtest.mesh_bench", "--json", str(out), "--calls", str(args.calls),
            "--ticks", str(args.ticks), "--max-calls", str(args.max_calls)]
-    with tree_env(tree) as env:
-        subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True, text=True)
     report = json.loads(out.read_text())
     figures = {}
     for name, path in FIGURES.items():
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rev, after_rev = short_rev(args.before), short_rev("HEAD")
     rounds: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
-    with worktree(rev) as before_tree, tempfile.TemporaryDirectory() as tmp:
+    with sides(rev) as both, tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for side, tree in (("before", before_tree), ("after", ROOT)):
-                rounds[side].append(run_side(tree, args, Path(tmp) / f"{side}-{r}.json"))
+            for side, tree, env in both:
+                rounds[side].append(run_side(tree, env, args, Path(tmp) / f"{side}-{r}.json"))
                 say(f"round {r + 1}/{args.rounds}, {side}: " + ", ".join(
                     f"{k} {v:.1f}" for k, v in rounds[side][-1].items()))
     summary = {name: {"before": median([f[name] for f in rounds["before"]]),

@@ -56,6 +56,9 @@ def tree_env(tree: Path) -> Iterator[dict[str, str]]:
         yield env
 
 
-def median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2]
+@contextlib.contextmanager
+def sides(before: str) -> Iterator[list[tuple[str, Path, dict[str, str]]]]:
+    """("before", the worktree of `before`, its environment) and ("after", this checkout, its
+    environment), each built and checked once for a whole harness run."""
+    with worktree(before) as before_tree, tree_env(before_tree) as before_env, tree_env(ROOT) as after_env:
+        yield [("before", before_tree, before_env), ("after", ROOT, after_env)]
