@@ -65,6 +65,7 @@ class CallState:
     pending_transcript: list = field(default_factory=list)  # accepted text, for the store's transcript
     timeline: AgentTimeline = field(default_factory=AgentTimeline)
     user_turn_text: str = ""
+    user_interim: str = ""  # the listen source's last interim guess, as sent
     agent_reply_text: str = ""
     first_audio_s: float | None = None
     resume_token: str = ""
@@ -343,8 +344,11 @@ class Call:
             yield pb.ConverseResponse(agent_text=pb.AgentText(text=step.agent_text, tick=state.tick))
             entries.append(TranscriptEntry("agent", step.agent_text, now_ms - TICK_MS, now_ms,
                                            cut_off=not work.update.send_agent_audio))
+        interim = work.user.interim if work.user is not None else state.user_interim
+        if user_text or interim != state.user_interim:
+            yield pb.ConverseResponse(transcript=pb.UserTranscript(text=user_text, tick=state.tick, interim=interim))
+            state.user_interim = interim
         if user_text:
-            yield pb.ConverseResponse(transcript=pb.UserTranscript(text=user_text, tick=state.tick))
             entries.append(TranscriptEntry("user", user_text, now_ms - TICK_MS, now_ms))
         if TurnEnd("user") in work.update.events:
             yield pb.ConverseResponse(transcript=pb.UserTranscript(

@@ -14,7 +14,8 @@ from michi.api import Michi
 from michi.audio.io import AudioError
 from michi.audio.pcm import Encoding, check_format, decode
 from michi.audio.resample import StreamingResampler
-from michi.model.listen import emitted
+from michi.config import FRAME_SAMPLES
+from michi.data.whisper import load_whisper
 from michi.proto.listen.v1 import listen_pb2, listen_pb2_grpc
 from michi.serving.admission import Admission, refuse
 from michi.serving.execution import EncoderStream, TorchEncoderStream
@@ -22,32 +23,41 @@ from michi.serving.liveness import WatchedExecutor
 from michi.serving.metrics import LIVE_SESSIONS
 from michi.serving.stage_cli import DEFAULT_MAX_CALLS
 from michi.serving.triton.client import TritonError
+from michi.transcript import SOURCES, Heard, transcriber
 
 log = structlog.get_logger()
 
 
 class ListenStream:
-    """One call's listen state: resampler, encoder stream (in-process or on Triton), CTC text head."""
+    """One call's listen state: resampler, encoder stream (in-process or on Triton), and its
+    transcript source (`michi.transcript`: the learned text head, or Whisper streaming)."""
 
-    def __init__(self, michi: Michi, rate_hz: int, encoder: EncoderStream):
-        m = michi.model
-        self.michi, self.device, self.encoder = michi, michi.device, encoder
+    def __init__(self, michi: Michi, rate_hz: int, encoder: EncoderStream, source: str = "head", whisper=None):
+        self.michi, self.encoder = michi, encoder
         self.resampler = StreamingResampler(rate_hz, michi.cfg.sample_rate_hz)
-        with torch.inference_mode():
-            self.text = m.listen_text.init_state(1, device=self.device)  # conv + CTC decoder
+        self.pcm = np.zeros(0, dtype=np.float32)  # 24 kHz audio not yet in a whole frame
+        self.text = transcriber(source, michi, whisper)
 
     @torch.inference_mode()
-    def push(self, pcm: np.ndarray) -> list[tuple[np.ndarray, list[int]]]:
-        m = self.michi.model
-        latents, features = self.encoder.encode(self.resampler.push(pcm))
-        tokens, self.text = m.listen_text.read(features[None], self.text)
-        return [(latents[i].float().cpu().numpy(), emitted(tokens[0, i])) for i in range(latents.shape[0])]
+    def push(self, pcm: np.ndarray) -> list[tuple[np.ndarray, Heard]]:
+        audio = self.resampler.push(pcm)
+        latents, features = self.encoder.encode(audio)
+        n = latents.shape[0]
+        self.pcm = np.concatenate([self.pcm, audio])
+        frames, self.pcm = self.pcm[:n * FRAME_SAMPLES], self.pcm[n * FRAME_SAMPLES:]
+        heard = self.text.push(frames, features) if n else []
+        return [(latents[i].float().cpu().numpy(), heard[i]) for i in range(n)]
 
 
 class ListenServicer(listen_pb2_grpc.ListenServicer):
     def __init__(self, michi: Michi, executor, encoder_streams: Callable[[], EncoderStream] | None = None,
-                 admission: Admission | None = None):
-        self.michi, self.executor = michi, executor
+                 admission: Admission | None = None, transcript: str = "head"):
+        """`transcript`: the user text source (`michi.transcript.SOURCES`); "whisper" loads
+        faster-whisper once, shared by the calls."""
+        if transcript not in SOURCES:
+            raise ValueError(f"unknown transcript source {transcript!r}; one of {SOURCES}")
+        self.michi, self.executor, self.transcript = michi, executor, transcript
+        self.whisper = load_whisper() if transcript == "whisper" else None
         self.encoder_streams = encoder_streams or (lambda: TorchEncoderStream(michi))
         self.admission = admission or Admission("listen", DEFAULT_MAX_CALLS)
 
@@ -70,7 +80,8 @@ class ListenServicer(listen_pb2_grpc.ListenServicer):
             await refuse(context, self.admission)
         frame, counted = 0, False
         try:
-            stream = ListenStream(self.michi, first.start.sample_rate_hz, self.encoder_streams())
+            stream = ListenStream(self.michi, first.start.sample_rate_hz, self.encoder_streams(),
+                                  self.transcript, self.whisper)
             LIVE_SESSIONS.labels("listen").inc()
             counted = True
             async for request in request_iterator:
@@ -84,9 +95,9 @@ class ListenServicer(listen_pb2_grpc.ListenServicer):
                     frames = await loop.run_in_executor(self.executor, stream.push, pcm)
                 except TritonError as e:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-                for latent, tokens in frames:
-                    yield listen_pb2.EncodeResponse(frame=frame, latent=latent.tolist(), tokens=tokens,
-                                                    text=self.michi.tokenizer.decode(tokens))
+                for latent, heard in frames:
+                    yield listen_pb2.EncodeResponse(frame=frame, latent=latent.tolist(), tokens=heard.tokens,
+                                                    text=heard.text, interim=heard.interim)
                     frame += 1
         finally:
             if counted:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .audio.io import as_mono_float32, resample
-from .checkpoint import CONFIG_FILE, load_checkpoint
+from .checkpoint import CONFIG_FILE, listen_text_trained, load_checkpoint
 from .config import MichiConfig, preset
 from .engine import BackboneEngine, TickInput
 from .model.backbone import backbone_config_from_hf
@@ -57,9 +57,9 @@ class Michi:
         """Whether the listen text head was trained on this model's latent, so that the user text
         it emits (the backbone's user text stream, `UserTranscript`) means something. A learned
         codec trains it with the codec; a mel-PCA model's checkpoint says so in its info
-        (`listen_text_trained`). An untrained head emits nothing: its random tokens, fed to a
-        backbone trained without user text, would steer what the agent says."""
-        return bool(self.info.get("listen_text_trained", self.cfg.codec == "learned"))
+        (`checkpoint.listen_text_trained`). An untrained head emits nothing: its random tokens,
+        fed to a backbone trained without user text, would steer what the agent says."""
+        return listen_text_trained(self.cfg, self.info)
 
     @property
     def basis_fitted(self) -> bool:

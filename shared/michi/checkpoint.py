@@ -117,6 +117,16 @@ def read_checkpoint_config(path: str | Path) -> tuple[MichiConfig, dict[str, Any
     return cfg, {**doc.get("info", {}), "sha256": doc.get("weights", {}).get("sha256")}
 
 
+TEXT_HEAD = "listen_text."
+LEGACY_TEXT_CONV = TEXT_HEAD + "conv."
+
+
+def listen_text_trained(cfg: MichiConfig, info: dict[str, Any]) -> bool:
+    """Whether training reached the listen text head: a learned codec trains it with the codec; a
+    mel-PCA model's info says so (`listen_text_trained`, set by the recipe's hearing stage)."""
+    return bool(info.get("listen_text_trained", cfg.codec == "learned"))
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     verify_hash: bool = True) -> tuple[MichiModel, dict[str, Any]]:
     path = Path(path)
@@ -133,6 +143,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
     model = MichiModel(cfg, load_pretrained=False)
     expected = _unique_state(model)
+    # The conv-only text head (`ListenConfig.text_layers` 0) held its conv as `conv`, now the
+    # first layer of its front.
+    tensors = {k.replace(LEGACY_TEXT_CONV, TEXT_HEAD + "front.0.", 1) if k.startswith(LEGACY_TEXT_CONV) else k: v
+               for k, v in tensors.items()}
+    if not listen_text_trained(cfg, info):
+        # A head no training reached holds random weights, perhaps of an older design of the
+        # head: the model's own fresh head stands in for it (muted until trained, as before).
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(TEXT_HEAD)}
+        expected = {k: v for k, v in expected.items() if not k.startswith(TEXT_HEAD)}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"

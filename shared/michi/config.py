@@ -61,6 +61,15 @@ class ListenConfig:
     transformer_heads: int = 12
     attention_window: int = 250  # frames (20 s) of causal context in the transformer
     text_slots: int = 2  # text tokens the CTC head may emit per 80 ms frame
+    # The text head (`ListenTextHead`): causal convs down to at most 2 frames per tick (from the
+    # encoder's 10 ms log-mel frames with mel-PCA, from its ticks otherwise), then a causal
+    # transformer with a sliding window over them.
+    text_dim: int = 256
+    # 0: the conv-only head of checkpoints written before this key existed (one causal conv over
+    # 3 ticks of features, `transformer_dim` wide; a config without the key reads as 0).
+    text_layers: int = 4
+    text_heads: int = 4
+    text_window: int = 125  # head frames of attention context (5 s at 2 frames per tick)
 
 
 @dataclass
@@ -111,7 +120,8 @@ class VoicingNetConfig:
 
 CODECS = ("learned", "melpca")
 DECODERS = ("analytic", "voiced")  # a mel-PCA model's decoders
-MELPCA_FEATURE_DIM = 640  # mel-PCA features: 8 stacked 80-bin log-mel frames per tick
+MELPCA_MELS = 80
+MELPCA_FEATURE_DIM = 8 * MELPCA_MELS  # mel-PCA features: 8 stacked 80-bin log-mel frames per tick
 
 
 @dataclass
@@ -184,6 +194,12 @@ class MichiConfig:
         """Width of the listen encoder's features, which the listen text head reads."""
         return MELPCA_FEATURE_DIM if self.codec == "melpca" else self.listen.transformer_dim
 
+    @property
+    def listen_feature_frames(self) -> int:
+        """Frames stacked in one tick of the listen features: mel-PCA's 8 log-mel frames of 10 ms,
+        or 1 (the learned encoder's tick)."""
+        return MELPCA_FEATURE_DIM // MELPCA_MELS if self.codec == "melpca" else 1
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -194,6 +210,8 @@ class MichiConfig:
                  "listen": ListenConfig, "vocoder": VocoderConfig, "voicing": VoicingNetConfig}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
+            if key == "listen" and "text_layers" not in value:
+                value = {**value, "text_layers": 0}  # written before the head had layers
             if key in parts:
                 kwargs[key] = _build(parts[key], value, key)
             elif key in {f.name for f in dataclasses.fields(cls)}:
@@ -221,7 +239,7 @@ def _tuplify(value: Any) -> Any:
 
 def full() -> MichiConfig:
     """SmolLM2-360M backbone with heads: about 530M parameters."""
-    return MichiConfig(preset="full")
+    return MichiConfig(preset="full", listen=ListenConfig(text_dim=512, text_heads=8))
 
 
 def tiny() -> MichiConfig:

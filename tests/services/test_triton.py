@@ -220,7 +220,7 @@ def test_listen_stage_on_triton_hears_as_in_process(model, triton_mesh, speech):
     # reach +-150 here (2e-6 of their range; seen 1.2e-4 once in CI)
     got, expected = np.array([f.latent for f in frames]), np.stack([w[0] for w in want])
     np.testing.assert_allclose(got, expected, atol=2e-6 * np.abs(expected).max())
-    assert [list(f.tokens) for f in frames] == [w[1] for w in want]
+    assert [list(f.tokens) for f in frames] == [w[1].tokens for w in want]
 
 
 def test_triton_gone_is_unavailable_not_a_hang(model, repository, tmp_path):

@@ -1,5 +1,6 @@
 """`michi up` starts every stage as its own process; `michi say` and `michi talk` go through it;
 SIGTERM drains and stops them all cleanly."""
+import ast
 import shutil
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -14,6 +16,7 @@ from michi.serving.launcher import free_port
 
 MICHI = [shutil.which("michi")] if shutil.which("michi") else [sys.executable, "-m", "michi.cli"]
 GOODBYE = Path("/usr/share/asterisk/sounds/en/vm-goodbye.wav")
+HEARD_WER = 0.5  # the default model's held-out prompts (its card: michi eval listen) with a margin
 
 
 def test_up_say_talk_and_clean_stop(tmp_path):
@@ -39,11 +42,32 @@ def test_up_say_talk_and_clean_stop(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert talk.returncode == 0, talk.stderr
         assert "time to first audio" in talk.stdout and (tmp_path / "reply.wav").exists()
+        _hears_held_out_prompts(gateway, tmp_path)
     finally:
         up.send_signal(signal.SIGTERM)
         out, _ = up.communicate(timeout=60)
     assert up.returncode == 0, out
     assert "stopped: {'gateway': 0, 'listen': 0, 'backbone': 0, 'vocoder': 0}" in out
+
+
+def _hears_held_out_prompts(gateway: list[str], tmp_path: Path) -> None:
+    """Human speech the default model never trained on (held-out Asterisk prompts), streamed in
+    real time through the mesh: the user transcript `michi talk` prints has their words."""
+    from michi.audio.io import read_wav, write_wav
+    from michi.eval.speech import asterisk_split
+    from michi.eval.wer import normalize_text, word_errors
+
+    items = [it for it in asterisk_split("heldout") if len(normalize_text(it.text).split()) >= 4][:3]
+    gap = np.zeros(4_000, np.float32)  # 0.5 s at 8 kHz
+    audio = np.concatenate([piece for it in items for piece in (read_wav(it.path)[0], gap)])
+    write_wav(tmp_path / "prompts.wav", audio, 8_000)
+    talk = subprocess.run([*MICHI, "talk", "--audio", str(tmp_path / "prompts.wav"), *gateway, "--tail-s", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert talk.returncode == 0, talk.stderr
+    heard = ast.literal_eval(next(line for line in talk.stdout.splitlines()
+                                  if line.startswith("user transcript: ")).removeprefix("user transcript: "))
+    reference = " ".join(it.text for it in items)
+    assert word_errors(reference, heard).wer <= HEARD_WER, (reference, heard)
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:

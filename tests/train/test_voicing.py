@@ -3,12 +3,13 @@ speech, through the telephone channel it is trained with."""
 import numpy as np
 import torch
 
+from michi.audio.augment import telephone
 from michi.config import preset
 from michi.model.michi import MichiModel
 from michi.train.basis import BasisConfig, run_basis_stage
 from michi.train.batches import AudioBank, load_segments, read_audio
 from michi.train.stages import OptimConfig
-from michi.train.voicing import VoicingConfig, VoicingStage, telephone
+from michi.train.voicing import VoicingConfig, VoicingStage
 
 
 def test_telephone_channel_cuts_the_band_above_4_khz():

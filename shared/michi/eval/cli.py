@@ -45,6 +45,9 @@ def _speech_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--continue-ticks", type=int, default=TTS_TAIL_TICKS, help="free TTS ticks after the forced text")
     sp.add_argument("--asterisk-limit", type=int, default=None,
                     help="Asterisk prompts (real speech) for codec and listen (default: --limit; 0: none)")
+    sp.add_argument("--listen-sources", default="head",
+                    help="listen: transcript sources to compare on the same audio, comma list of head "
+                         "(the learned text head) and whisper (faster-whisper streaming); the first is the default")
     sp.add_argument("--save-wavs", type=int, default=3, help="WAVs kept per evaluation, next to the report")
     sp.add_argument("--no-figures", action="store_true", help="no PNGs")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
@@ -130,8 +133,12 @@ def _run_speech_task(task: str, model: Any, args: argparse.Namespace, sentences:
         return speech.eval_codec(model, codec_sets, judge, wav_dir=wav_dir,
                                  save_wavs=args.save_wavs, progress=progress)
     if task == "listen":
-        listen_sets = {k: v for k, v in voice_sets.items() if k != "heldout_sentence"} or voice_sets
-        return speech.eval_listen(model, listen_sets, asterisk=asterisk or False, progress=progress)
+        from .listen import eval_listen, listen_sets
+
+        voice = voice_sets.get("heldout_voice", [])
+        held = speech.asterisk_split("heldout", len(asterisk)) if asterisk else []
+        return eval_listen(model, listen_sets(voice, held), sources=args.listen_sources.split(","), judge=judge,
+                           whisper_model=judge.model if judge else None, progress=progress)
     return None
 
 
@@ -179,7 +186,7 @@ def _run_speech(tasks: tuple[str, ...], args: argparse.Namespace, eval_sub: Any 
     report["timings_s"]["items"] = time.perf_counter() - t0
 
     judge = None
-    if "tts" in tasks or "codec" in tasks:
+    if {"tts", "codec", "listen"} & set(tasks):  # listen: word times for the lag, and a source
         judge = speech.WhisperJudge(args.whisper_model, threads=args.whisper_threads)
         report["judge"] = judge.describe()
 
@@ -252,7 +259,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
     helps = {"tts": "the model speaks held-out sentences; Whisper judge WER (and the reference voice's)",
              "codec": "listen encoder -> vocoder resynthesis of held-out audio: judge WER, log-mel L1",
-             "listen": "greedy CTC of the listen text head on held-out voices and real speech: WER/CER"}
+             "listen": "streaming transcript of held-out voices and real speech, clean and through a "
+                       "telephone line: WER/CER, lag, real-time factor, per source"}
     for task in SPEECH_TASKS:
         sp = eval_sub.add_parser(task, help=helps[task])
         _speech_args(sp)

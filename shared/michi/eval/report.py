@@ -241,10 +241,14 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             lines.append(f"        {name}: WER {_pct(s['wer_resynth'])} vs {_pct(s['wer_original'])}, voicing "
                          f"agreement {_pct(s.get('voicing_agreement'))}")
     if "listen" in results:
-        r = results["listen"]
-        per = ", ".join(f"{name} {_pct(s['wer'])} (CER {_pct(s['cer'])}, {s['items']})"
-                        for name, s in r["sets"].items())
-        lines.append(f"listen  WER {per}")
+        for source, r in results["listen"].get("sources", {"head": results["listen"]}).items():
+            per = ", ".join(f"{name} {_pct(s['wer'])} (CER {_pct(s['cer'])}, {s['items']})"
+                            for name, s in r["sets"].items())
+            lag = r.get("lag_s") or {}
+            lag_text = (f"; lag p50 {lag['p50'] * 1e3:.0f} ms, p95 {lag['p95'] * 1e3:.0f} ms"
+                        if lag.get("p50") is not None else "")
+            rtf = f"; RTF {r['rtf']:.3f}" if "rtf" in r else ""
+            lines.append(f"listen  {source}: WER {per}{lag_text}{rtf}")
     for name, r in results.items():
         if name not in ("tts", "codec", "listen"):
             if isinstance(r, dict) and "error" in r:

@@ -6,9 +6,7 @@
 - `eval_codec`: encode-decode resynthesis (listen encoder -> vocoder) of held-out audio; judge WER
   on the resynthesis beside the judge WER on the original; log-mel L1 distance between the two,
   raw and at the codec's fixed delay (measured, see `eval_codec`).
-- `eval_listen`: greedy CTC decoding of the listen text head (what the backbone reads as the
-  user's words) on held-out-voice segments and on real human speech (the Asterisk prompts); WER
-  and CER per set.
+- what the listen side hears (`michi eval listen`) lives in `michi.eval.listen`.
 
 Each returns a JSON-ready dict with the corpus figures and one row per item. Items come from a
 corpus directory (`segments.jsonl`, see `load_segments`), from the Asterisk prompts
@@ -21,6 +19,7 @@ import hashlib
 import json
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -140,6 +139,24 @@ def asterisk_prompts(limit: int | None = None, root: Path = ASTERISK_DIR,
     return spread(sorted(items, key=lambda it: it.id), limit)
 
 
+ASTERISK_PARTS = ("train", "heldout")
+
+
+def asterisk_part(text: str) -> str:
+    """Which part of the Asterisk prompts a transcript falls in: "heldout" for a third of them
+    (by a hash of the normalised text, so prompts that say the same words stay on one side),
+    "train" for the rest."""
+    return "heldout" if zlib.crc32(normalize_text(text).encode()) % 3 == 0 else "train"
+
+
+def asterisk_split(part: str, limit: int | None = None) -> list[SpeechItem]:
+    """The Asterisk prompts of one part (`asterisk_part`): "train" is what the hearing stage may
+    learn from, "heldout" what `michi eval listen` measures; split by prompt text."""
+    if part not in ASTERISK_PARTS:
+        raise ValueError(f"asterisk part must be one of {ASTERISK_PARTS}, not {part!r}")
+    return spread([it for it in asterisk_prompts() if asterisk_part(it.text) == part], limit)
+
+
 def default_sentences(limit: int | None = None) -> list[str]:
     """Held-out sentences of the synthetic corpus's text source (`michi.data.text`)."""
     from ..data.text import sentences
@@ -206,7 +223,7 @@ def _describe_judge(judge: Judge) -> dict[str, Any]:
     return describe() if callable(describe) else {"kind": type(judge).__name__}
 
 
-def _row(ref: str, hyp: str) -> dict[str, Any]:
+def item_row(ref: str, hyp: str) -> dict[str, Any]:
     words = word_errors(ref, hyp)
     return {"ref": ref, "hyp": hyp, "wer": words.wer, "cer": char_errors(ref, hyp).wer,
             "errors": {"sub": words.substitutions, "del": words.deletions, "ins": words.insertions,
@@ -247,14 +264,14 @@ def eval_tts(michi, sentences: Sequence[str | SpeechItem], judge: Judge,
         gen = tts(michi, text, continue_ticks=continue_ticks, seed=seed + i)
         gen_s += time.perf_counter() - t0
         audio_s += len(gen.audio) / SAMPLE_RATE_HZ
-        row = {"id": item_id, **_row(text, judge(gen.audio, SAMPLE_RATE_HZ)),
+        row = {"id": item_id, **item_row(text, judge(gen.audio, SAMPLE_RATE_HZ)),
                "agent_text": gen.text, "audio_s": len(gen.audio) / SAMPLE_RATE_HZ}
         keep = wav_dir is not None and i < save_wavs
         if keep:
             row["wav"] = _save(wav_dir, f"tts_{i:02d}_{_safe(item_id)}_model.wav", gen.audio)
         if speak is not None:
             ref_audio = speak(text)
-            ref_row = {"id": item_id, **_row(text, judge(ref_audio, SAMPLE_RATE_HZ)), "audio_s": len(ref_audio) / SAMPLE_RATE_HZ}
+            ref_row = {"id": item_id, **item_row(text, judge(ref_audio, SAMPLE_RATE_HZ)), "audio_s": len(ref_audio) / SAMPLE_RATE_HZ}
             if keep:
                 ref_row["wav"] = _save(wav_dir, f"tts_{i:02d}_{_safe(item_id)}_reference.wav", ref_audio)
             row["reference_hyp"], row["reference_wer"] = ref_row["hyp"], ref_row["wer"]
@@ -330,7 +347,7 @@ def _codec_item(michi, item: SpeechItem, set_name: str, judge: Judge, max_lag: i
     mo, mr = _log_mel(original), _log_mel(resynth)
     s, c = _mel_l1_by_lag(mo, mr, max_lag)
     row = {"id": item.id, "set": set_name, "ref": item.text, "duration_s": len(original) / SAMPLE_RATE_HZ}
-    orig, res = _row(item.text, judge(original, SAMPLE_RATE_HZ)), _row(item.text, judge(resynth, SAMPLE_RATE_HZ))
+    orig, res = item_row(item.text, judge(original, SAMPLE_RATE_HZ)), item_row(item.text, judge(resynth, SAMPLE_RATE_HZ))
     row.update({"hyp_original": orig["hyp"], "wer_original": orig["wer"], "errors_original": orig["errors"],
                 "hyp_resynth": res["hyp"], "wer_resynth": res["wer"], "errors_resynth": res["errors"],
                 "mel_l1": float(s[0] / c[0]) if c[0] else None,
@@ -412,54 +429,6 @@ def eval_codec(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[Spe
 
 # ---- listen text head -------------------------------------------------------------------------
 @torch.inference_mode()
-def listen_transcribe(michi, pcm: np.ndarray, tail_s: float = 0.24) -> str:
-    """Greedy CTC of the listen text head over 24 kHz audio with the streaming decoder
-    (`ListenTextHead.read`, which equals frame-by-frame reading), as a session does; `tail_s` of
-    silence lets the head finish."""
-    from ..model.listen import emitted
-
-    m = michi.model
-    frame = michi.cfg.frame_samples
-    pcm = as_mono_float32(pcm)
-    pcm = np.pad(pcm, (0, -len(pcm) % frame + int(round(tail_s * SAMPLE_RATE_HZ / frame)) * frame))
-    x = torch.from_numpy(pcm).to(michi.device)[None]
-    tokens, _ = m.listen_text.read(m.listen(x).features, m.listen_text.init_state(1, device=michi.device))
-    return michi.tokenizer.decode(emitted(tokens[0]))
-
-
-def eval_listen(michi, segments: Sequence[SpeechItem] | Mapping[str, Sequence[SpeechItem]],
-                asterisk: bool | int | Sequence[SpeechItem] = True,
-                progress: Progress = _no_progress) -> dict[str, Any]:
-    """WER/CER of the listen text head per set: `segments` (held-out-voice segments; a list or a
-    dict of name -> items) and the Asterisk prompts (`asterisk`: True for all 551, an int for that
-    many spread over them, a list of items, or False for none)."""
-    sets = dict(segments) if isinstance(segments, Mapping) else {"heldout_voice": list(segments)}
-    if asterisk is not False:
-        if asterisk is True:
-            sets["asterisk"] = asterisk_prompts()
-        elif isinstance(asterisk, int):
-            sets["asterisk"] = asterisk_prompts(asterisk)
-        else:
-            sets["asterisk"] = list(asterisk)
-    sets = {name: list(items) for name, items in sets.items() if len(items)}
-    total = sum(len(v) for v in sets.values())
-    rows: list[dict[str, Any]] = []
-    decode_s = audio_s = 0.0
-    for set_name, items in sets.items():
-        for item in items:
-            pcm = item.audio(SAMPLE_RATE_HZ)
-            t0 = time.perf_counter()
-            hyp = listen_transcribe(michi, pcm)
-            decode_s += time.perf_counter() - t0
-            audio_s += len(pcm) / SAMPLE_RATE_HZ
-            rows.append({"id": item.id, "set": set_name, **_row(item.text, hyp)})
-            progress("listen", len(rows), total)
-    per_set = {name: summary([r for r in rows if r["set"] == name]) for name in sets}
-    return {"task": "listen", **summary(rows), "sets": per_set, "decode_s": decode_s, "audio_s": audio_s,
-            "decoder": "greedy CTC, streaming (ListenTextHead.read)",
-            "head_enabled": michi.model.listen_text.enabled, "rows": rows}
-
-
 def finite(x: Any) -> bool:
     """True for a finite number (used by tests and the report's sanity checks)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

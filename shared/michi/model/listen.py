@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MichiConfig
-from .conv import ConvState, StreamingConv1d, StreamingSequential, run
+from .conv import StreamingConv1d, StreamingSequential, run
 from .streaming import StateDict, StreamingModule, StreamingState, masked_step, rows_mask
 
 
@@ -201,9 +201,11 @@ class ListenEncoder(StreamingModule, nn.Module):
 
 @dataclass
 class TextHeadState(StreamingState):
-    """The head's conv buffer and its greedy CTC decoder's last slot (blank for a fresh stream)."""
+    """The head's conv and attention caches, and its greedy CTC decoder's last slot (blank for a
+    fresh stream)."""
 
-    conv: ConvState
+    front: StateDict  # the conv front's stateful layers, by index
+    layers: StateDict  # the transformer's caches, by layer index
     last_token: Tensor  # [B] long: the arg-max of the last slot, blank included
     blank: int
 
@@ -219,32 +221,63 @@ def emitted(tokens: Tensor) -> list[int]:
 class ListenTextHead(StreamingModule, nn.Module):
     """Streaming CTC head: features [B, n, F] -> logits [B, n, slots, vocab + 1], blank last.
 
-    Several slots per frame because 12.5 frames/s is fewer than a byte tokenizer's tokens/s; the
-    CTC sequence is the n * slots slots in order. A causal conv over 3 frames lets a frame see the
-    frames just before it (what was already said), which CTC needs to place repeats and blanks.
+    The features of a tick are `frames` stacked frames (mel-PCA: eight 10 ms log-mel frames; the
+    learned encoder: one). Each frame is normalised on its own (so the level of the call does not
+    matter), causal convs take them down to at most 2 frames per tick (stride 2 each), and a causal
+    transformer with a sliding window (`text_window` frames) gives each frame the context of the
+    words before it. Each head frame emits `text_slots / frames out` slots, so a tick has
+    `text_slots`: several per frame because 12.5 ticks/s is fewer than a byte tokenizer's
+    tokens/s. The CTC sequence is the n * slots slots in order. Nothing looks ahead: a token comes
+    once the audio that shows it has arrived.
+
+    With `text_layers` 0 it is the conv-only head of older checkpoints: the tick's features
+    normalised whole, one causal conv over 3 ticks (`transformer_dim` wide), then the slots.
     """
 
-    def __init__(self, cfg: MichiConfig, text_vocab_size: int, feature_dim: int | None = None):
-        """`feature_dim`: the width of the encoder's features (default `cfg.listen_feature_dim`:
-        the learned encoder's transformer_dim, or mel-PCA's 640 stacked log-mel values); the head
-        works at `transformer_dim`, its first conv maps the features there."""
+    def __init__(self, cfg: MichiConfig, text_vocab_size: int, feature_dim: int | None = None,
+                 frames: int | None = None):
+        """`feature_dim`, `frames`: the width of the encoder's features and the frames stacked in
+        them (default `cfg.listen_feature_dim`, `cfg.listen_feature_frames`)."""
         super().__init__()
-        dim, self.slots = cfg.listen.transformer_dim, cfg.listen.text_slots
+        lc = cfg.listen
         feature_dim = cfg.listen_feature_dim if feature_dim is None else feature_dim
-        self.feature_dim = feature_dim
+        frames = cfg.listen_feature_frames if frames is None else frames
+        legacy = lc.text_layers == 0
+        if legacy:
+            frames = 1
+        if feature_dim % frames:
+            raise ValueError(f"feature width {feature_dim} is not {frames} stacked frames")
+        self.feature_dim, self.frames, self.slots = feature_dim, frames, lc.text_slots
         self.blank = text_vocab_size
-        self.norm = nn.LayerNorm(feature_dim)
-        self.conv = StreamingConv1d(feature_dim, dim, 3)
-        self.to_slots = nn.Linear(dim, self.slots * dim)
+        width, dim = feature_dim // frames, lc.transformer_dim if legacy else lc.text_dim
+        layers: list[nn.Module] = [StreamingConv1d(width, dim, 3), nn.GELU()]
+        out_frames = frames
+        while out_frames > 2:
+            if out_frames % 2:
+                raise ValueError(f"{frames} feature frames per tick do not halve down to 2")
+            layers += [StreamingConv1d(dim, dim, 4, stride=2), nn.GELU()]
+            out_frames //= 2
+        if lc.text_slots % out_frames:
+            raise ValueError(f"text_slots {lc.text_slots} is not a multiple of the head's {out_frames} frames per tick")
+        self.out_frames, self.frame_slots = out_frames, lc.text_slots // out_frames
+        self.norm = nn.LayerNorm(width)
+        self.front = StreamingSequential(*layers)
+        self.layers = nn.ModuleList(TransformerLayer(dim, lc.text_heads, lc.text_window)
+                                    for _ in range(lc.text_layers))
+        self.out_norm = nn.Identity() if legacy else nn.LayerNorm(dim)
+        self.to_slots = nn.Linear(dim, self.frame_slots * dim)
         self.out = nn.Linear(dim, text_vocab_size + 1)  # shared by the slots
         # False for a head no training has reached (`michi.load` decides from the checkpoint): it
         # then emits nothing, as on silence, instead of random tokens the backbone never saw.
         self.enabled = True
 
-    def _run(self, features: Tensor, state: ConvState | None) -> Tensor:
+    def _run(self, features: Tensor, state: TextHeadState | None) -> Tensor:
         b, n, _ = features.shape
-        h = run(self.conv, self.norm(features).transpose(1, 2), state).transpose(1, 2)
-        h = self.to_slots(F.gelu(h)).view(b, n, self.slots, self.out.in_features)
+        h = self.norm(features.reshape(b, n * self.frames, self.feature_dim // self.frames))
+        h = run(self.front, h.transpose(1, 2), None if state is None else state.front).transpose(1, 2)
+        for index, layer in enumerate(self.layers):
+            h = run(layer, h, None if state is None else state.layers[str(index)])
+        h = self.to_slots(self.out_norm(h)).view(b, n, self.slots, self.out.in_features)
         return self.out(F.gelu(h))
 
     def forward(self, features: Tensor) -> Tensor:
@@ -252,12 +285,14 @@ class ListenTextHead(StreamingModule, nn.Module):
 
     def init_state(self, batch_size: int, device: Any = None,
                    dtype: torch.dtype = torch.float32) -> TextHeadState:
-        return TextHeadState(self.conv.init_state(batch_size, device, dtype),
+        return TextHeadState(self.front.init_state(batch_size, device, dtype),
+                             StateDict((str(i), layer.init_state(batch_size, device, dtype))
+                                       for i, layer in enumerate(self.layers)),
                              self.initial_last_token(batch_size, device), self.blank)
 
     def _advance(self, features: Tensor, state: TextHeadState) -> tuple[Tensor, Tensor]:
         """Logits [B, n, slots, vocab + 1] and greedy tokens [B, n, slots] of the next n frames."""
-        logits = self._run(features, state.conv)
+        logits = self._run(features, state)
         b, n, slots, _ = logits.shape
         if n == 0:
             return logits, torch.full((b, 0, slots), -1, dtype=torch.long, device=logits.device)

@@ -25,6 +25,8 @@ class CallResult:
     user_text: str = ""
     events: list[pb.Event] = field(default_factory=list)
     final_transcripts: list[str] = field(default_factory=list)  # the user's turns, whole
+    user_pieces: list[pb.UserTranscript] = field(default_factory=list)  # the stable pieces, with their ticks
+    interims: list[str] = field(default_factory=list)  # every interim guess, in order
     audio_chunks: list[pb.AgentAudio] = field(default_factory=list)  # as sent (tick, start_sample)
     ended: pb.CallEnded | None = None  # why the call ended (the last message)
     first_audio_ms: float | None = None
@@ -101,6 +103,9 @@ async def converse(address: str, first: pb.ConverseRequest, rest: AsyncIterator[
                 result.final_transcripts.append(response.transcript.text)
             elif kind == "transcript":
                 result.user_text += response.transcript.text
+                if response.transcript.text:
+                    result.user_pieces.append(response.transcript)
+                result.interims.append(response.transcript.interim)
             elif kind == "event":
                 result.events.append(response.event)
             elif kind == "ended":

@@ -11,8 +11,12 @@ from .liveness import DEFAULT_STALL_S
 DEFAULT_MAX_CALLS = 64  # a model stage's capacity when --max-calls / MICHI_MAX_CALLS is 0
 
 
+def env(key: str, default: str) -> str:
+    """A setting's default: the MICHI_<key> environment variable, else `default`."""
+    return os.environ.get(f"MICHI_{key}", default)
+
+
 def stage_parser(name: str, default_port: int) -> argparse.ArgumentParser:
-    env = lambda key, default: os.environ.get(f"MICHI_{key}", default)  # noqa: E731
     p = argparse.ArgumentParser(prog=f"michi-{name}", description=f"Michi {name} stage (gRPC)")
     p.add_argument("--host", default=env("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env(f"{name.upper()}_PORT", default_port)))

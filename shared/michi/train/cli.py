@@ -43,6 +43,8 @@ def cmd_recipe(args: argparse.Namespace) -> int:
         _set(rc.voicing, key, value)
     for key, value in _pairs(args.durations, float).items():
         _set(rc.durations, key, value)
+    for key, value in _pairs(args.hearing, float).items():
+        _set(rc.hearing, key, value)
     for key, value in _pairs(args.sequence, float).items():
         _set(rc.sequence, key, value)
     train_recipe(rc)
@@ -95,9 +97,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--new-vocoder", action="store_true", help="with --init: replace its vocoder by a new "
                     "one of the preset's design (train it with --stages vocoder)")
     sp.add_argument("--stages", default=None, help="comma list, default: text,basis,codec,vocoder,voicing,"
-                    "durations,speak,joint,baseline (basis and voicing run for a mel-PCA model only, voicing "
-                    "with the voiced decoder, durations with a duration predictor; codec and vocoder for a "
-                    "learned one)")
+                    "durations,hearing,speak,joint,baseline (basis and voicing run for a mel-PCA model only, "
+                    "voicing with the voiced decoder, durations with a duration predictor; codec and vocoder "
+                    "for a learned one; hearing trains the listen text head alone)")
     sp.add_argument("--steps", default="", help="per stage, e.g. text=2000,codec=3000,vocoder=1000,speak=1000,joint=3000")
     sp.add_argument("--minutes", default="", help="wall-time cap per stage, e.g. codec=10,joint=10")
     sp.add_argument("--lr", default="", help="per stage learning rate, e.g. joint=3e-4")
@@ -105,6 +107,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--basis", default="", help="mel-PCA basis fit, e.g. max_minutes=30")
     sp.add_argument("--voicing", default="", help="voicing stage settings, e.g. batch_size=16,telephone=0.5")
     sp.add_argument("--durations", default="", help="durations stage settings, e.g. batch_size=32")
+    sp.add_argument("--hearing", default="", help="hearing stage settings, e.g. batch_size=24,asterisk=0.25")
     sp.add_argument("--sequence", default="", help="speak/joint settings, e.g. batch_size=32,text_ratio=0.3")
     sp.add_argument("--tts-speakers", default=None, help="voices the speak/joint stages learn (default: all)")
     sp.add_argument("--text", default=None, help="pure text: JSONL, a .txt of blank-line separated "

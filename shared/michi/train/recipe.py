@@ -46,12 +46,14 @@ from .basis import BASIS_FILE, BasisConfig, run_basis_stage
 from .basis import INFO_FILE as BASIS_INFO_FILE
 from .batches import AudioBank, SequenceBank, TextBank, load_segments, read_audio
 from .durations import DurationBank, DurationConfig, DurationStage
-from .loop import StageBudget, barrier, run_stage, setup, stage_info
+from .hearing import HearingConfig, HearingStage, clips_from_bank, clips_from_items, heldout_sets, plot_curve
+from .loop import LOG_FILE, StageBudget, barrier, run_stage, setup, stage_info
 from .stages import CodecConfig, CodecStage, OptimConfig, SequenceConfig, SequenceStage
 from .voicing import VoicingConfig, VoicingStage
 
-STAGES = ("text", "basis", "codec", "vocoder", "voicing", "durations", "speak", "joint", "baseline")
+STAGES = ("text", "basis", "codec", "vocoder", "voicing", "durations", "hearing", "speak", "joint", "baseline")
 VOICING_HELDOUT = 20  # held-out voice clips the voicing stage reports on (none trained on)
+HEARING_HELDOUT = 40  # clips per held-out set of the hearing stage's curve (none trained on)
 CODEC_STAGES = {"learned": ("codec", "vocoder"), "melpca": ("basis", "voicing")}  # what fits each codec
 
 
@@ -69,19 +71,20 @@ class RecipeConfig:
     tts_speakers: list[str] | None = None  # speak/joint train on these voices (None: all)
     text_file: str | None = None  # pure text (michi.data.text.read_texts; None: the offline corpus)
     steps: dict[str, int] = field(default_factory=lambda: {
-        "text": 2000, "codec": 3000, "vocoder": 1000, "voicing": 1500, "durations": 2000, "speak": 1000,
-        "joint": 3000})
+        "text": 2000, "codec": 3000, "vocoder": 1000, "voicing": 1500, "durations": 2000, "hearing": 3000,
+        "speak": 1000, "joint": 3000})
     minutes: dict[str, float] = field(default_factory=dict)  # optional wall-time cap per stage
     # Every this many minutes of the speak and joint stages, a checkpoint in <run>/snapshots/ (for
     # the learning curve: `python -m michi.eval.curve RUN`); None: none.
     snapshot_minutes: float | None = None
     lr: dict[str, float] = field(default_factory=lambda: {
-        "text": 1e-3, "codec": 2e-4, "vocoder": 2e-4, "voicing": 2e-3, "durations": 2e-3, "speak": 1e-3,
-        "joint": 5e-4})
+        "text": 1e-3, "codec": 2e-4, "vocoder": 2e-4, "voicing": 2e-3, "durations": 2e-3, "hearing": 1e-3,
+        "speak": 1e-3, "joint": 5e-4})
     codec: CodecConfig = field(default_factory=CodecConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
     voicing: VoicingConfig = field(default_factory=VoicingConfig)
     durations: DurationConfig = field(default_factory=DurationConfig)
+    hearing: HearingConfig = field(default_factory=HearingConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     stages: tuple[str, ...] = STAGES
 
@@ -177,10 +180,11 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
         return model.to(device)
     model, _ = load_checkpoint(rc.init, device=device)
     reshaped = any(getattr(target, k) != getattr(model.cfg, k)
-                   for k in ("phone_slots", "phone_frames", "agent_feedback", "decoder", "durations", "voicing"))
+                   for k in ("phone_slots", "phone_frames", "agent_feedback", "decoder", "durations", "voicing",
+                            "listen"))
     if target.codec == "melpca" and reshaped:
         # The preset adds (or drops) the phoneme stream or the latent feedback, or has another
-        # voicing net: new parts start new, dropped ones are left behind, the rest is copied.
+        # voicing net or listen text head: new parts start new, dropped ones are left behind, the rest is copied.
         grown = MichiModel(target, load_pretrained=False).to(device)
         mine, theirs = grown.state_dict(), model.state_dict()
         copied = {k: v for k, v in theirs.items() if k in mine and v.shape == mine[k].shape}
@@ -225,11 +229,14 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
 
     _run_codec_stages(rc, model, d, out, fits, tokenizer, log)
     _run_durations(rc, model, d, out, log)
+    _run_hearing(rc, model, d, out, tokenizer, log)
     speech = _speech_bank(rc, model, d, out, log) if {"speak", "joint"} & set(rc.stages) else None
     _run_sequence_stages(rc, model, d, out, speech, texts, log)
     info = recipe_info(rc, out)
     if d.main:
-        save_checkpoint(model, out / "model", info={**info, "trained": True})
+        heard = ((out / "hearing" / LOG_FILE).is_file() or model.cfg.codec == "learned"
+                 or bool(rc.init and read_checkpoint_config(rc.init)[1].get("listen_text_trained")))
+        save_checkpoint(model, out / "model", info={**info, "trained": True, "listen_text_trained": heard})
         log(f"model written to {out / 'model'}")
 
     if "baseline" in rc.stages:
@@ -291,6 +298,32 @@ def _run_durations(rc: RecipeConfig, model: MichiModel, d, out: Path, log: Calla
             log(f"[durations] {len(train.items)} clips with phoneme timings, {len(heldout.items)} held out")
             run_stage(DurationStage(model, train, heldout, rc.durations, _optim(rc, "durations"), seed=rc.seed),
                       out / "durations", _budget(rc, "durations"), d, progress=log)
+
+
+def _run_hearing(rc: RecipeConfig, model: MichiModel, d, out: Path, tokenizer, log: Callable[..., None]) -> None:
+    """The listen text head's stage: the corpus's training voices and the Asterisk "train" prompts;
+    its curve (held-out WER against minutes) in `<run>/hearing/curve.png`."""
+    if "hearing" not in rc.stages:
+        return
+    from ..eval.speech import asterisk_split
+
+    # The held-out sentences are held out from the speak and joint stages' text; their audio, by
+    # the training voices, is fair game for hearing (the held-out voice and prompts are not).
+    train = clips_from_bank(AudioBank(rc.corpus, load_segments(rc.corpus, ("train", "heldout_sentence"))))
+    held_voice = load_segments(rc.corpus, ("heldout_voice",))[:HEARING_HELDOUT]
+    voice = clips_from_bank(AudioBank(rc.corpus, held_voice)) if held_voice else []
+    try:
+        asterisk, held = clips_from_items(asterisk_split("train")), clips_from_items(asterisk_split("heldout"), HEARING_HELDOUT)
+    except FileNotFoundError as e:
+        log(f"[hearing] no Asterisk prompts ({e}): the corpus alone")
+        asterisk, held = [], []
+    log(f"[hearing] {len(train)} corpus clips, {len(asterisk)} Asterisk train prompts; held out: "
+        f"{len(voice)} voice clips, {len(held)} Asterisk prompts")
+    stage = HearingStage(model, train, rc.hearing, _optim(rc, "hearing"), tokenizer, asterisk=asterisk,
+                         heldout=heldout_sets(voice, held), seed=rc.seed)
+    run_stage(stage, out / "hearing", _budget(rc, "hearing"), d, progress=log)
+    if d.main:
+        log(f"[hearing] curve: {plot_curve(out / 'hearing' / LOG_FILE, out / 'hearing' / 'curve.png')}")
 
 
 def _speech_bank(rc: RecipeConfig, model: MichiModel, d, out: Path, log: Callable[..., None]) -> SequenceBank:

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..audio import pcm as pcm_codec
-from ..audio.io import resample
-from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ
+from ..audio.augment import PITCH_SHIFTS, speed, telephone
+from ..config import FRAME_SAMPLES
 from ..eval.voicing import voicing
 from ..model.michi import MichiModel
 from ..model.voiced import VoicedMelPCADecoder, VoicingNet
@@ -38,18 +37,6 @@ class VoicingConfig:
     level_db: tuple[float, float] = (-20.0, 6.0)
     f0_weight: float = 2.0
     eval_every: int = 250  # steps between the held-out figures (`voicing_errors`)
-
-
-# (up, down): a crop resampled by up/down plays down/up times higher (pitch and formants alike),
-# so the voicing net sees f0 from a low male voice's 0.7x to a child's 1.5x of each training voice.
-PITCH_SHIFTS = ((3, 2), (4, 3), (5, 4), (4, 5), (3, 4), (2, 3))
-
-
-def telephone(pcm: np.ndarray) -> np.ndarray:
-    """24 kHz audio through an 8 kHz G.711 mu-law channel (the gateway's own codec tables), back at
-    24 kHz, same length."""
-    narrow = pcm_codec.decode(pcm_codec.encode(resample(pcm, SAMPLE_RATE_HZ, 8_000), "MULAW"), "MULAW")
-    return resample(narrow, 8_000, SAMPLE_RATE_HZ)[:len(pcm)].astype(np.float32)
 
 
 def f0_class_loss(logits: torch.Tensor, f0: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -149,7 +136,7 @@ class VoicingStage:
             if float(torch.rand((), generator=self.rng)) < self.vc.pitch_shift:
                 up, down = PITCH_SHIFTS[int(torch.randint(len(PITCH_SHIFTS), (), generator=self.rng))]
                 crop = self.bank.crops(1, -(-samples * down // up), self.rng)[0].numpy()
-                rows.append(resample(crop, down, up, any_rate=True)[:samples])
+                rows.append(speed(crop, up, down)[:samples])
             else:
                 rows.append(self.bank.crops(1, samples, self.rng)[0].numpy())
         return torch.from_numpy(np.stack(rows))

@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gateway/v1/gateway.proto\x12\x10michi.gateway.v1\"X\n\x0b\x41udioFormat\x12\x31\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1f.michi.gateway.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"z\n\nTurnConfig\x12,\n\x06policy\x18\x01 \x01(\x0e\x32\x1c.michi.gateway.v1.TurnPolicy\x12\x1e\n\x16\x62\x61rge_in_min_speech_ms\x18\x02 \x01(\x05\x12\x1e\n\x16\x65nd_of_turn_silence_ms\x18\x03 \x01(\x05\"\xb9\x02\n\x0e\x43onverseConfig\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12$\n\x04mode\x18\x03 \x01(\x0e\x32\x16.michi.gateway.v1.Mode\x12\x32\n\x0binput_audio\x18\x04 \x01(\x0b\x32\x1d.michi.gateway.v1.AudioFormat\x12\x33\n\x0coutput_audio\x18\x05 \x01(\x0b\x32\x1d.michi.gateway.v1.AudioFormat\x12*\n\x04turn\x18\x06 \x01(\x0b\x32\x1c.michi.gateway.v1.TurnConfig\x12\x13\n\x0bsystem_text\x18\x07 \x01(\t\x12\x0c\n\x04text\x18\x08 \x01(\t\x12\x11\n\tmax_ticks\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x03\"C\n\tTextInput\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.michi.gateway.v1.TextRole\x12\x0c\n\x04text\x18\x02 \x01(\t\"&\n\x0cPlaybackMark\x12\x16\n\x0eplayed_samples\x18\x01 \x01(\x03\"\x80\x01\n\x07\x43ontrol\x12\x30\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32 .michi.gateway.v1.Control.Action\"C\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x45ND_CALL\x10\x01\x12\x13\n\x0fINTERRUPT_AGENT\x10\x02\"\xf0\x01\n\x0f\x43onverseRequest\x12\x32\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .michi.gateway.v1.ConverseConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x12+\n\x04text\x18\x03 \x01(\x0b\x32\x1b.michi.gateway.v1.TextInputH\x00\x12,\n\x07\x63ontrol\x18\x04 \x01(\x0b\x32\x19.michi.gateway.v1.ControlH\x00\x12\x32\n\x08playback\x18\x05 \x01(\x0b\x32\x1e.michi.gateway.v1.PlaybackMarkH\x00\x42\t\n\x07request\"\x88\x01\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x0f\n\x07resumed\x18\x03 \x01(\x08\x12\x0c\n\x04tick\x18\x04 \x01(\x03\x12\x17\n\x0ftrained_weights\x18\x05 \x01(\x08\x12\x14\n\x0cstart_sample\x18\x06 \x01(\x03\"?\n\nAgentAudio\x12\r\n\x05\x61udio\x18\x01 \x01(\x0c\x12\x0c\n\x04tick\x18\x02 \x01(\x03\x12\x14\n\x0cstart_sample\x18\x03 \x01(\x03\"\'\n\tAgentText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04tick\x18\x02 \x01(\x03\">\n\x0eUserTranscript\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04tick\x18\x02 \x01(\x03\x12\x10\n\x08is_final\x18\x03 \x01(\x08\"\xb0\x04\n\x05\x45vent\x12\x0c\n\x04tick\x18\x01 \x01(\x03\x12\x37\n\nturn_start\x18\x02 \x01(\x0b\x32!.michi.gateway.v1.Event.TurnStartH\x00\x12\x33\n\x08turn_end\x18\x03 \x01(\x0b\x32\x1f.michi.gateway.v1.Event.TurnEndH\x00\x12\x33\n\x08\x62\x61rge_in\x18\x04 \x01(\x0b\x32\x1f.michi.gateway.v1.Event.BargeInH\x00\x12.\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1d.michi.gateway.v1.Event.ErrorH\x00\x12\x37\n\nreply_done\x18\x06 \x01(\x0b\x32!.michi.gateway.v1.Event.ReplyDoneH\x00\x1a\x1c\n\tTurnStart\x12\x0f\n\x07speaker\x18\x01 \x01(\t\x1a\x1a\n\x07TurnEnd\x12\x0f\n\x07speaker\x18\x01 \x01(\t\x1a\x86\x01\n\x07\x42\x61rgeIn\x12\x1c\n\x14\x61gent_samples_played\x18\x01 \x01(\x03\x12\x19\n\x11\x61gent_samples_cut\x18\x02 \x01(\x03\x12\x12\n\nheard_text\x18\x03 \x01(\t\x12\x1a\n\x12playback_confirmed\x18\x04 \x01(\x08\x12\x12\n\ncut_sample\x18\x05 \x01(\x03\x1a&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x1a\x19\n\tReplyDone\x12\x0c\n\x04text\x18\x01 \x01(\tB\x07\n\x05\x65vent\"n\n\tCallEnded\x12+\n\x06reason\x18\x01 \x01(\x0e\x32\x1b.michi.gateway.v1.EndReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05ticks\x18\x03 \x01(\x03\x12\x15\n\ragent_samples\x18\x04 \x01(\x03\"\xc5\x02\n\x10\x43onverseResponse\x12\x33\n\x07started\x18\x01 \x01(\x0b\x32 .michi.gateway.v1.SessionStartedH\x00\x12-\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x1c.michi.gateway.v1.AgentAudioH\x00\x12\x31\n\nagent_text\x18\x03 \x01(\x0b\x32\x1b.michi.gateway.v1.AgentTextH\x00\x12\x36\n\ntranscript\x18\x04 \x01(\x0b\x32 .michi.gateway.v1.UserTranscriptH\x00\x12(\n\x05\x65vent\x18\x05 \x01(\x0b\x32\x17.michi.gateway.v1.EventH\x00\x12,\n\x05\x65nded\x18\x06 \x01(\x0b\x32\x1b.michi.gateway.v1.CallEndedH\x00\x42\n\n\x08response\"\x18\n\x16GetCapabilitiesRequest\"]\n\x0f\x45ncodingSupport\x12\x31\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1f.michi.gateway.v1.AudioEncoding\x12\x17\n\x0fsample_rates_hz\x18\x02 \x03(\x05\"\xe0\x01\n\x06Limits\x12\x16\n\x0emax_text_bytes\x18\x01 \x01(\x05\x12\x1b\n\x13max_call_text_bytes\x18\x02 \x01(\x05\x12\x19\n\x11\x63ontext_positions\x18\x03 \x01(\x03\x12\x18\n\x10\x63onfig_timeout_s\x18\x04 \x01(\x02\x12\x16\n\x0eidle_timeout_s\x18\x05 \x01(\x02\x12\x1b\n\x13max_audio_backlog_s\x18\x06 \x01(\x02\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x05\x12\x1c\n\x14text_tokens_per_tick\x18\x08 \x01(\x05\"\xc7\x02\n\x0c\x43\x61pabilities\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x34\n\tencodings\x18\x02 \x03(\x0b\x32!.michi.gateway.v1.EncodingSupport\x12%\n\x05modes\x18\x03 \x03(\x0e\x32\x16.michi.gateway.v1.Mode\x12\x33\n\rturn_policies\x18\x04 \x03(\x0e\x32\x1c.michi.gateway.v1.TurnPolicy\x12(\n\x06limits\x18\x05 \x01(\x0b\x32\x18.michi.gateway.v1.Limits\x12\x11\n\tmax_calls\x18\x06 \x01(\x05\x12\x12\n\nlive_calls\x18\x07 \x01(\x05\x12\x17\n\x0ftrained_weights\x18\x08 \x01(\x08\x12\x0f\n\x07tick_ms\x18\t \x01(\x05\x12\x15\n\rauth_required\x18\n \x01(\x08*a\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08LINEAR16\x10\x01\x12\t\n\x05MULAW\x10\x02\x12\x08\n\x04\x41LAW\x10\x03\x12\r\n\tFLOAT32LE\x10\x04*^\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43ONVERSATION\x10\x01\x12\x07\n\x03TTS\x10\x02\x12\x16\n\x12\x41UDIO_CONTINUATION\x10\x03\x12\r\n\tTEXT_ONLY\x10\x04*K\n\nTurnPolicy\x12\x1b\n\x17TURN_POLICY_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46ULL_DUPLEX\x10\x01\x12\x0f\n\x0bHALF_DUPLEX\x10\x02*R\n\x08TextRole\x12\x19\n\x15TEXT_ROLE_UNSPECIFIED\x10\x00\x12\x08\n\x04USER\x10\x01\x12\n\n\x06SYSTEM\x10\x02\x12\x0b\n\x07\x43ONTEXT\x10\x03\x12\x08\n\x04TOOL\x10\x04*\xb1\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43LIENT_END_CALL\x10\x01\x12\x11\n\rCLIENT_CLOSED\x10\x02\x12\r\n\tMAX_TICKS\x10\x03\x12\x10\n\x0cIDLE_TIMEOUT\x10\x04\x12\x10\n\x0c\x43ONTEXT_FULL\x10\x05\x12\x0c\n\x08TTS_DONE\x10\x06\x12\x10\n\x0cSTAGE_FAILED\x10\x07\x12\r\n\tBAD_INPUT\x10\x08\x32\xbd\x01\n\x07Gateway\x12U\n\x08\x43onverse\x12!.michi.gateway.v1.ConverseRequest\x1a\".michi.gateway.v1.ConverseResponse(\x01\x30\x01\x12[\n\x0fGetCapabilities\x12(.michi.gateway.v1.GetCapabilitiesRequest\x1a\x1e.michi.gateway.v1.Capabilitiesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gateway/v1/gateway.proto\x12\x10michi.gateway.v1\"X\n\x0b\x41udioFormat\x12\x31\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1f.michi.gateway.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"z\n\nTurnConfig\x12,\n\x06policy\x18\x01 \x01(\x0e\x32\x1c.michi.gateway.v1.TurnPolicy\x12\x1e\n\x16\x62\x61rge_in_min_speech_ms\x18\x02 \x01(\x05\x12\x1e\n\x16\x65nd_of_turn_silence_ms\x18\x03 \x01(\x05\"\xb9\x02\n\x0e\x43onverseConfig\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12$\n\x04mode\x18\x03 \x01(\x0e\x32\x16.michi.gateway.v1.Mode\x12\x32\n\x0binput_audio\x18\x04 \x01(\x0b\x32\x1d.michi.gateway.v1.AudioFormat\x12\x33\n\x0coutput_audio\x18\x05 \x01(\x0b\x32\x1d.michi.gateway.v1.AudioFormat\x12*\n\x04turn\x18\x06 \x01(\x0b\x32\x1c.michi.gateway.v1.TurnConfig\x12\x13\n\x0bsystem_text\x18\x07 \x01(\t\x12\x0c\n\x04text\x18\x08 \x01(\t\x12\x11\n\tmax_ticks\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x03\"C\n\tTextInput\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.michi.gateway.v1.TextRole\x12\x0c\n\x04text\x18\x02 \x01(\t\"&\n\x0cPlaybackMark\x12\x16\n\x0eplayed_samples\x18\x01 \x01(\x03\"\x80\x01\n\x07\x43ontrol\x12\x30\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32 .michi.gateway.v1.Control.Action\"C\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x45ND_CALL\x10\x01\x12\x13\n\x0fINTERRUPT_AGENT\x10\x02\"\xf0\x01\n\x0f\x43onverseRequest\x12\x32\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .michi.gateway.v1.ConverseConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x12+\n\x04text\x18\x03 \x01(\x0b\x32\x1b.michi.gateway.v1.TextInputH\x00\x12,\n\x07\x63ontrol\x18\x04 \x01(\x0b\x32\x19.michi.gateway.v1.ControlH\x00\x12\x32\n\x08playback\x18\x05 \x01(\x0b\x32\x1e.michi.gateway.v1.PlaybackMarkH\x00\x42\t\n\x07request\"\x88\x01\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x0f\n\x07resumed\x18\x03 \x01(\x08\x12\x0c\n\x04tick\x18\x04 \x01(\x03\x12\x17\n\x0ftrained_weights\x18\x05 \x01(\x08\x12\x14\n\x0cstart_sample\x18\x06 \x01(\x03\"?\n\nAgentAudio\x12\r\n\x05\x61udio\x18\x01 \x01(\x0c\x12\x0c\n\x04tick\x18\x02 \x01(\x03\x12\x14\n\x0cstart_sample\x18\x03 \x01(\x03\"\'\n\tAgentText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04tick\x18\x02 \x01(\x03\"O\n\x0eUserTranscript\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04tick\x18\x02 \x01(\x03\x12\x10\n\x08is_final\x18\x03 \x01(\x08\x12\x0f\n\x07interim\x18\x04 \x01(\t\"\xb0\x04\n\x05\x45vent\x12\x0c\n\x04tick\x18\x01 \x01(\x03\x12\x37\n\nturn_start\x18\x02 \x01(\x0b\x32!.michi.gateway.v1.Event.TurnStartH\x00\x12\x33\n\x08turn_end\x18\x03 \x01(\x0b\x32\x1f.michi.gateway.v1.Event.TurnEndH\x00\x12\x33\n\x08\x62\x61rge_in\x18\x04 \x01(\x0b\x32\x1f.michi.gateway.v1.Event.BargeInH\x00\x12.\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1d.michi.gateway.v1.Event.ErrorH\x00\x12\x37\n\nreply_done\x18\x06 \x01(\x0b\x32!.michi.gateway.v1.Event.ReplyDoneH\x00\x1a\x1c\n\tTurnStart\x12\x0f\n\x07speaker\x18\x01 \x01(\t\x1a\x1a\n\x07TurnEnd\x12\x0f\n\x07speaker\x18\x01 \x01(\t\x1a\x86\x01\n\x07\x42\x61rgeIn\x12\x1c\n\x14\x61gent_samples_played\x18\x01 \x01(\x03\x12\x19\n\x11\x61gent_samples_cut\x18\x02 \x01(\x03\x12\x12\n\nheard_text\x18\x03 \x01(\t\x12\x1a\n\x12playback_confirmed\x18\x04 \x01(\x08\x12\x12\n\ncut_sample\x18\x05 \x01(\x03\x1a&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x1a\x19\n\tReplyDone\x12\x0c\n\x04text\x18\x01 \x01(\tB\x07\n\x05\x65vent\"n\n\tCallEnded\x12+\n\x06reason\x18\x01 \x01(\x0e\x32\x1b.michi.gateway.v1.EndReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05ticks\x18\x03 \x01(\x03\x12\x15\n\ragent_samples\x18\x04 \x01(\x03\"\xc5\x02\n\x10\x43onverseResponse\x12\x33\n\x07started\x18\x01 \x01(\x0b\x32 .michi.gateway.v1.SessionStartedH\x00\x12-\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x1c.michi.gateway.v1.AgentAudioH\x00\x12\x31\n\nagent_text\x18\x03 \x01(\x0b\x32\x1b.michi.gateway.v1.AgentTextH\x00\x12\x36\n\ntranscript\x18\x04 \x01(\x0b\x32 .michi.gateway.v1.UserTranscriptH\x00\x12(\n\x05\x65vent\x18\x05 \x01(\x0b\x32\x17.michi.gateway.v1.EventH\x00\x12,\n\x05\x65nded\x18\x06 \x01(\x0b\x32\x1b.michi.gateway.v1.CallEndedH\x00\x42\n\n\x08response\"\x18\n\x16GetCapabilitiesRequest\"]\n\x0f\x45ncodingSupport\x12\x31\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1f.michi.gateway.v1.AudioEncoding\x12\x17\n\x0fsample_rates_hz\x18\x02 \x03(\x05\"\xe0\x01\n\x06Limits\x12\x16\n\x0emax_text_bytes\x18\x01 \x01(\x05\x12\x1b\n\x13max_call_text_bytes\x18\x02 \x01(\x05\x12\x19\n\x11\x63ontext_positions\x18\x03 \x01(\x03\x12\x18\n\x10\x63onfig_timeout_s\x18\x04 \x01(\x02\x12\x16\n\x0eidle_timeout_s\x18\x05 \x01(\x02\x12\x1b\n\x13max_audio_backlog_s\x18\x06 \x01(\x02\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x05\x12\x1c\n\x14text_tokens_per_tick\x18\x08 \x01(\x05\"\xc7\x02\n\x0c\x43\x61pabilities\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x34\n\tencodings\x18\x02 \x03(\x0b\x32!.michi.gateway.v1.EncodingSupport\x12%\n\x05modes\x18\x03 \x03(\x0e\x32\x16.michi.gateway.v1.Mode\x12\x33\n\rturn_policies\x18\x04 \x03(\x0e\x32\x1c.michi.gateway.v1.TurnPolicy\x12(\n\x06limits\x18\x05 \x01(\x0b\x32\x18.michi.gateway.v1.Limits\x12\x11\n\tmax_calls\x18\x06 \x01(\x05\x12\x12\n\nlive_calls\x18\x07 \x01(\x05\x12\x17\n\x0ftrained_weights\x18\x08 \x01(\x08\x12\x0f\n\x07tick_ms\x18\t \x01(\x05\x12\x15\n\rauth_required\x18\n \x01(\x08*a\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08LINEAR16\x10\x01\x12\t\n\x05MULAW\x10\x02\x12\x08\n\x04\x41LAW\x10\x03\x12\r\n\tFLOAT32LE\x10\x04*^\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43ONVERSATION\x10\x01\x12\x07\n\x03TTS\x10\x02\x12\x16\n\x12\x41UDIO_CONTINUATION\x10\x03\x12\r\n\tTEXT_ONLY\x10\x04*K\n\nTurnPolicy\x12\x1b\n\x17TURN_POLICY_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46ULL_DUPLEX\x10\x01\x12\x0f\n\x0bHALF_DUPLEX\x10\x02*R\n\x08TextRole\x12\x19\n\x15TEXT_ROLE_UNSPECIFIED\x10\x00\x12\x08\n\x04USER\x10\x01\x12\n\n\x06SYSTEM\x10\x02\x12\x0b\n\x07\x43ONTEXT\x10\x03\x12\x08\n\x04TOOL\x10\x04*\xb1\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43LIENT_END_CALL\x10\x01\x12\x11\n\rCLIENT_CLOSED\x10\x02\x12\r\n\tMAX_TICKS\x10\x03\x12\x10\n\x0cIDLE_TIMEOUT\x10\x04\x12\x10\n\x0c\x43ONTEXT_FULL\x10\x05\x12\x0c\n\x08TTS_DONE\x10\x06\x12\x10\n\x0cSTAGE_FAILED\x10\x07\x12\r\n\tBAD_INPUT\x10\x08\x32\xbd\x01\n\x07Gateway\x12U\n\x08\x43onverse\x12!.michi.gateway.v1.ConverseRequest\x1a\".michi.gateway.v1.ConverseResponse(\x01\x30\x01\x12[\n\x0fGetCapabilities\x12(.michi.gateway.v1.GetCapabilitiesRequest\x1a\x1e.michi.gateway.v1.Capabilitiesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDIOENCODING']._serialized_start=3049
-  _globals['_AUDIOENCODING']._serialized_end=3146
-  _globals['_MODE']._serialized_start=3148
-  _globals['_MODE']._serialized_end=3242
-  _globals['_TURNPOLICY']._serialized_start=3244
-  _globals['_TURNPOLICY']._serialized_end=3319
-  _globals['_TEXTROLE']._serialized_start=3321
-  _globals['_TEXTROLE']._serialized_end=3403
-  _globals['_ENDREASON']._serialized_start=3406
-  _globals['_ENDREASON']._serialized_end=3583
+  _globals['_AUDIOENCODING']._serialized_start=3066
+  _globals['_AUDIOENCODING']._serialized_end=3163
+  _globals['_MODE']._serialized_start=3165
+  _globals['_MODE']._serialized_end=3259
+  _globals['_TURNPOLICY']._serialized_start=3261
+  _globals['_TURNPOLICY']._serialized_end=3336
+  _globals['_TEXTROLE']._serialized_start=3338
+  _globals['_TEXTROLE']._serialized_end=3420
+  _globals['_ENDREASON']._serialized_start=3423
+  _globals['_ENDREASON']._serialized_end=3600
   _globals['_AUDIOFORMAT']._serialized_start=46
   _globals['_AUDIOFORMAT']._serialized_end=134
   _globals['_TURNCONFIG']._serialized_start=136
@@ -64,31 +64,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTTEXT']._serialized_start=1263
   _globals['_AGENTTEXT']._serialized_end=1302
   _globals['_USERTRANSCRIPT']._serialized_start=1304
-  _globals['_USERTRANSCRIPT']._serialized_end=1366
-  _globals['_EVENT']._serialized_start=1369
-  _globals['_EVENT']._serialized_end=1929
-  _globals['_EVENT_TURNSTART']._serialized_start=1660
-  _globals['_EVENT_TURNSTART']._serialized_end=1688
-  _globals['_EVENT_TURNEND']._serialized_start=1690
-  _globals['_EVENT_TURNEND']._serialized_end=1716
-  _globals['_EVENT_BARGEIN']._serialized_start=1719
-  _globals['_EVENT_BARGEIN']._serialized_end=1853
-  _globals['_EVENT_ERROR']._serialized_start=1855
-  _globals['_EVENT_ERROR']._serialized_end=1893
-  _globals['_EVENT_REPLYDONE']._serialized_start=1895
-  _globals['_EVENT_REPLYDONE']._serialized_end=1920
-  _globals['_CALLENDED']._serialized_start=1931
-  _globals['_CALLENDED']._serialized_end=2041
-  _globals['_CONVERSERESPONSE']._serialized_start=2044
-  _globals['_CONVERSERESPONSE']._serialized_end=2369
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=2371
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=2395
-  _globals['_ENCODINGSUPPORT']._serialized_start=2397
-  _globals['_ENCODINGSUPPORT']._serialized_end=2490
-  _globals['_LIMITS']._serialized_start=2493
-  _globals['_LIMITS']._serialized_end=2717
-  _globals['_CAPABILITIES']._serialized_start=2720
-  _globals['_CAPABILITIES']._serialized_end=3047
-  _globals['_GATEWAY']._serialized_start=3586
-  _globals['_GATEWAY']._serialized_end=3775
+  _globals['_USERTRANSCRIPT']._serialized_end=1383
+  _globals['_EVENT']._serialized_start=1386
+  _globals['_EVENT']._serialized_end=1946
+  _globals['_EVENT_TURNSTART']._serialized_start=1677
+  _globals['_EVENT_TURNSTART']._serialized_end=1705
+  _globals['_EVENT_TURNEND']._serialized_start=1707
+  _globals['_EVENT_TURNEND']._serialized_end=1733
+  _globals['_EVENT_BARGEIN']._serialized_start=1736
+  _globals['_EVENT_BARGEIN']._serialized_end=1870
+  _globals['_EVENT_ERROR']._serialized_start=1872
+  _globals['_EVENT_ERROR']._serialized_end=1910
+  _globals['_EVENT_REPLYDONE']._serialized_start=1912
+  _globals['_EVENT_REPLYDONE']._serialized_end=1937
+  _globals['_CALLENDED']._serialized_start=1948
+  _globals['_CALLENDED']._serialized_end=2058
+  _globals['_CONVERSERESPONSE']._serialized_start=2061
+  _globals['_CONVERSERESPONSE']._serialized_end=2386
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=2388
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=2412
+  _globals['_ENCODINGSUPPORT']._serialized_start=2414
+  _globals['_ENCODINGSUPPORT']._serialized_end=2507
+  _globals['_LIMITS']._serialized_start=2510
+  _globals['_LIMITS']._serialized_end=2734
+  _globals['_CAPABILITIES']._serialized_start=2737
+  _globals['_CAPABILITIES']._serialized_end=3064
+  _globals['_GATEWAY']._serialized_start=3603
+  _globals['_GATEWAY']._serialized_end=3792
 # @@protoc_insertion_point(module_scope)

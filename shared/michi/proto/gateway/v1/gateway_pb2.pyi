@@ -195,14 +195,16 @@ class AgentText(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tick: _Optional[int] = ...) -> None: ...
 
 class UserTranscript(_message.Message):
-    __slots__ = ("text", "tick", "is_final")
+    __slots__ = ("text", "tick", "is_final", "interim")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TICK_FIELD_NUMBER: _ClassVar[int]
     IS_FINAL_FIELD_NUMBER: _ClassVar[int]
+    INTERIM_FIELD_NUMBER: _ClassVar[int]
     text: str
     tick: int
     is_final: bool
-    def __init__(self, text: _Optional[str] = ..., tick: _Optional[int] = ..., is_final: _Optional[bool] = ...) -> None: ...
+    interim: str
+    def __init__(self, text: _Optional[str] = ..., tick: _Optional[int] = ..., is_final: _Optional[bool] = ..., interim: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("tick", "turn_start", "turn_end", "barge_in", "error", "reply_done")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16listen/v1/listen.proto\x12\x0fmichi.listen.v1\"9\n\x0b\x45ncodeStart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"X\n\rEncodeRequest\x12-\n\x05start\x18\x01 \x01(\x0b\x32\x1c.michi.listen.v1.EncodeStartH\x00\x12\r\n\x03pcm\x18\x02 \x01(\x0cH\x00\x42\t\n\x07request\"M\n\x0e\x45ncodeResponse\x12\r\n\x05\x66rame\x18\x01 \x01(\x03\x12\x0e\n\x06latent\x18\x02 \x03(\x02\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t2W\n\x06Listen\x12M\n\x06\x45ncode\x12\x1e.michi.listen.v1.EncodeRequest\x1a\x1f.michi.listen.v1.EncodeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16listen/v1/listen.proto\x12\x0fmichi.listen.v1\"9\n\x0b\x45ncodeStart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"X\n\rEncodeRequest\x12-\n\x05start\x18\x01 \x01(\x0b\x32\x1c.michi.listen.v1.EncodeStartH\x00\x12\r\n\x03pcm\x18\x02 \x01(\x0cH\x00\x42\t\n\x07request\"^\n\x0e\x45ncodeResponse\x12\r\n\x05\x66rame\x18\x01 \x01(\x03\x12\x0e\n\x06latent\x18\x02 \x03(\x02\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0f\n\x07interim\x18\x05 \x01(\t2W\n\x06Listen\x12M\n\x06\x45ncode\x12\x1e.michi.listen.v1.EncodeRequest\x1a\x1f.michi.listen.v1.EncodeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_start=102
   _globals['_ENCODEREQUEST']._serialized_end=190
   _globals['_ENCODERESPONSE']._serialized_start=192
-  _globals['_ENCODERESPONSE']._serialized_end=269
-  _globals['_LISTEN']._serialized_start=271
-  _globals['_LISTEN']._serialized_end=358
+  _globals['_ENCODERESPONSE']._serialized_end=286
+  _globals['_LISTEN']._serialized_start=288
+  _globals['_LISTEN']._serialized_end=375
 # @@protoc_insertion_point(module_scope)

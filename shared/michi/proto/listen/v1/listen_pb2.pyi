@@ -23,13 +23,15 @@ class EncodeRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[EncodeStart, _Mapping]] = ..., pcm: _Optional[bytes] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("frame", "latent", "tokens", "text")
+    __slots__ = ("frame", "latent", "tokens", "text", "interim")
     FRAME_FIELD_NUMBER: _ClassVar[int]
     LATENT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    INTERIM_FIELD_NUMBER: _ClassVar[int]
     frame: int
     latent: _containers.RepeatedScalarFieldContainer[float]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     text: str
-    def __init__(self, frame: _Optional[int] = ..., latent: _Optional[_Iterable[float]] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+    interim: str
+    def __init__(self, frame: _Optional[int] = ..., latent: _Optional[_Iterable[float]] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., interim: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,241 @@
+"""The `hearing` stage: the listen text head (`michi.model.listen.ListenTextHead`) learns streaming
+CTC over the listen encoder's features, the encoder frozen (a mel-PCA encoder has nothing to train).
+
+Every training voice of the corpus, plus the Asterisk prompts of the "train" part
+(`michi.eval.speech.asterisk_split`: one human speaker on a telephone line; the other part is held
+out by prompt text and never seen here). Each clip passes a random channel
+(`michi.audio.augment.channel`: speed, room, noise or another voice, telephone line, level); on the
+features, the mel axis is warped (vocal tract length perturbation: a pitch and formant shift
+without a tempo change) and SpecAugment masks a few bands and stretches of time. Targets: the
+normalised transcript (`michi.eval.wer.normalize_text`: lower-case words, no punctuation) as
+tokens. Every `eval_every` steps the held-out word error rates (a held-out voice, held-out Asterisk
+prompts, both through the telephone line) go into the loss log: the stage's learning curve
+(`plot_curve`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..audio.augment import SPEEDS, ChannelConfig, channel, telephone
+from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ
+from ..eval.wer import normalize_text, summary
+from ..model.listen import emitted
+from ..model.michi import MichiModel
+from .stages import OptimConfig, _adamw, _apply, bf16_native
+
+TAIL_TICKS = 3  # silence after each clip, so the causal head can emit its last words
+
+
+@dataclass
+class Clip:
+    audio: np.ndarray  # float32, 24 kHz
+    text: str  # normalised
+
+
+@dataclass
+class HearingConfig:
+    batch_size: int = 24
+    max_seconds: float = 8.0  # longer clips are cut (their text at the last whole word)
+    asterisk: float = 0.25  # share of rows from the Asterisk "train" prompts (when given)
+    channel: ChannelConfig = field(default_factory=ChannelConfig)
+    vtlp: float = 0.5  # share of rows whose mel axis is warped
+    vtlp_range: tuple[float, float] = (0.88, 1.12)
+    freq_masks: int = 2
+    freq_mask_bins: int = 8  # of 80
+    time_masks: int = 2
+    time_mask_frames: int = 15  # of the features' frames (10 ms with mel-PCA)
+    eval_every: int = 250
+
+
+def clips_from_items(items, limit: int | None = None) -> list[Clip]:
+    """`michi.eval.speech.SpeechItem`s (any rate) -> clips at 24 kHz with normalised text."""
+    return [Clip(it.audio(SAMPLE_RATE_HZ), normalize_text(it.text)) for it in items[:limit]]
+
+
+def clips_from_bank(bank) -> list[Clip]:
+    """An `AudioBank`'s segments -> clips (cut at no length; `HearingStage` cuts)."""
+    return [Clip((a / 32768.0).astype(np.float32), normalize_text(seg["text"]))
+            for a, seg in zip(bank.audio, bank.segments) if normalize_text(seg["text"])]
+
+
+def warp_mel(frames: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    """Frames [..., M] of log-mel with the mel axis stretched by `factor` (a number, or a tensor
+    that broadcasts against the frames, e.g. [B, 1, 1]; > 1: the spectrum moves up, as a shorter
+    vocal tract's): bin i reads bin i / factor, linearly interpolated."""
+    m = frames.shape[-1]
+    src = (torch.arange(m, dtype=torch.float32) / torch.as_tensor(factor)).clamp(max=m - 1)
+    src = src.expand(frames.shape)
+    lo = src.floor().long()
+    hi = (lo + 1).clamp(max=m - 1)
+    w = (src - lo).to(frames.dtype)
+    return frames.gather(-1, lo) * (1 - w) + frames.gather(-1, hi) * w
+
+
+class HearingStage:
+    name = "hearing"
+
+    def __init__(self, model: MichiModel, train: list[Clip], hc: HearingConfig, oc: OptimConfig, tokenizer,
+                 asterisk: list[Clip] | None = None, heldout: dict[str, list[Clip]] | None = None, seed: int = 0):
+        """`train`: the corpus's training clips; `asterisk`: the Asterisk "train" prompts (mixed in
+        at `hc.asterisk`); `heldout`: named sets whose WER is logged every `eval_every` steps."""
+        if not train:
+            raise ValueError("the hearing stage needs training clips")
+        self.model, self.hc, self.oc, self.tokenizer = model, hc, oc, tokenizer
+        self.train, self.asterisk = train, asterisk or []
+        self.heldout = {name: clips for name, clips in (heldout or {}).items() if clips}
+        self.head = model.listen_text
+        self.head.enabled = True
+        self.modules = {"listen_text": self.head}
+        self.optimizers = {"listen_text": _adamw(self.head.parameters(), oc)}
+        self.rng = torch.Generator().manual_seed(seed)
+        self.progress = 0.0
+        self.autocast = bf16_native(torch.device("cpu"))
+        # The next batch is drawn and augmented (numpy, scipy: mostly outside the GIL) while the
+        # current one trains.
+        self._pool = ThreadPoolExecutor(1)
+        self._next: Future | None = None
+
+    def _np_rng(self) -> np.random.Generator:
+        return np.random.default_rng(int(torch.randint(2**62, (), generator=self.rng)))
+
+    def _draw(self, rng: np.random.Generator) -> Clip:
+        pool = self.asterisk if self.asterisk and rng.random() < self.hc.asterisk else self.train
+        clip = pool[rng.integers(len(pool))]
+        limit = int(self.hc.max_seconds * SAMPLE_RATE_HZ)
+        if len(clip.audio) <= limit:
+            return clip
+        # Cut at a random whole word: keep the words that end before the cut, by their share of the
+        # clip (no word times here), and drop the rest of the audio.
+        words = clip.text.split()
+        keep = max(1, int(len(words) * limit / len(clip.audio)) - 1)
+        cut = int(len(clip.audio) * keep / len(words))
+        return Clip(clip.audio[:cut], " ".join(words[:keep]))
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Audio [B, T] and frames [B] (whole ticks), targets (concatenated) and their lengths [B].
+
+        Each row is packed with augmented clips back to back, its text theirs joined by spaces,
+        until the next would pass `max_seconds`; then the tail of silence, and padding."""
+        rng = self._np_rng()
+        limit = int(self.hc.max_seconds * SAMPLE_RATE_HZ)
+        rows: list[list[np.ndarray]] = []
+        texts: list[list[str]] = []
+        for _ in range(self.hc.batch_size):
+            pieces, words, used = [], [], 0
+            for _tries in range(6):  # a clip that would not fit (even sped down) is drawn again
+                clip = self._draw(rng)
+                if pieces and used + len(clip.audio) * max(d / u for u, d in SPEEDS) > limit:
+                    continue
+                other = self.train[rng.integers(len(self.train))].audio
+                pieces.append(channel(clip.audio, self.hc.channel, rng, other=other))
+                words.append(clip.text)
+                used += len(pieces[-1])
+            rows.append(pieces)
+            texts.append(words)
+        ticks = [-(-sum(len(p) for p in r) // FRAME_SAMPLES) + TAIL_TICKS for r in rows]
+        audio = np.zeros((len(rows), max(ticks) * FRAME_SAMPLES), dtype=np.float32)
+        for i, pieces in enumerate(rows):
+            joined = np.concatenate(pieces)
+            audio[i, :len(joined)] = joined
+        tokens = [self.tokenizer.encode(" ".join(t)) for t in texts]
+        targets = torch.tensor([t for row in tokens for t in row], dtype=torch.long)
+        return (torch.from_numpy(audio), torch.tensor(ticks), targets,
+                torch.tensor([len(t) for t in tokens]))
+
+    def augment_features(self, features: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """VTLP and SpecAugment on features [B, n, frames * M], a draw per row."""
+        hc = self.hc
+        b, n, _ = features.shape
+        x = features.reshape(b, n * self.head.frames, -1)
+        t, m = x.shape[1], x.shape[2]
+        factors = np.where(rng.random(b) < hc.vtlp, rng.uniform(*hc.vtlp_range, b), 1.0)
+        x = warp_mel(x, torch.tensor(factors, dtype=torch.float32)[:, None, None])
+        fill = x.mean(dim=(1, 2), keepdim=True)
+        masked = torch.zeros(b, t, m, dtype=torch.bool)
+        for count, width, size, axis in ((hc.freq_masks, hc.freq_mask_bins, m, 2),
+                                         (hc.time_masks, hc.time_mask_frames, t, 1)):
+            for _ in range(count):
+                widths = torch.from_numpy(rng.integers(width + 1, size=b))
+                starts = torch.from_numpy(rng.integers(max(1, size - width), size=b))
+                pos = torch.arange(size)[None]
+                band = (pos >= starts[:, None]) & (pos < (starts + widths)[:, None])  # [B, size]
+                masked |= band[:, None, :] if axis == 2 else band[:, :, None]
+        return torch.where(masked, fill, x).reshape(b, n, -1)
+
+    def step(self, step: int) -> dict[str, float]:
+        batch = self._next.result() if self._next is not None else self.batch()
+        self._next = self._pool.submit(self.batch)
+        audio, ticks, targets, target_lengths = batch
+        with torch.no_grad():
+            features = self.model.listen(audio).features
+        features = self.augment_features(features, self._np_rng())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.head(features)
+        loss = self.head.ctc_loss(logits, targets, target_lengths, ticks)
+        _apply(self.optimizers["listen_text"], loss, step, self.progress, self.oc)
+        figures = {"loss": loss.item()}
+        if self.heldout and (step + 1) % self.hc.eval_every == 0:
+            figures.update({f"{name}_wer": v for name, v in self.heldout_wer().items()})
+        return figures
+
+    @torch.no_grad()
+    def heldout_wer(self) -> dict[str, float]:
+        """WER of greedy CTC over each held-out set (offline, which equals streaming)."""
+        was = self.head.training
+        self.head.eval()
+        out = {}
+        for name, clips in self.heldout.items():
+            out[name] = summary([{"ref": c.text, "hyp": transcribe(self.model, c.audio, self.tokenizer)}
+                                 for c in clips])["wer"]
+        self.head.train(was)
+        return out
+
+
+@torch.no_grad()
+def transcribe(model: MichiModel, pcm: np.ndarray, tokenizer) -> str:
+    """Greedy CTC of the head over a whole 24 kHz clip (plus the tail of silence)."""
+    pcm = np.pad(pcm, (0, -len(pcm) % FRAME_SAMPLES + TAIL_TICKS * FRAME_SAMPLES))
+    head = model.listen_text
+    tokens, _ = head.read(model.listen(torch.from_numpy(pcm)[None]).features, head.init_state(1))
+    return tokenizer.decode(emitted(tokens[0]))
+
+
+def heldout_sets(voice: list[Clip], asterisk: list[Clip]) -> dict[str, list[Clip]]:
+    """The stage's held-out sets: the voice and the Asterisk prompts, clean and through the
+    telephone line."""
+    return {"heldout_voice": voice, "asterisk": asterisk,
+            "asterisk_telephone": [Clip(telephone(c.audio), c.text) for c in asterisk]}
+
+
+def plot_curve(log: str | Path, png: str | Path, title: str = "hearing stage: held-out WER") -> Path:
+    """Held-out WER per set against training minutes, from the stage's loss log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    keys = sorted({k for r in rows for k in r if k.endswith("_wer")})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = [(r["wall_s"] / 60, 100 * r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        if points:
+            ax.plot(*zip(*points), marker="o", ms=3, label=key.removesuffix("_wer"))
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel("WER %")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return Path(png)
+

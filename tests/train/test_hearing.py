@@ -1,0 +1,98 @@
+"""The hearing stage: batches pack clips with their text, the feature augmentations do what they
+say, and a few steps on real (espeak-ng) speech lower the CTC loss of the listen text head."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from michi.checkpoint import load_checkpoint
+from michi.config import FRAME_SAMPLES, preset
+from michi.model.michi import MichiModel
+from michi.model.tokenizer import load_tokenizer
+from michi.train.batches import AudioBank, load_segments
+from michi.train.hearing import TAIL_TICKS, HearingConfig, HearingStage, clips_from_bank, heldout_sets, warp_mel
+from michi.train.stages import OptimConfig
+
+
+@pytest.fixture(scope="module")
+def setup(mini_corpus):
+    torch.manual_seed(0)
+    model = MichiModel(preset("tiny-melpca"), load_pretrained=False)
+    clips = clips_from_bank(AudioBank(mini_corpus, load_segments(mini_corpus, ("train", "heldout_sentence"))))
+    return model, clips, load_tokenizer("bytes", 256)
+
+
+def test_warp_mel():
+    frames = torch.zeros(3, 80)
+    frames[:, 20] = 1.0
+    assert torch.equal(warp_mel(frames, 1.0), frames)
+    up = warp_mel(frames, 1.25)
+    assert int(up[0].argmax()) == 25  # bin i reads bin i / 1.25
+    rows = warp_mel(torch.stack([frames, frames]), torch.tensor([1.0, 1.25])[:, None, None])
+    assert torch.equal(rows[0], frames) and torch.equal(rows[1], up)
+
+
+def test_batch_packs_clips_and_their_text(setup):
+    model, clips, tok = setup
+    hc = HearingConfig(batch_size=4, max_seconds=6.0)
+    stage = HearingStage(model, clips, hc, OptimConfig(), tok)
+    audio, ticks, targets, lengths = stage.batch()
+    assert audio.shape[0] == 4 and audio.shape[1] == int(ticks.max()) * FRAME_SAMPLES
+    assert int(lengths.sum()) == len(targets)
+    texts = {c.text for c in clips}
+    start = 0
+    for row, n in enumerate(lengths.tolist()):
+        text = bytes(targets[start:start + n].tolist()).decode()
+        start += n
+        # whole clips, their texts joined by spaces
+        assert _joined(text, texts), text
+        tail = audio[row, (int(ticks[row]) - TAIL_TICKS) * FRAME_SAMPLES:]
+        assert float(tail.abs().max()) == 0.0  # the tail of silence, then padding
+        assert float(audio[row, : (int(ticks[row]) - TAIL_TICKS) * FRAME_SAMPLES].abs().max()) > 0
+
+
+def _joined(text: str, texts: set[str]) -> bool:
+    """Whether `text` is some clips' texts joined by single spaces."""
+    return any(text == t or (text.startswith(t + " ") and _joined(text[len(t) + 1:], texts)) for t in texts)
+
+
+def test_augment_features_masks_some_values_only(setup):
+    model, clips, tok = setup
+    hc = HearingConfig(vtlp=0.0, freq_masks=1, freq_mask_bins=8, time_masks=0)
+    stage = HearingStage(model, clips, hc, OptimConfig(), tok)
+    features = torch.randn(2, 5, 640)
+    out = stage.augment_features(features, np.random.default_rng(0))
+    assert out.shape == features.shape
+    changed = (out != features).reshape(2, 40, 80)
+    for row in range(2):
+        bins = changed[row].any(0).nonzero().flatten()
+        assert len(bins) <= 8 and bool(changed[row][:, bins].all())  # one band, every frame
+
+
+def test_a_few_steps_lower_the_ctc_loss(setup):
+    model, clips, tok = setup
+    hc = HearingConfig(batch_size=4, max_seconds=4.0, vtlp=0.0, freq_masks=0, time_masks=0, eval_every=10)
+    hc.channel.speed = hc.channel.noise = hc.channel.reverb = hc.channel.telephone = 0.0
+    stage = HearingStage(model, clips, hc, OptimConfig(lr=2e-3, warmup_steps=5), tok,
+                         heldout=heldout_sets(clips[:1], clips[1:2]))
+    first = [stage.step(i)["loss"] for i in range(3)]
+    for i in range(3, 39):
+        stage.step(i)
+    figures = stage.step(39)
+    assert figures["loss"] < 0.5 * np.mean(first)
+    assert {"heldout_voice_wer", "asterisk_wer", "asterisk_telephone_wer"} <= set(figures)
+
+
+def test_recipe_hearing_stage_marks_the_head_trained(mini_corpus, tmp_path):
+    from michi.train.cli import main
+
+    out = tmp_path / "run"
+    assert main(["recipe", "--preset", "tiny-melpca", "--corpus", str(mini_corpus), "--out", str(out),
+                 "--stages", "hearing", "--steps", "hearing=3", "--hearing", "batch_size=2,eval_every=3",
+                 "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in (out / "hearing" / "losses.jsonl").read_text().splitlines()]
+    assert rows and any(key.endswith("_wer") for key in rows[-1])  # the held-out curve
+    assert (out / "hearing" / "curve.png").stat().st_size > 0
+    _, info = load_checkpoint(out / "model")
+    assert info["listen_text_trained"] is True
