@@ -11,7 +11,15 @@ from michi.config import FRAME_SAMPLES, preset
 from michi.model.michi import MichiModel
 from michi.model.tokenizer import load_tokenizer
 from michi.train.batches import AudioBank, load_segments
-from michi.train.hearing import TAIL_TICKS, HearingConfig, HearingStage, clips_from_bank, heldout_sets, warp_mel
+from michi.train.hearing import (
+    TAIL_TICKS,
+    HearingConfig,
+    HearingStage,
+    clips_from_bank,
+    heldout_sets,
+    phone_labels,
+    warp_mel,
+)
 from michi.train.stages import OptimConfig
 
 
@@ -33,12 +41,26 @@ def test_warp_mel():
     assert torch.equal(rows[0], frames) and torch.equal(rows[1], up)
 
 
+def test_phone_labels_follow_speed_and_offset():
+    phones = [(0, 0.0), (5, 0.1), (7, 0.3)]
+    out = np.full(20, -100)
+    phone_labels(phones, offset_s=0.2, ratio=2.0, seconds=0.6, rate_hz=25.0, delay_frames=0, out=out)
+    # frames 5..19 (0.2 s to 0.8 s); the clip's times double: phone 5 from 0.4 s, phone 7 from 0.8 s
+    assert out[:5].tolist() == [-100] * 5
+    assert out[5:10].tolist() == [0] * 5 and out[10:20].tolist() == [5] * 10
+    delayed = np.full(20, -100)
+    phone_labels(phones, 0.2, 2.0, 0.6, 25.0, 1, delayed)
+    assert delayed[10] == 0 and delayed[11] == 5  # a frame later
+
+
 def test_batch_packs_clips_and_their_text(setup):
     model, clips, tok = setup
     hc = HearingConfig(batch_size=4, max_seconds=6.0)
     stage = HearingStage(model, clips, hc, OptimConfig(), tok)
-    audio, ticks, targets, lengths = stage.batch()
+    audio, ticks, targets, lengths, labels = stage.batch()
     assert audio.shape[0] == 4 and audio.shape[1] == int(ticks.max()) * FRAME_SAMPLES
+    assert labels.shape == (4, int(ticks.max()) * 2)  # a phoneme label per head frame (2 a tick)
+    assert bool((labels[:, :2] >= 0).all())  # every clip of this corpus has word times
     assert int(lengths.sum()) == len(targets)
     texts = {c.text for c in clips}
     start = 0
@@ -81,7 +103,8 @@ def test_a_few_steps_lower_the_ctc_loss(setup):
         stage.step(i)
     figures = stage.step(39)
     assert figures["loss"] < 0.5 * np.mean(first)
-    assert {"heldout_voice_wer", "asterisk_wer", "asterisk_telephone_wer"} <= set(figures)
+    assert {"ctc", "phone_ce", "phone_accuracy", "heldout_voice_wer", "asterisk_wer",
+            "asterisk_telephone_wer"} <= set(figures)
 
 
 def test_recipe_hearing_stage_marks_the_head_trained(mini_corpus, tmp_path):

@@ -271,14 +271,24 @@ class ListenTextHead(StreamingModule, nn.Module):
         # then emits nothing, as on silence, instead of random tokens the backbone never saw.
         self.enabled = True
 
-    def _run(self, features: Tensor, state: TextHeadState | None) -> Tensor:
+    def hidden(self, features: Tensor, state: TextHeadState | None = None) -> Tensor:
+        """Features [B, n, F] -> the head's frames [B, n * out_frames, dim], before the slots (what
+        a training stage's auxiliary losses read)."""
         b, n, _ = features.shape
         h = self.norm(features.reshape(b, n * self.frames, self.feature_dim // self.frames))
         h = run(self.front, h.transpose(1, 2), None if state is None else state.front).transpose(1, 2)
         for index, layer in enumerate(self.layers):
             h = run(layer, h, None if state is None else state.layers[str(index)])
-        h = self.to_slots(self.out_norm(h)).view(b, n, self.slots, self.out.in_features)
+        return self.out_norm(h)
+
+    def slot_logits(self, hidden: Tensor) -> Tensor:
+        """The head's frames [B, n * out_frames, dim] -> logits [B, n, slots, vocab + 1]."""
+        b, n = hidden.shape[0], hidden.shape[1] // self.out_frames
+        h = self.to_slots(hidden).view(b, n, self.slots, self.out.in_features)
         return self.out(F.gelu(h))
+
+    def _run(self, features: Tensor, state: TextHeadState | None) -> Tensor:
+        return self.slot_logits(self.hidden(features, state))
 
     def forward(self, features: Tensor) -> Tensor:
         return self._run(features, None)

@@ -14,6 +14,7 @@ prompts, both through the telephone line) go into the loss log: the stage's lear
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,12 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ..audio.augment import SPEEDS, ChannelConfig, channel, telephone
-from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ
+from ..audio.augment import SPEEDS, ChannelConfig, channel, speed, telephone
+from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ, TICK_S
+from ..data.align import word_phone_times
 from ..eval.wer import normalize_text, summary
 from ..model.listen import emitted
 from ..model.michi import MichiModel
+from ..model.phonemes import NO_PHONE, NUM_PHONEME_IDS
 from ..model.textlm import CharLM
 from .stages import OptimConfig, _adamw, _apply, bf16_native
 
@@ -39,6 +43,7 @@ LM_DECODER = {"alpha": 0.5, "beta": 1.0, "beam": 8}  # BeamDecoder settings ship
 class Clip:
     audio: np.ndarray  # float32, 24 kHz
     text: str  # normalised
+    phones: list[tuple[int, float]] | None = None  # (phoneme id, start s) where known
 
 
 @dataclass
@@ -53,6 +58,11 @@ class HearingConfig:
     freq_mask_bins: int = 8  # of 80
     time_masks: int = 2
     time_mask_frames: int = 15  # of the features' frames (10 ms with mel-PCA)
+    # The auxiliary loss: each head frame also classifies the phoneme sounding one frame before
+    # it (dense targets from the corpus's phoneme timings: piper's own, or each word's phonemes
+    # spread over its span), so the head learns sounds before it can spell; 0: none.
+    phone_weight: float = 1.0
+    phone_delay_frames: int = 1
     eval_every: int = 250
 
 
@@ -62,9 +72,30 @@ def clips_from_items(items, limit: int | None = None) -> list[Clip]:
 
 
 def clips_from_bank(bank) -> list[Clip]:
-    """An `AudioBank`'s segments -> clips (cut at no length; `HearingStage` cuts)."""
-    return [Clip((a / 32768.0).astype(np.float32), normalize_text(seg["text"]))
+    """An `AudioBank`'s segments -> clips (cut at no length; `HearingStage` cuts), with their
+    phoneme timings: the segment's own, or spread over its word times."""
+    return [Clip((a / 32768.0).astype(np.float32), normalize_text(seg["text"]), _phones(seg))
             for a, seg in zip(bank.audio, bank.segments) if normalize_text(seg["text"])]
+
+
+def _phones(segment: dict) -> list[tuple[int, float]] | None:
+    if segment.get("phones"):
+        return [(int(p), float(t)) for p, t in segment["phones"]]
+    words = segment.get("words")
+    return word_phone_times([(w, float(s), float(e)) for w, s, e in words]) if words else None
+
+
+def phone_labels(phones: list[tuple[int, float]], offset_s: float, ratio: float, seconds: float,
+                 rate_hz: float, delay_frames: int, out: np.ndarray) -> None:
+    """Write into `out` (one label per frame at rate_hz) the phoneme sounding `delay_frames`
+    before each frame's centre, for a clip placed at offset_s and sped to 1/ratio of its length
+    (its own times scale by ratio)."""
+    starts = np.array([t for _, t in phones]) * ratio + offset_s
+    ids = np.array([p for p, _ in phones])
+    first, last = int(offset_s * rate_hz), min(len(out), int(np.ceil((offset_s + seconds) * rate_hz)))
+    centres = (np.arange(first, last) + 0.5 - delay_frames) / rate_hz
+    index = np.searchsorted(starts, centres, side="right") - 1
+    out[first:last] = np.where(index >= 0, ids[np.maximum(index, 0)], NO_PHONE)
 
 
 def warp_mel(frames: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
@@ -94,8 +125,11 @@ class HearingStage:
         self.heldout = {name: clips for name, clips in (heldout or {}).items() if clips}
         self.head = model.listen_text
         self.head.enabled = True
-        self.modules = {"listen_text": self.head}
-        self.optimizers = {"listen_text": _adamw(self.head.parameters(), oc)}
+        self.channel = dataclasses.replace(hc.channel, speed=0.0)  # the stage speeds clips itself
+        self.modules: dict[str, torch.nn.Module] = {"listen_text": self.head}
+        if hc.phone_weight > 0:  # trained beside the head, not part of the model
+            self.modules["phones"] = torch.nn.Linear(self.head.out.in_features, NUM_PHONEME_IDS)
+        self.optimizers = {"listen_text": _adamw([p for m in self.modules.values() for p in m.parameters()], oc)}
         self.rng = torch.Generator().manual_seed(seed)
         self.progress = 0.0
         self.autocast = bf16_native(torch.device("cpu"))
@@ -120,8 +154,9 @@ class HearingStage:
         cut = int(len(clip.audio) * keep / len(words))
         return Clip(clip.audio[:cut], " ".join(words[:keep]))
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Audio [B, T] and frames [B] (whole ticks), targets (concatenated) and their lengths [B].
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Audio [B, T] and frames [B] (whole ticks), targets (concatenated), their lengths [B],
+        and phoneme labels [B, head frames] (-100 where unknown).
 
         Each row is packed with augmented clips back to back, its text theirs joined by spaces,
         until the next would pass `max_seconds`; then the tail of silence, and padding."""
@@ -129,27 +164,40 @@ class HearingStage:
         limit = int(self.hc.max_seconds * SAMPLE_RATE_HZ)
         rows: list[list[np.ndarray]] = []
         texts: list[list[str]] = []
+        placed: list[list[tuple[Clip, float, int]]] = []  # clip, speed ratio, offset (samples)
         for _ in range(self.hc.batch_size):
-            pieces, words, used = [], [], 0
+            pieces, words, used, where = [], [], 0, []
             for _tries in range(6):  # a clip that would not fit (even sped down) is drawn again
                 clip = self._draw(rng)
                 if pieces and used + len(clip.audio) * max(d / u for u, d in SPEEDS) > limit:
                     continue
+                pcm, ratio = clip.audio, 1.0
+                if rng.random() < self.hc.channel.speed:
+                    up, down = SPEEDS[rng.integers(len(SPEEDS))]
+                    pcm, ratio = speed(pcm, up, down), up / down
                 other = self.train[rng.integers(len(self.train))].audio
-                pieces.append(channel(clip.audio, self.hc.channel, rng, other=other))
+                pieces.append(channel(pcm, self.channel, rng, other=other))
                 words.append(clip.text)
+                where.append((clip, ratio, used))
                 used += len(pieces[-1])
             rows.append(pieces)
             texts.append(words)
+            placed.append(where)
         ticks = [-(-sum(len(p) for p in r) // FRAME_SAMPLES) + TAIL_TICKS for r in rows]
         audio = np.zeros((len(rows), max(ticks) * FRAME_SAMPLES), dtype=np.float32)
+        rate = self.head.out_frames / TICK_S
+        labels = np.full((len(rows), max(ticks) * self.head.out_frames), -100, dtype=np.int64)
         for i, pieces in enumerate(rows):
             joined = np.concatenate(pieces)
             audio[i, :len(joined)] = joined
+            for (clip, ratio, offset), pcm in zip(placed[i], pieces):
+                if clip.phones:
+                    phone_labels(clip.phones, offset / SAMPLE_RATE_HZ, ratio, len(pcm) / SAMPLE_RATE_HZ, rate,
+                                 self.hc.phone_delay_frames, labels[i])
         tokens = [self.tokenizer.encode(" ".join(t)) for t in texts]
         targets = torch.tensor([t for row in tokens for t in row], dtype=torch.long)
         return (torch.from_numpy(audio), torch.tensor(ticks), targets,
-                torch.tensor([len(t) for t in tokens]))
+                torch.tensor([len(t) for t in tokens]), torch.from_numpy(labels))
 
     def augment_features(self, features: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """VTLP and SpecAugment on features [B, n, frames * M], a draw per row."""
@@ -174,15 +222,24 @@ class HearingStage:
     def step(self, step: int) -> dict[str, float]:
         batch = self._next.result() if self._next is not None else self.batch()
         self._next = self._pool.submit(self.batch)
-        audio, ticks, targets, target_lengths = batch
+        audio, ticks, targets, target_lengths, labels = batch
         with torch.no_grad():
             features = self.model.listen(audio).features
         features = self.augment_features(features, self._np_rng())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.head(features)
-        loss = self.head.ctc_loss(logits, targets, target_lengths, ticks)
+            hidden = self.head.hidden(features)
+            logits = self.head.slot_logits(hidden)
+            phone_logits = self.modules["phones"](hidden) if "phones" in self.modules else None
+        ctc = self.head.ctc_loss(logits, targets, target_lengths, ticks)
+        loss, figures = ctc, {"ctc": ctc.item()}
+        if phone_logits is not None and bool((labels >= 0).any()):
+            phone_ce = F.cross_entropy(phone_logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = loss + self.hc.phone_weight * phone_ce
+            known = labels >= 0
+            figures["phone_ce"] = phone_ce.item()
+            figures["phone_accuracy"] = (phone_logits.argmax(-1) == labels)[known].float().mean().item()
         _apply(self.optimizers["listen_text"], loss, step, self.progress, self.oc)
-        figures = {"loss": loss.item()}
+        figures["loss"] = loss.item()
         if self.heldout and (step + 1) % self.hc.eval_every == 0:
             figures.update({f"{name}_wer": v for name, v in self.heldout_wer().items()})
         return figures
