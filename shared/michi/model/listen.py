@@ -62,9 +62,13 @@ class AttentionCache(StreamingState):
 
 
 class WindowedSelfAttention(StreamingModule, nn.Module):
-    """Causal multi-head attention where each frame sees itself and the window - 1 before it."""
+    """Causal multi-head attention where each frame sees itself and the window - 1 before it.
 
-    def __init__(self, dim: int, heads: int, window: int):
+    With `alibi`, each head's scores fall linearly with the distance to the key (ALiBi: slopes
+    2^-2, 2^-4, ... over the heads), so that heads can keep to the frames just before, as
+    recognising a sound needs; it depends only on distances, so streaming equals offline."""
+
+    def __init__(self, dim: int, heads: int, window: int, alibi: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"transformer_dim {dim} is not divisible by {heads} heads")
@@ -73,6 +77,16 @@ class WindowedSelfAttention(StreamingModule, nn.Module):
         self.heads, self.window = heads, window
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
+        slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads) if alibi else torch.zeros(heads)
+        self.register_buffer("slopes", slopes.view(1, heads, 1, 1), persistent=False)
+        self.alibi = alibi
+
+    def _mask(self, allowed: Tensor, distance: Tensor) -> Tensor:
+        """The attention mask: bool `allowed`, or with ALiBi a float bias (-inf where not allowed)."""
+        if not self.alibi:
+            return allowed
+        bias = -self.slopes * distance.to(self.slopes.dtype)
+        return bias.masked_fill(~allowed, float("-inf"))
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = x.shape
@@ -88,7 +102,8 @@ class WindowedSelfAttention(StreamingModule, nn.Module):
         i = torch.arange(x.shape[1], device=x.device)
         # Same band as the streaming cache: keys j with i - window < j <= i.
         allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
-        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
+        mask = self._mask(allowed, i[:, None] - i[None, :])
+        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype) if self.alibi else mask))
 
     def init_state(self, batch_size: int, device: Any = None,
                    dtype: torch.dtype = torch.float32) -> AttentionCache:
@@ -111,19 +126,20 @@ class WindowedSelfAttention(StreamingModule, nn.Module):
         j = torch.arange(keys.shape[2], device=x.device)[None, :]
         allowed = (j >= i) & (j <= i + self.window - 1)
         allowed = allowed[None, None] & valid[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+        mask = self._mask(allowed, i + self.window - 1 - j)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.to(q.dtype) if self.alibi else mask)
         keep = keys.shape[2] - (self.window - 1)
         state.keys, state.values, state.valid = keys[:, :, keep:], values[:, :, keep:], valid[:, keep:]
         return self._merge(y), state
 
 
 class TransformerLayer(StreamingModule, nn.Module):
-    """Pre-norm block; no positional encoding, since the causal convs already give position."""
+    """Pre-norm block; no positional encoding (the causal convs give position), or ALiBi (`alibi`)."""
 
-    def __init__(self, dim: int, heads: int, window: int):
+    def __init__(self, dim: int, heads: int, window: int, alibi: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowedSelfAttention(dim, heads, window)
+        self.attn = WindowedSelfAttention(dim, heads, window, alibi)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
@@ -262,7 +278,7 @@ class ListenTextHead(StreamingModule, nn.Module):
         self.out_frames, self.frame_slots = out_frames, lc.text_slots // out_frames
         self.norm = nn.LayerNorm(width)
         self.front = StreamingSequential(*layers)
-        self.layers = nn.ModuleList(TransformerLayer(dim, lc.text_heads, lc.text_window)
+        self.layers = nn.ModuleList(TransformerLayer(dim, lc.text_heads, lc.text_window, alibi=True)
                                     for _ in range(lc.text_layers))
         self.out_norm = nn.Identity() if legacy else nn.LayerNorm(dim)
         self.to_slots = nn.Linear(dim, self.frame_slots * dim)

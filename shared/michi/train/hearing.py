@@ -284,20 +284,36 @@ def hearing_lm(extra: list[str] = ()) -> CharLM:
     return lm
 
 
-def plot_curve(log: str | Path, png: str | Path, title: str = "hearing stage: held-out WER") -> Path:
-    """Held-out WER per set against training minutes, from the stage's loss log."""
+def plot_curve(logs: str | Path | list[str | Path], png: str | Path,
+               title: str = "hearing stage: held-out WER") -> Path:
+    """Held-out WER per set (and the training CTC loss) against training minutes, from the stage's
+    loss log; several logs
+    (runs that continued one another) are chained in time, a dashed line where each begins."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    rows, starts, offset = [], [], 0.0
+    for log in logs if isinstance(logs, list) else [logs]:
+        run = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+        starts.append(offset / 60)
+        rows += [{**r, "minutes": (offset + r["wall_s"]) / 60} for r in run]
+        offset += run[-1]["wall_s"] if run else 0.0
     keys = sorted({k for r in rows for k in r if k.endswith("_wer")})
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
-        points = [(r["wall_s"] / 60, 100 * r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        points = [(r["minutes"], 100 * r[key]) for r in rows if key in r and math.isfinite(r[key])]
         if points:
             ax.plot(*zip(*points), marker="o", ms=3, label=key.removesuffix("_wer"))
+    for start in starts[1:]:
+        ax.axvline(start, color="grey", ls="--", lw=0.8)
+    ctc = [(r["minutes"], r.get("ctc", r.get("loss"))) for r in rows if r.get("ctc", r.get("loss")) is not None]
+    if ctc:  # the training CTC loss per character, which moves long before the WER does
+        loss_ax = ax.twinx()
+        loss_ax.plot(*zip(*ctc), color="grey", lw=0.8, alpha=0.7)
+        loss_ax.set_ylabel("training CTC loss per character (grey)")
+        loss_ax.set_ylim(0, 4)  # the first steps (blank-only output) sit far above
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel("WER %")
     ax.set_ylim(bottom=0)
