@@ -29,6 +29,7 @@ from .model.listen import emitted
 from .model.textlm import BeamDecoder
 
 SOURCES = ("head", "head-greedy", "whisper")
+TAIL_TICKS = 3  # silence after a clip, so a causal source can finish its last words
 
 
 @dataclass

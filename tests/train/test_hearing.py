@@ -12,7 +12,6 @@ from michi.model.michi import MichiModel
 from michi.model.tokenizer import load_tokenizer
 from michi.train.batches import AudioBank, load_segments
 from michi.train.hearing import (
-    TAIL_TICKS,
     HearingConfig,
     HearingStage,
     clips_from_bank,
@@ -21,6 +20,7 @@ from michi.train.hearing import (
     warp_mel,
 )
 from michi.train.stages import OptimConfig
+from michi.transcript import TAIL_TICKS
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,9 @@ import torch
 
 from ..audio.augment import telephone
 from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ, TICK_S
-from ..transcript import transcriber
+from ..transcript import TAIL_TICKS, transcriber
 from .speech import item_row
 from .wer import normalize_text, summary
-
-TAIL_TICKS = 3  # silence after each item, so a causal source can finish
 
 
 def stream(michi, source: str, pcm: np.ndarray, whisper_model=None) -> dict[str, Any]:

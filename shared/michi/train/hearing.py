@@ -33,9 +33,9 @@ from ..model.listen import emitted
 from ..model.michi import MichiModel
 from ..model.phonemes import NO_PHONE, NUM_PHONEME_IDS
 from ..model.textlm import CharLM
+from ..transcript import TAIL_TICKS
 from .stages import OptimConfig, _adamw, _apply, bf16_native
 
-TAIL_TICKS = 3  # silence after each clip, so the causal head can emit its last words
 LM_DECODER = {"alpha": 0.5, "beta": 1.0, "beam": 8}  # BeamDecoder settings shipped with the LM
 
 
