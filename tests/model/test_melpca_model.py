@@ -73,7 +73,7 @@ def test_model_parts_follow_the_codec(fitted):
     model, basis = fitted
     m = model.model
     assert isinstance(m.listen, MelPCAEncoder) and isinstance(m.vocoder, MelPCADecoder)
-    assert m.listen_text.feature_dim == TICK_DIM and m.listen_text.norm.normalized_shape == (TICK_DIM,)
+    assert m.listen_text.feature_dim == TICK_DIM and m.listen_text.norm.normalized_shape == (TICK_DIM // 8,)  # per 10 ms frame
     counts = m.parameter_counts()
     # the encoder has nothing to train; the voiced decoder only its voicing net
     assert counts["listen"] == 0 and counts["vocoder"] == _count(m.vocoder.voicing) > 0
@@ -164,8 +164,9 @@ def test_stage_streams_equal_offline(fitted, clips):
                           *[vocoder.decode(lat[i:i + 1]) for i in range(3, 7)]])
     offline = m.vocoder(whole.latents)[0].numpy()
     assert out.shape == offline.shape == (7 * TICK,)
-    # 1e-4: the voiced decoder's harmonics multiply float32 rounding in its voicing net's f0
-    assert _rel(torch.from_numpy(out), torch.from_numpy(offline)) < 1e-4
+    # 5e-4: the voiced decoder's harmonics multiply float32 rounding in its voicing net's f0
+    # (1.6e-4 seen on an AMD EPYC VM for some random voicing nets)
+    assert _rel(torch.from_numpy(out), torch.from_numpy(offline)) < 5e-4
 
 
 def test_old_config_without_codec_loads_as_learned(tmp_path):

@@ -25,7 +25,7 @@ NETS = {"first": VoicingNetConfig(),
 # thread splits; `test_chunked_voicing_net_equals_whole`), and the phase (harmonic x f0 x time)
 # magnifies it in the audio: the deeper nets' random weights swing f0 up to 340 Hz, where that
 # reaches ~5e-4 of the signal.
-TOLERANCE = {"first": 1e-4, "residual": 2e-3, "classified": 2e-3}
+TOLERANCE = {"first": 5e-4, "residual": 2e-3, "classified": 2e-3}  # "first": 1.7e-4 seen on an AMD EPYC VM
 
 
 def _decoder(basis, f0_hz: float | None = None, net: str = "first") -> VoicedMelPCADecoder:

@@ -58,11 +58,12 @@ def _offline(model, stage: str, x: torch.Tensor):
 
 def assert_audio_close(actual, desired) -> None:
     """Audio from ONNX Runtime against PyTorch: the voiced decoder's minimum-phase envelope (a log,
-    two FFTs and an exp per frame) rounds differently on each, a few samples in 10^4 by up to 2e-5."""
+    two FFTs and an exp per frame) rounds differently on each, a few samples in 10^4 by up to 2e-5;
+    in all, up to 1.7e-4 of the audio's norm on an AMD EPYC VM."""
     actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
     assert actual.shape == desired.shape
     assert np.abs(actual - desired).max() < 1e-4
-    assert np.linalg.norm(actual - desired) < 1e-4 * np.linalg.norm(desired)
+    assert np.linalg.norm(actual - desired) < 3e-4 * np.linalg.norm(desired)
 
 
 def test_exported_graphs_stream_as_the_model_does_offline(model, repository):
@@ -118,7 +119,7 @@ def test_steps_on_the_triton_server_equal_in_process(model, triton):
     latents = rng.standard_normal((6, model.cfg.latent_dim)).astype(np.float32)
     vocoder = GraphVocoderStream(TritonStep(triton.url, "michi_vocoder"))
     audio = np.concatenate([vocoder.decode(latents[:2]), vocoder.decode(latents[2:2]), vocoder.decode(latents[2:])])
-    np.testing.assert_allclose(audio, _offline(model, "vocoder", torch.from_numpy(latents)[None])[0].numpy(), atol=1e-5)
+    assert_audio_close(audio, _offline(model, "vocoder", torch.from_numpy(latents)[None])[0].numpy())
 
     speech = (0.1 * rng.standard_normal(7 * FRAME + 300)).astype(np.float32)
     encoder = GraphEncoderStream(model, TritonStep(triton.url, "michi_listen"))

@@ -13,8 +13,9 @@ import michi
 from michi.cli import main
 from michi.generate import tts
 
-TINY_STEPS = ["--steps", "text=4,codec=4,vocoder=2,speak=3,joint=5", "--codec", "batch_size=2,ctc_batch_size=2,disc_width=0.0625,"
-              "adversarial_after=0.5", "--sequence", "batch_size=4,text_batch_size=4,max_text_tokens=48"]
+TINY_STEPS = ["--steps", "text=4,codec=4,vocoder=2,hearing=2,speak=3,joint=5", "--codec",
+              "batch_size=2,ctc_batch_size=2,disc_width=0.0625,adversarial_after=0.5",
+              "--hearing", "batch_size=2,max_seconds=3", "--sequence", "batch_size=4,text_batch_size=4,max_text_tokens=48"]
 
 
 def _recipe(corpus, text_file, out, *extra):
@@ -41,7 +42,7 @@ def test_recipe_end_to_end_and_resume(mini_corpus, text_file, tmp_path, capsys):
     states = {p: p.stat().st_mtime_ns for p in out.glob("*/state.pt")}
     capsys.readouterr()
     assert _recipe(mini_corpus, text_file, out) == 0  # the same command again: nothing to redo
-    assert capsys.readouterr().out.count("already finished") == 6
+    assert capsys.readouterr().out.count("already finished") == 7  # text, codec, vocoder, hearing, speak, joint, baseline
     assert states == {p: p.stat().st_mtime_ns for p in out.glob("*/state.pt")}
 
     # A new vocoder for a trained model: only the vocoder stage runs; the listen encoder (the latent

@@ -103,13 +103,16 @@ class BeamDecoder:
     the rest of the best beam and starts over. Token ids are bytes (the byte tokenizer)."""
 
     def __init__(self, lm: CharLM, blank: int, alpha: float = 0.5, beta: float = 1.0, beam: int = 8,
-                 prune: float = -10.0, margin: float = 8.0):
+                 prune: float = -10.0, margin: float = 8.0, blank_skip: float = 0.5):
         """`alpha`: the LM's weight; `beta`: a bonus per character (against the LM's pull towards
         short texts); `beam`: hypotheses kept; `prune`: characters less likely than this (log)
         in a slot are not tried; `margin`: hypotheses scoring this far (log) below the best are
-        dropped, so that unlikely ones do not hold the stable text back."""
+        dropped, so that unlikely ones do not hold the stable text back; `blank_skip`: a slot whose
+        blank is at least this likely only extends the beams by a blank (silence cannot start
+        text, however much the LM and the bonus would like it)."""
         self.lm, self.blank, self.alpha, self.beta, self.beam = lm, blank, alpha, beta, beam
         self.prune, self.margin = prune, margin
+        self.blank_skip = math.log(blank_skip)
         self.ids = torch.tensor([ord(c) for c in ALPHABET])
         self.reset()
 
@@ -122,8 +125,12 @@ class BeamDecoder:
         return _lae(entry[0], entry[1]) + self.alpha * entry[2] + self.beta * len(prefix)
 
     def _slot(self, log_probs: torch.Tensor) -> None:
-        chars = log_probs[self.ids].tolist()
         blank = float(log_probs[self.blank])
+        if blank > self.blank_skip:  # a sure blank: nothing new can start here (no LM insertions)
+            for entry in self.beams.values():
+                entry[0], entry[1] = _lae(entry[0], entry[1]) + blank, NEG_INF
+            return
+        chars = log_probs[self.ids].tolist()
         new: dict[str, list[float]] = {}
         for prefix, (pb, pnb, lm) in self.beams.items():
             total = _lae(pb, pnb)
