@@ -318,7 +318,8 @@ def plot_curve(logs: str | Path | list[str | Path], png: str | Path,
     ax.set_ylabel("WER %")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if keys:
+        ax.legend()
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
