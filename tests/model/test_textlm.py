@@ -74,3 +74,19 @@ def test_repeated_letters_need_a_blank(lm):
     decoder = BeamDecoder(lm, BLANK, alpha=0.0, beta=0.0)
     assert decoder.step(slots) + decoder.finish() == "o"
     assert decoder.step(_slots("oo")) + decoder.finish() == "oo"
+
+
+def test_a_pause_makes_the_best_beam_stable(lm):
+    """Beams that parted before a pause ("cat" or "kat") would hold the stable text back until
+    the next words; a pause of `settle` sure blanks keeps only the best, so it is stable."""
+    silence = torch.zeros(BLANK + 1)
+    silence[BLANK] = 12.0
+    pause = silence.expand(12, -1).log_softmax(-1)
+    slots = _slots("the cat", ambiguous={4: "k"}, sharp=12.0)
+    held = BeamDecoder(lm, BLANK, alpha=0.0, beta=0.0, settle=10 ** 6)
+    assert held.step(slots) + held.step(pause) == "the "  # the beams still disagree
+    decoder = BeamDecoder(lm, BLANK, alpha=0.0, beta=0.0, settle=10)
+    stable = decoder.step(slots) + decoder.step(pause[:8])  # with the blank after "t": 9 in a row
+    assert stable == "the " and len(decoder.beams) > 1
+    stable += decoder.step(pause[8:])
+    assert stable in ("the cat", "the kat") and decoder.finish() == ""

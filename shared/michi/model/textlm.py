@@ -103,16 +103,19 @@ class BeamDecoder:
     the rest of the best beam and starts over. Token ids are bytes (the byte tokenizer)."""
 
     def __init__(self, lm: CharLM, blank: int, alpha: float = 0.5, beta: float = 1.0, beam: int = 8,
-                 prune: float = -10.0, margin: float = 8.0, blank_skip: float = 0.5):
+                 prune: float = -10.0, margin: float = 8.0, blank_skip: float = 0.5, settle: int = 10):
         """`alpha`: the LM's weight; `beta`: a bonus per character (against the LM's pull towards
         short texts); `beam`: hypotheses kept; `prune`: characters less likely than this (log)
         in a slot are not tried; `margin`: hypotheses scoring this far (log) below the best are
         dropped, so that unlikely ones do not hold the stable text back; `blank_skip`: a slot whose
         blank is at least this likely only extends the beams by a blank (silence cannot start
-        text, however much the LM and the bonus would like it)."""
+        text, however much the LM and the bonus would like it); `settle`: after this many sure
+        blanks in a row (a pause: 10 slots are 200 ms) only the best beam is kept, so its text
+        becomes stable; without it, beams that parted before the pause would hold the text back
+        until the next words or `finish()`."""
         self.lm, self.blank, self.alpha, self.beta, self.beam = lm, blank, alpha, beta, beam
         self.prune, self.margin = prune, margin
-        self.blank_skip = math.log(blank_skip)
+        self.blank_skip, self.settle = math.log(blank_skip), settle
         self.ids = torch.tensor([ord(c) for c in ALPHABET])
         self.reset()
 
@@ -120,6 +123,7 @@ class BeamDecoder:
         self.history = " "  # committed text's tail: the LM's context for what follows
         # prefix (after the committed text) -> [log p ending in blank, log p ending in a char, LM score]
         self.beams: dict[str, list[float]] = {"": [0.0, NEG_INF, 0.0]}
+        self.quiet = 0  # sure blanks in a row
 
     def _score(self, prefix: str, entry: list[float]) -> float:
         return _lae(entry[0], entry[1]) + self.alpha * entry[2] + self.beta * len(prefix)
@@ -129,7 +133,12 @@ class BeamDecoder:
         if blank > self.blank_skip:  # a sure blank: nothing new can start here (no LM insertions)
             for entry in self.beams.values():
                 entry[0], entry[1] = _lae(entry[0], entry[1]) + blank, NEG_INF
+            self.quiet += 1
+            if self.quiet == self.settle:
+                best = self.interim
+                self.beams = {best: self.beams[best]}
             return
+        self.quiet = 0
         chars = log_probs[self.ids].tolist()
         new: dict[str, list[float]] = {}
         for prefix, (pb, pnb, lm) in self.beams.items():
