@@ -25,11 +25,17 @@ import numpy as np
 import torch
 
 from .config import FRAME_SAMPLES, SAMPLE_RATE_HZ
+from .eval.wer import normalize_text
 from .model.listen import emitted
 from .model.textlm import BeamDecoder
 
 SOURCES = ("head", "head-greedy", "whisper")
 TAIL_TICKS = 3  # silence after a clip, so a causal source can finish its last words
+
+
+def with_tail(pcm: np.ndarray) -> np.ndarray:
+    """A clip padded to whole ticks plus `TAIL_TICKS` of silence."""
+    return np.pad(pcm, (0, -len(pcm) % FRAME_SAMPLES + TAIL_TICKS * FRAME_SAMPLES)).astype(np.float32)
 
 
 @dataclass
@@ -128,7 +134,7 @@ class WhisperTranscriber:
         else:
             stable = []
             for (a, end), (b, _) in zip(words, self.previous):
-                if _norm(a) != _norm(b):
+                if normalize_text(a) != normalize_text(b):
                     break
                 stable.append((a, end))
         self.committed += stable
@@ -159,12 +165,6 @@ class WhisperTranscriber:
         heard = self._update(True)
         self.audio, self.committed, self.previous = np.zeros(0, dtype=np.float32), [], []
         return heard
-
-
-def _norm(word: str) -> str:
-    from .eval.wer import normalize_text
-
-    return normalize_text(word)
 
 
 def transcriber(source: str, michi, whisper_model=None) -> Transcriber:

@@ -12,8 +12,9 @@ def _workers_default() -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from .synth import run_synth
+    from .voices import expand_voices
 
-    voices = [v for v in args.voices.split(",") if v] if args.voices else None
+    voices = expand_voices(args.voices) if args.voices else None
     ok = run_synth(args.out, workers=args.workers, whisper_model=args.whisper_model, verbose=args.verbose,
                    tts_voice=args.tts_voice, voices=voices, heldout_voice=args.heldout_voice or None,
                    tts_sentences=args.tts_sentences, sentences_per_voice=args.sentences_per_voice,
@@ -79,8 +80,9 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     sp = dsub.add_parser("synth", help="synthesise a multi-speaker corpus offline (TTS + Whisper timings)")
     sp.add_argument("--out", required=True, help="corpus directory")
     sp.add_argument("--tts-voice", default=DEFAULT_TTS_VOICE, help="the voice the model will speak with")
-    sp.add_argument("--voices", default=None, help="comma-separated training voices (default: all but "
-                                                   "the held-out voice's speaker); see `michi data voices`")
+    sp.add_argument("--voices", default=None, help="comma-separated training voices or groups "
+                    "(default, hearing: the default's and espeak accents; default: the default group); "
+                    "see `michi data voices`")
     sp.add_argument("--heldout-voice", default=DEFAULT_HELDOUT_VOICE, help="never trained on ('' for none)")
     sp.add_argument("--tts-sentences", type=int, default=DEFAULT_TTS_SENTENCES)
     sp.add_argument("--sentences-per-voice", type=int, default=DEFAULT_SENTENCES_PER_VOICE)

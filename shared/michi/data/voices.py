@@ -72,12 +72,37 @@ VOICES: dict[str, Voice] = {v.id: v for v in [
     Voice("espeak-us-klatt", "espeak", "en-us+klatt4", "espeak-klatt4", 1.85, "apt: espeak-ng",
           "9.8 B/s, WER 15.0 %"),
 ]}
+# Voices that only widen the hearing corpus (more speakers and accents for the listen text head,
+# whose WER on an unseen voice stops falling with the ten above): espeak-ng's variants over its
+# English accents, at a plainer speaking rate. Not in the default corpus; `--voices hearing`.
+HEARING_ONLY_VOICES: dict[str, Voice] = {v.id: v for v in [
+    Voice(f"espeak-{accent}-{variant.lower()}", "espeak", f"{accent}+{variant}", f"espeak-{variant.lower()}",
+          1.4, "apt: espeak-ng")
+    for accent, variant in [("en-gb-scotland", "m1"), ("en-gb-scotland", "f3"), ("en-gb-x-rp", "m4"),
+                            ("en-gb-x-rp", "f4"), ("en-gb-x-gbclan", "m6"), ("en-gb-x-gbcwmd", "m7"),
+                            ("en-us", "f5"), ("en-us", "m2"), ("en-us-nyc", "Andy"), ("en-029", "m5"),
+                            ("en-gb", "Annie"), ("en-us", "Robert")]]}
+VOICES.update(HEARING_ONLY_VOICES)
 
 DEFAULT_TTS_VOICE = "piper-joe"
 DEFAULT_HELDOUT_VOICE = "flite-awb"
 # Training voices of the default synthetic corpus: every voice whose speaker is not the held-out
 # voice's speaker.
-DEFAULT_TRAIN_VOICES = tuple(v for v in VOICES if VOICES[v].speaker != VOICES[DEFAULT_HELDOUT_VOICE].speaker)
+DEFAULT_TRAIN_VOICES = tuple(v for v in VOICES if VOICES[v].speaker != VOICES[DEFAULT_HELDOUT_VOICE].speaker
+                             and v not in HEARING_ONLY_VOICES)
+# `--voices hearing`: the hearing stage's corpus.
+VOICE_GROUPS = {"default": DEFAULT_TRAIN_VOICES, "hearing": DEFAULT_TRAIN_VOICES + tuple(HEARING_ONLY_VOICES)}
+
+
+def expand_voices(spec: str) -> list[str]:
+    """"a,b,hearing" -> voice ids, a group name (`VOICE_GROUPS`) standing for its voices, in order,
+    each once."""
+    out: list[str] = []
+    for name in (n.strip() for n in spec.split(",")):
+        for v in VOICE_GROUPS.get(name, (name,) if name else ()):
+            if v not in out:
+                out.append(v)
+    return out
 
 
 def get_voice(voice_id: str) -> Voice:

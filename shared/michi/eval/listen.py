@@ -23,7 +23,7 @@ import torch
 
 from ..audio.augment import telephone
 from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ, TICK_S
-from ..transcript import TAIL_TICKS, transcriber
+from ..transcript import transcriber, with_tail
 from .speech import item_row
 from .wer import normalize_text, summary
 
@@ -31,7 +31,7 @@ from .wer import normalize_text, summary
 def stream(michi, source: str, pcm: np.ndarray, whisper_model=None) -> dict[str, Any]:
     """One item through the encoder and a fresh `source` stream, a tick at a time: the transcript,
     each stable piece's arrival time, and the compute time."""
-    pcm = np.pad(pcm, (0, -len(pcm) % FRAME_SAMPLES + TAIL_TICKS * FRAME_SAMPLES)).astype(np.float32)
+    pcm = with_tail(pcm)
     m = michi.model
     source_stream = transcriber(source, michi, whisper_model)
     with torch.inference_mode():

@@ -33,7 +33,7 @@ from ..model.listen import emitted
 from ..model.michi import MichiModel
 from ..model.phonemes import NO_PHONE, NUM_PHONEME_IDS
 from ..model.textlm import CharLM
-from ..transcript import TAIL_TICKS
+from ..transcript import TAIL_TICKS, with_tail
 from .stages import OptimConfig, _adamw, _apply, bf16_native
 
 LM_DECODER = {"alpha": 0.8, "beta": 2.0, "beam": 8}  # BeamDecoder settings (the card: a dev-set sweep)
@@ -260,7 +260,7 @@ class HearingStage:
 @torch.no_grad()
 def transcribe(model: MichiModel, pcm: np.ndarray, tokenizer) -> str:
     """Greedy CTC of the head over a whole 24 kHz clip (plus the tail of silence)."""
-    pcm = np.pad(pcm, (0, -len(pcm) % FRAME_SAMPLES + TAIL_TICKS * FRAME_SAMPLES))
+    pcm = with_tail(pcm)
     head = model.listen_text
     tokens, _ = head.read(model.listen(torch.from_numpy(pcm)[None]).features, head.init_state(1))
     return tokenizer.decode(emitted(tokens[0]))
