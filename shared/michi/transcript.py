@@ -63,11 +63,12 @@ class HeadTranscriber:
 
     name = "head"
 
-    def __init__(self, michi, greedy: bool = False):
+    def __init__(self, michi, greedy: bool = False, decoder: dict[str, float] | None = None):
+        """`decoder`: `BeamDecoder` settings over those shipped with the LM (a sweep's)."""
         self.michi = michi
         head = michi.model.listen_text
         lm = getattr(michi, "text_lm", None)
-        self.decoder = (BeamDecoder(lm, head.blank, **lm.decoder)
+        self.decoder = (BeamDecoder(lm, head.blank, **{**lm.decoder, **(decoder or {})})
                         if lm is not None and head.enabled and not greedy else None)
         with torch.inference_mode():
             self.state = head.init_state(1, device=michi.device)
@@ -167,10 +168,10 @@ class WhisperTranscriber:
         return heard
 
 
-def transcriber(source: str, michi, whisper_model=None) -> Transcriber:
-    """A fresh stream of the named source (`SOURCES`)."""
+def transcriber(source: str, michi, whisper_model=None, decoder: dict[str, float] | None = None) -> Transcriber:
+    """A fresh stream of the named source (`SOURCES`); `decoder`: see `HeadTranscriber`."""
     if source in ("head", "head-greedy"):
-        return HeadTranscriber(michi, greedy=source == "head-greedy")
+        return HeadTranscriber(michi, greedy=source == "head-greedy", decoder=decoder)
     if source == "whisper":
         return WhisperTranscriber(michi.tokenizer, whisper_model)
     raise ValueError(f"unknown transcript source {source!r}; one of {SOURCES}")

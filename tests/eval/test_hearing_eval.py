@@ -114,3 +114,21 @@ def test_listen_stage_stream_with_whisper_source(tiny, judge):
     stable = "".join(heard.text for _, heard in frames) + stream_.text.finish().text
     assert any(heard.interim for _, heard in frames)
     assert word_errors(item.text, stable).wer <= 0.34
+
+
+def test_decoder_settings_reach_the_beam_search():
+    """`michi eval listen --decoder margin=3,...`: settings over the shipped LM's own reach the
+    head's beam search and the report; an unknown key is refused with the known ones."""
+    from michi.eval.cli import _settings
+    from michi.transcript import transcriber
+
+    default = michi.load()
+    settings = _settings("margin=3,settle=6,alpha=0.5")
+    assert settings == {"margin": 3, "settle": 6, "alpha": 0.5}
+    decoder = transcriber("head", default, decoder=settings).decoder
+    assert (decoder.margin, decoder.settle, decoder.alpha) == (3, 6, 0.5)
+    assert decoder.beam == default.text_lm.decoder["beam"]  # the rest as shipped
+    sets = {"asterisk": [(it, it.audio(24_000)) for it in speech.asterisk_split("heldout", 1)]}
+    assert eval_listen(default, sets, decoder=settings)["decoder"] == {**default.text_lm.decoder, **settings}
+    with pytest.raises(SystemExit, match="settle"):
+        _settings("setle=6")

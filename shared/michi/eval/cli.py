@@ -48,9 +48,33 @@ def _speech_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--listen-sources", default="head",
                     help="listen: transcript sources to compare on the same audio, comma list of head "
                          "(the learned text head) and whisper (faster-whisper streaming); the first is the default")
+    sp.add_argument("--decoder", default="",
+                    help="listen: the head's beam search settings over the model's own, e.g. "
+                         "margin=4,settle=6 (see michi.model.textlm.BeamDecoder)")
     sp.add_argument("--save-wavs", type=int, default=3, help="WAVs kept per evaluation, next to the report")
     sp.add_argument("--no-figures", action="store_true", help="no PNGs")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+
+
+def _settings(spec: str) -> dict[str, float]:
+    """"margin=4,settle=6" -> {"margin": 4, "settle": 6}: `BeamDecoder` settings, whole numbers
+    as int."""
+    import inspect
+
+    from ..model.textlm import BeamDecoder
+
+    known = set(inspect.signature(BeamDecoder).parameters) - {"lm", "blank"}
+    out: dict[str, float] = {}
+    for pair in filter(None, spec.split(",")):
+        key, sep, value = pair.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or key.strip() not in known or number is None:
+            raise SystemExit(f"--decoder: expected key=number pairs with keys of {sorted(known)}, got {pair!r}")
+        out[key.strip()] = int(number) if number.is_integer() else number
+    return out
 
 
 class _Printer:
@@ -138,7 +162,8 @@ def _run_speech_task(task: str, model: Any, args: argparse.Namespace, sentences:
         voice = voice_sets.get("heldout_voice", [])
         held = speech.asterisk_split("heldout", len(asterisk)) if asterisk else []
         return eval_listen(model, listen_sets(voice, held), sources=args.listen_sources.split(","), judge=judge,
-                           whisper_model=judge.model if judge else None, progress=progress)
+                           whisper_model=judge.model if judge else None, decoder=_settings(args.decoder),
+                           progress=progress)
     return None
 
 

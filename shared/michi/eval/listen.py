@@ -28,12 +28,13 @@ from .speech import item_row
 from .wer import normalize_text, summary
 
 
-def stream(michi, source: str, pcm: np.ndarray, whisper_model=None) -> dict[str, Any]:
+def stream(michi, source: str, pcm: np.ndarray, whisper_model=None,
+           decoder: dict[str, float] | None = None) -> dict[str, Any]:
     """One item through the encoder and a fresh `source` stream, a tick at a time: the transcript,
     each stable piece's arrival time, and the compute time."""
     pcm = with_tail(pcm)
     m = michi.model
-    source_stream = transcriber(source, michi, whisper_model)
+    source_stream = transcriber(source, michi, whisper_model, decoder)
     with torch.inference_mode():
         state = m.listen.init_state(1, device=michi.device)
     pieces: list[tuple[str, float]] = []
@@ -95,10 +96,11 @@ def listen_sets(voice: Sequence, asterisk: Sequence, channel: bool = True) -> di
 
 
 def eval_listen(michi, sets: Mapping[str, Sequence[tuple[Any, np.ndarray]]], sources: Sequence[str] = ("head",),
-                judge=None, whisper_model=None,
+                judge=None, whisper_model=None, decoder: dict[str, float] | None = None,
                 progress: Callable[[str, int, int], None] = lambda *_: None) -> dict[str, Any]:
     """WER/CER per set and source, lag p50/p95 (with a `judge`: `speech.WhisperJudge`, for the
-    word times of the clean sets), real-time factor per source."""
+    word times of the clean sets), real-time factor per source. `decoder`: beam search settings
+    over the model's own (`HeadTranscriber`), e.g. from a sweep."""
     reference: dict[str, list[tuple[str, float]]] = {}
     if judge is not None:
         from ..data.whisper import transcribe
@@ -115,7 +117,7 @@ def eval_listen(michi, sets: Mapping[str, Sequence[tuple[Any, np.ndarray]]], sou
         source_lags: list[float] = []
         for name, items in sets.items():
             for it, pcm in items:
-                heard = stream(michi, source, pcm, whisper_model)
+                heard = stream(michi, source, pcm, whisper_model, decoder)
                 compute, audio = compute + heard["compute_s"], audio + heard["audio_s"]
                 if it.id in reference and not name.endswith("_telephone"):
                     source_lags += lags(reference[it.id], word_arrivals(heard["pieces"]))
@@ -129,8 +131,15 @@ def eval_listen(michi, sets: Mapping[str, Sequence[tuple[Any, np.ndarray]]], sou
     first = per_source[sources[0]]
     return {"task": "listen", "wer": first["wer"], "cer": first["cer"], "items": first["items"],
             "sets": first["sets"], "sources": per_source, "default_source": sources[0],
-            "head_enabled": michi.model.listen_text.enabled, "lag_reference": "Whisper word ends, clean audio"
+            "head_enabled": michi.model.listen_text.enabled, "decoder": _decoder_settings(michi, decoder),
+            "lag_reference": "Whisper word ends, clean audio"
             if judge is not None else None, "rows": rows}
+
+
+def _decoder_settings(michi, decoder: dict[str, float] | None) -> dict[str, float] | None:
+    """The beam search settings the head source ran with (None without the model's LM)."""
+    lm = getattr(michi, "text_lm", None)
+    return None if lm is None else {**lm.decoder, **(decoder or {})}
 
 
 def _quantiles(values: list[float]) -> dict[str, float | None]:
