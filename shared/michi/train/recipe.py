@@ -320,9 +320,9 @@ def _run_hearing(rc: RecipeConfig, model: MichiModel, d, out: Path, tokenizer, l
         return
     from ..eval.speech import asterisk_split
 
-    # The held-out sentences are held out from the speak and joint stages' text; their audio, by
-    # the training voices, is fair game for hearing (the held-out voice and prompts are not).
-    train = clips_from_bank(AudioBank(rc.corpus, load_segments(rc.corpus, ("train", "heldout_sentence"))))
+    # The training split only: the held-out voice's clips read the held-out sentences, so the
+    # training voices' clips of those sentences would make its curve a test of seen texts.
+    train = clips_from_bank(AudioBank(rc.corpus, load_segments(rc.corpus, ("train",))))
     held_voice = load_segments(rc.corpus, ("heldout_voice",))[:HEARING_HELDOUT]
     voice = clips_from_bank(AudioBank(rc.corpus, held_voice)) if held_voice else []
     try:
