@@ -132,3 +132,22 @@ def test_decoder_settings_reach_the_beam_search():
     assert eval_listen(default, sets, decoder=settings)["decoder"] == {**default.text_lm.decoder, **settings}
     with pytest.raises(SystemExit, match="settle"):
         _settings("setle=6")
+
+
+def test_decoder_sweep_decodes_as_a_call_does():
+    """The sweep decodes cached log-probs of the whole clip; a call streams a tick at a time
+    through the encoder and `HeadTranscriber`: the same pieces at the same ticks."""
+    from michi.eval.decoder_sweep import decode, grid, head_log_probs
+    from michi.model.textlm import BeamDecoder
+
+    default = michi.load()
+    (item,) = speech.asterisk_split("heldout", 1)
+    pcm = item.audio(24_000)
+    lm = default.text_lm
+    swept = decode(BeamDecoder(lm, default.model.listen_text.blank, **lm.decoder), head_log_probs(default, pcm))
+    called = stream(default, "head", pcm)["pieces"]
+    assert [p for p, _ in swept] == [p for p, _ in called] and swept
+    assert all(0 <= t_call - t_swept < 0.5 for (_, t_swept), (_, t_call) in zip(swept, called))  # + compute
+    assert grid("margin=4,6;settle=5") == [{"margin": 4, "settle": 5}, {"margin": 6, "settle": 5}]
+    with pytest.raises(ValueError, match="not a beam search setting"):
+        grid("margn=4")

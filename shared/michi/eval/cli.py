@@ -57,24 +57,13 @@ def _speech_args(sp: argparse.ArgumentParser) -> None:
 
 
 def _settings(spec: str) -> dict[str, float]:
-    """"margin=4,settle=6" -> {"margin": 4, "settle": 6}: `BeamDecoder` settings, whole numbers
-    as int."""
-    import inspect
+    """--decoder's "margin=4,settle=6"."""
+    from .decoder_sweep import settings
 
-    from ..model.textlm import BeamDecoder
-
-    known = set(inspect.signature(BeamDecoder).parameters) - {"lm", "blank"}
-    out: dict[str, float] = {}
-    for pair in filter(None, spec.split(",")):
-        key, sep, value = pair.partition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-        if not sep or key.strip() not in known or number is None:
-            raise SystemExit(f"--decoder: expected key=number pairs with keys of {sorted(known)}, got {pair!r}")
-        out[key.strip()] = int(number) if number.is_integer() else number
-    return out
+    try:
+        return settings(spec)
+    except ValueError as e:
+        raise SystemExit(f"--decoder: {e}") from None
 
 
 class _Printer:

@@ -14,6 +14,7 @@ above order 3; stored beside the model as `text_lm.json.gz` (n-gram counts).
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import math
 from collections import Counter
@@ -193,3 +194,8 @@ class BeamDecoder:
         rest = self.interim
         self.reset()
         return rest
+
+
+def decoder_settings() -> set[str]:
+    """The settings `BeamDecoder` takes (all its arguments but the LM and the blank id)."""
+    return set(inspect.signature(BeamDecoder).parameters) - {"lm", "blank"}
