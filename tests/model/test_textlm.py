@@ -90,3 +90,26 @@ def test_a_pause_makes_the_best_beam_stable(lm):
     assert stable == "the " and len(decoder.beams) > 1
     stable += decoder.step(pause[8:])
     assert stable in ("the cat", "the kat") and decoder.finish() == ""
+
+
+def test_a_word_outside_the_lexicon_costs_the_oov_penalty(lm, tmp_path):
+    """The acoustics lean to "kat" (not a word of the LM's texts), the LM barely counts: the
+    penalty for ending a word outside the lexicon turns it to "cat"; a lexicon-less LM (an older
+    file) ignores the setting."""
+    assert {"the", "cat", "sat"} <= lm.words and "kat" not in lm.words
+    assert CharLM.load(lm.save(tmp_path / "lm.json.gz")).words == lm.words
+    rows = []
+    for ch in "the kat sat":
+        row = torch.zeros(BLANK + 1)
+        row[ord(ch)] = 12.0
+        if ch == "k":
+            row[ord("c")] = 11.5
+        blank = torch.zeros(BLANK + 1)
+        blank[BLANK] = 12.0
+        rows += [row, blank]
+    slots = torch.stack(rows).log_softmax(-1)
+    heard = {oov: (d := BeamDecoder(lm, BLANK, alpha=0.01, beta=0.0, oov=oov)).step(slots) + d.finish()
+             for oov in (0.0, -100.0)}
+    assert heard == {0.0: "the kat sat", -100.0: "the cat sat"}
+    bare = CharLM(lm.counts, lm.order)
+    assert (d := BeamDecoder(bare, BLANK, alpha=0.01, beta=0.0, oov=-100.0)).step(slots) + d.finish() == "the kat sat"

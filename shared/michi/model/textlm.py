@@ -9,7 +9,8 @@ beam shares: a prefix search only extends its beams, so that text can never chan
 what the transcript streams; the best beam's rest is the interim guess.
 
 The LM: interpolated absolute discounting (D = 0.75) over orders 1..n, n-grams seen once dropped
-above order 3; stored beside the model as `text_lm.json.gz` (n-gram counts).
+above order 3; stored beside the model as `text_lm.json.gz` (n-gram counts, and the words of its
+texts: a lexicon, so that a word the texts never had can cost a penalty, `BeamDecoder.oov`).
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ def _lae(a: float, b: float) -> float:
 
 class CharLM:
     def __init__(self, counts: dict[str, int], order: int, discount: float = 0.75,
-                 decoder: dict[str, float] | None = None):
-        """`decoder`: the `BeamDecoder` settings this LM is used with (alpha, beta, beam)."""
+                 decoder: dict[str, float] | None = None, words: Iterable[str] = ()):
+        """`decoder`: the `BeamDecoder` settings this LM is used with (alpha, beta, beam, ...);
+        `words`: the lexicon (empty: none)."""
         self.counts, self.order, self.discount = counts, order, discount
+        self.words = frozenset(words)
         self.decoder = dict(decoder or {})
         self.total: dict[str, int] = {}  # context -> count of its continuations
         self.types: dict[str, int] = {}  # context -> distinct continuations
@@ -56,11 +59,14 @@ class CharLM:
         from ..eval.wer import normalize_text
 
         counts: Counter[str] = Counter()
+        words: set[str] = set()
         for text in texts:
-            text = f" {normalize_text(text)} "
+            text = normalize_text(text)
+            words.update(text.split())
+            text = f" {text} "
             for n in range(1, order + 1):
                 counts.update(text[i:i + n] for i in range(len(text) - n + 1))
-        return cls({g: c for g, c in counts.items() if len(g) <= 3 or c >= min_count}, order)
+        return cls({g: c for g, c in counts.items() if len(g) <= 3 or c >= min_count}, order, words=words)
 
     def logp(self, history: str, char: str) -> float:
         """log P(char | the last order - 1 characters of history)."""
@@ -86,14 +92,14 @@ class CharLM:
         path = Path(path)
         with gzip.open(path, "wt", encoding="utf-8") as f:
             json.dump({"order": self.order, "discount": self.discount, "decoder": self.decoder,
-                       "counts": self.counts}, f)
+                       "counts": self.counts, "words": sorted(self.words)}, f)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "CharLM":
         with gzip.open(path, "rt", encoding="utf-8") as f:
             data = json.load(f)
-        return cls(data["counts"], data["order"], data["discount"], data.get("decoder"))
+        return cls(data["counts"], data["order"], data["discount"], data.get("decoder"), data.get("words", ()))
 
 
 class BeamDecoder:
@@ -104,7 +110,8 @@ class BeamDecoder:
     the rest of the best beam and starts over. Token ids are bytes (the byte tokenizer)."""
 
     def __init__(self, lm: CharLM, blank: int, alpha: float = 0.5, beta: float = 1.0, beam: int = 8,
-                 prune: float = -10.0, margin: float = 8.0, blank_skip: float = 0.5, settle: int = 10):
+                 prune: float = -10.0, margin: float = 8.0, blank_skip: float = 0.5, settle: int = 10,
+                 oov: float = 0.0):
         """`alpha`: the LM's weight; `beta`: a bonus per character (against the LM's pull towards
         short texts); `beam`: hypotheses kept; `prune`: characters less likely than this (log)
         in a slot are not tried; `margin`: hypotheses scoring this far (log) below the best are
@@ -113,10 +120,12 @@ class BeamDecoder:
         text, however much the LM and the bonus would like it); `settle`: after this many sure
         blanks in a row (a pause: 10 slots are 200 ms) only the best beam is kept, so its text
         becomes stable; without it, beams that parted before the pause would hold the text back
-        until the next words or `finish()`."""
+        until the next words or `finish()`; `oov`: added to the LM score (so times alpha) of a
+        hypothesis for each word it ends that is not in the LM's lexicon (0, or no lexicon: none)."""
         self.lm, self.blank, self.alpha, self.beta, self.beam = lm, blank, alpha, beta, beam
         self.prune, self.margin = prune, margin
         self.blank_skip, self.settle = math.log(blank_skip), settle
+        self.oov = oov if lm.words else 0.0
         self.ids = torch.tensor([ord(c) for c in ALPHABET])
         self.reset()
 
@@ -125,6 +134,7 @@ class BeamDecoder:
         # prefix (after the committed text) -> [log p ending in blank, log p ending in a char, LM score]
         self.beams: dict[str, list[float]] = {"": [0.0, NEG_INF, 0.0]}
         self.quiet = 0  # sure blanks in a row
+        self.word = ""  # the committed text's last word so far (a prefix may go on with it)
 
     def _score(self, prefix: str, entry: list[float]) -> float:
         return _lae(entry[0], entry[1]) + self.alpha * entry[2] + self.beta * len(prefix)
@@ -161,11 +171,18 @@ class BeamDecoder:
                 target = new.get(grown)
                 if target is None:
                     target = new[grown] = [NEG_INF, NEG_INF,
-                                           lm + self.lm.logp(self.history + prefix, char)]
+                                           lm + self.lm.logp(self.history + prefix, char) + self._oov(prefix, char)]
                 target[1] = _lae(target[1], from_here)
         scored = sorted(((self._score(*kv), kv) for kv in new.items()), key=lambda x: x[0], reverse=True)
         floor = scored[0][0] - self.margin
         self.beams = dict(kv for score, kv in scored[: self.beam] if score >= floor)
+
+    def _oov(self, prefix: str, char: str) -> float:
+        """The penalty for the word that `char` (a space) ends after `prefix`, if not a word."""
+        if char != " " or not self.oov:
+            return 0.0
+        word = (self.word + prefix).rsplit(" ", 1)[-1]
+        return self.oov if word and word not in self.lm.words else 0.0
 
     def _commit(self) -> str:
         """The prefix every beam shares: stable; it leaves the beams for the history."""
@@ -179,6 +196,7 @@ class BeamDecoder:
         if shared:
             self.beams = {p[len(shared):]: entry for p, entry in self.beams.items()}
             self.history = (self.history + shared)[-self.lm.order:]
+            self.word = (self.word + shared).rsplit(" ", 1)[-1]
         return shared
 
     def step(self, log_probs: torch.Tensor) -> str:
