@@ -30,7 +30,24 @@ from .model.listen import emitted
 from .model.textlm import BeamDecoder
 
 SOURCES = ("head", "head-greedy", "whisper")
+SILENCE_RMS = 1e-4  # a tick this quiet (-80 dBFS: digital silence, a muted line) gives no text
 TAIL_TICKS = 3  # silence after a clip, so a causal source can finish its last words
+
+
+def silent_ticks(pcm: np.ndarray) -> np.ndarray:
+    """Per whole tick of 24 kHz audio: True where it is quieter than `SILENCE_RMS`."""
+    ticks = pcm[:len(pcm) // FRAME_SAMPLES * FRAME_SAMPLES].reshape(-1, FRAME_SAMPLES)
+    return np.sqrt(np.mean(np.square(ticks, dtype=np.float64), axis=1)) < SILENCE_RMS
+
+
+def mute(log_probs: torch.Tensor, silent: np.ndarray) -> torch.Tensor:
+    """The head's log-probs [ticks, slots, vocab + 1] with every slot of a silent tick a sure
+    blank: silence starts no text, whatever the LM and the per-character bonus would like."""
+    out = log_probs.clone()
+    rows = torch.from_numpy(silent).to(out.device)
+    out[rows] = float("-inf")
+    out[rows, :, -1] = 0.0
+    return out
 
 
 def with_tail(pcm: np.ndarray) -> np.ndarray:
@@ -59,7 +76,8 @@ class Transcriber(Protocol):
 
 class HeadTranscriber:
     """The learned listen text head of a model, one stream: beam search with the model's LM when
-    it has one (and `greedy` is false), else greedy CTC."""
+    it has one (and `greedy` is false), else greedy CTC. A silent tick (`silent_ticks`) gives no
+    text either way."""
 
     name = "head"
 
@@ -77,13 +95,16 @@ class HeadTranscriber:
     def push(self, pcm: np.ndarray, features: torch.Tensor) -> list[Heard]:
         t0 = time.perf_counter()
         head = self.michi.model.listen_text
+        silent = silent_ticks(pcm)
         if self.decoder is None:
             tokens, self.state = head.read(features[None], self.state)
-            texts = [self.michi.tokenizer.decode(emitted(tokens[0, i])) for i in range(tokens.shape[1])]
+            texts = ["" if silent[i] else self.michi.tokenizer.decode(emitted(tokens[0, i]))
+                     for i in range(tokens.shape[1])]
             interims = [""] * len(texts)
         else:
             logits, self.state = head.step(features[None], self.state)
             log_probs = logits[0].float().log_softmax(-1)
+            log_probs = mute(log_probs, silent)
             texts, interims = [], []
             for frame in log_probs:
                 texts.append(self.decoder.step(frame))

@@ -29,7 +29,7 @@ from ..audio.augment import telephone
 from ..audio.io import read_wav
 from ..config import SAMPLE_RATE_HZ, TICK_S
 from ..model.textlm import BeamDecoder, decoder_settings
-from ..transcript import with_tail
+from ..transcript import mute, silent_ticks, with_tail
 from .listen import _quantiles, lags, word_arrivals
 from .speech import default_sentences, item_row, spread
 from .wer import normalize_text, summary
@@ -52,11 +52,12 @@ def dev_clips(corpus: str | Path, limit: int) -> list[dict[str, Any]]:
 
 @torch.inference_mode()
 def head_log_probs(michi, pcm: np.ndarray) -> torch.Tensor:
-    """The text head's log-probs over a clip and its tail: [ticks, slots, vocab + 1]."""
-    m = michi.model
-    features = m.listen(torch.from_numpy(with_tail(pcm)).to(michi.device)[None]).features
+    """The text head's log-probs over a clip and its tail, silent ticks muted as in a call:
+    [ticks, slots, vocab + 1]."""
+    m, pcm = michi.model, with_tail(pcm)
+    features = m.listen(torch.from_numpy(pcm).to(michi.device)[None]).features
     logits, _ = m.listen_text.step(features, m.listen_text.init_state(1, device=michi.device))
-    return logits[0].float().log_softmax(-1).cpu()
+    return mute(logits[0].float().log_softmax(-1), silent_ticks(pcm)).cpu()
 
 
 def decode(decoder: BeamDecoder, log_probs: torch.Tensor) -> list[tuple[str, float]]:
