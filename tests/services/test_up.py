@@ -16,7 +16,7 @@ from michi.serving.launcher import free_port
 
 MICHI = [shutil.which("michi")] if shutil.which("michi") else [sys.executable, "-m", "michi.cli"]
 GOODBYE = Path("/usr/share/asterisk/sounds/en/vm-goodbye.wav")
-HEARD_WER = 0.6  # in-process, these 3 prompts: 39 % (the card: 53 % on 40 held-out prompts)
+HEARD_WER = 0.6  # through the listen stage, these 3 prompts: 29 % (the card: 53 % on 40 held-out prompts)
 
 
 def test_up_say_talk_and_clean_stop(tmp_path):
