@@ -50,6 +50,13 @@ def mute(log_probs: torch.Tensor, silent: np.ndarray) -> torch.Tensor:
     return out
 
 
+def beam_settings(michi, overrides: dict[str, float] | None = None) -> dict[str, float] | None:
+    """The `BeamDecoder` settings the head decodes with: those shipped with the model's LM, with
+    `overrides` (a sweep's) over them; None without an LM."""
+    lm = getattr(michi, "text_lm", None)
+    return None if lm is None else {**lm.decoder, **(overrides or {})}
+
+
 def with_tail(pcm: np.ndarray) -> np.ndarray:
     """A clip padded to whole ticks plus `TAIL_TICKS` of silence."""
     return np.pad(pcm, (0, -len(pcm) % FRAME_SAMPLES + TAIL_TICKS * FRAME_SAMPLES)).astype(np.float32)
@@ -86,7 +93,7 @@ class HeadTranscriber:
         self.michi = michi
         head = michi.model.listen_text
         lm = getattr(michi, "text_lm", None)
-        self.decoder = (BeamDecoder(lm, head.blank, **{**lm.decoder, **(decoder or {})})
+        self.decoder = (BeamDecoder(lm, head.blank, **beam_settings(michi, decoder))
                         if lm is not None and head.enabled and not greedy else None)
         with torch.inference_mode():
             self.state = head.init_state(1, device=michi.device)

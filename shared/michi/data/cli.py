@@ -80,9 +80,9 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     sp = dsub.add_parser("synth", help="synthesise a multi-speaker corpus offline (TTS + Whisper timings)")
     sp.add_argument("--out", required=True, help="corpus directory")
     sp.add_argument("--tts-voice", default=DEFAULT_TTS_VOICE, help="the voice the model will speak with")
-    sp.add_argument("--voices", default=None, help="comma-separated training voices or groups "
-                    "(default, hearing: the default's and espeak accents; default: the default group); "
-                    "see `michi data voices`")
+    sp.add_argument("--voices", default=None, help="comma-separated training voices and voice groups: `default` "
+                    "(every voice but the held-out one's speaker; the default) and `hearing` (default's "
+                    "and twelve espeak-ng accent voices); see `michi data voices`")
     sp.add_argument("--heldout-voice", default=DEFAULT_HELDOUT_VOICE, help="never trained on ('' for none)")
     sp.add_argument("--tts-sentences", type=int, default=DEFAULT_TTS_SENTENCES)
     sp.add_argument("--sentences-per-voice", type=int, default=DEFAULT_SENTENCES_PER_VOICE)

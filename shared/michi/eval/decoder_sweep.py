@@ -29,7 +29,7 @@ from ..audio.augment import telephone
 from ..audio.io import read_wav
 from ..config import SAMPLE_RATE_HZ, TICK_S
 from ..model.textlm import BeamDecoder, decoder_settings
-from ..transcript import mute, silent_ticks, with_tail
+from ..transcript import beam_settings, mute, silent_ticks, with_tail
 from .listen import _quantiles, lags, word_arrivals
 from .speech import default_sentences, item_row, spread
 from .wer import normalize_text, summary
@@ -111,7 +111,7 @@ def sweep(michi, clips: list[dict[str, Any]], combos: list[dict[str, float]],
               for clip in clips]
     out = []
     for n, setting in enumerate(combos, 1):
-        decoder = BeamDecoder(lm, blank, **{**lm.decoder, **setting})
+        decoder = BeamDecoder(lm, blank, **beam_settings(michi, setting))
         clean, line, setting_lags = [], [], []
         for clip, clean_lp, line_lp in cached:
             pieces = decode(decoder, clean_lp)

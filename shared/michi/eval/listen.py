@@ -23,7 +23,7 @@ import torch
 
 from ..audio.augment import telephone
 from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ, TICK_S
-from ..transcript import transcriber, with_tail
+from ..transcript import beam_settings, transcriber, with_tail
 from .speech import item_row
 from .wer import normalize_text, summary
 
@@ -131,15 +131,9 @@ def eval_listen(michi, sets: Mapping[str, Sequence[tuple[Any, np.ndarray]]], sou
     first = per_source[sources[0]]
     return {"task": "listen", "wer": first["wer"], "cer": first["cer"], "items": first["items"],
             "sets": first["sets"], "sources": per_source, "default_source": sources[0],
-            "head_enabled": michi.model.listen_text.enabled, "decoder": _decoder_settings(michi, decoder),
+            "head_enabled": michi.model.listen_text.enabled, "decoder": beam_settings(michi, decoder),
             "lag_reference": "Whisper word ends, clean audio"
             if judge is not None else None, "rows": rows}
-
-
-def _decoder_settings(michi, decoder: dict[str, float] | None) -> dict[str, float] | None:
-    """The beam search settings the head source ran with (None without the model's LM)."""
-    lm = getattr(michi, "text_lm", None)
-    return None if lm is None else {**lm.decoder, **(decoder or {})}
 
 
 def _quantiles(values: list[float]) -> dict[str, float | None]:
