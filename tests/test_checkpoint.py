@@ -33,6 +33,24 @@ def test_half_precision_storage(saved, tmp_path):
             assert torch.allclose(got, want, rtol=1e-3, atol=1e-4), name
 
 
+def test_int8_storage_of_the_listen_text_head(saved, tmp_path):
+    model, _ = saved
+    half = save_checkpoint(model, tmp_path / "half", dtype=torch.float16)
+    small = save_checkpoint(model, tmp_path / "int8", dtype=torch.float16, int8=("listen_text.",))
+    size = lambda p: (p / "model.safetensors").stat().st_size
+    head_bytes = sum(v.numel() * 2 for k, v in model.state_dict().items() if k.startswith("listen_text."))
+    assert size(half) - size(small) > 0.4 * head_bytes  # most of the head's bytes halve
+    loaded, _ = load_checkpoint(small)
+    for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert got.dtype == want.dtype, name
+        if name.startswith("listen_text.") and want.dim() >= 2:
+            row_max = want.abs().flatten(1).amax(1).view(-1, *[1] * (want.dim() - 1))
+            assert ((got - want).abs() <= row_max / 127 * 0.5 + 1e-3 * row_max).all(), name  # half a step
+            assert not torch.equal(got, want.half().float()), name  # stored as int8 indeed
+        else:
+            assert torch.allclose(got, want, rtol=1e-3, atol=1e-4), name
+
+
 def _copy(src, dst):
     dst.mkdir()
     for f in src.iterdir():

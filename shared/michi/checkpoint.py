@@ -23,6 +23,7 @@ FORMAT = "michi-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+INT8_SCALE = ".int8_scale"  # beside an int8-stored tensor: its scale per output row
 TOKENIZER_DIR = "tokenizer"  # a Hugging Face tokenizer travels inside the checkpoint
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model")
@@ -53,12 +54,36 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def quantize_int8(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Each floating-point matrix or conv kernel under `prefixes` -> int8, with one float32 scale
+    per output row beside it (`<key>` + INT8_SCALE); `dequantize_int8` undoes it."""
+    out = dict(tensors)
+    for k, v in tensors.items():
+        if k.startswith(prefixes) and v.is_floating_point() and v.dim() >= 2:
+            w = v.float()
+            scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp(min=1e-12) / 127
+            out[k] = (w / scale).round().clamp(-127, 127).to(torch.int8)
+            out[k + INT8_SCALE] = scale.flatten()
+    return out
+
+
+def dequantize_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {k: v for k, v in tensors.items() if not k.endswith(INT8_SCALE)}
+    for k, scale in tensors.items():
+        if k.endswith(INT8_SCALE):
+            base = k.removesuffix(INT8_SCALE)
+            q = tensors[base]
+            out[base] = q.float() * scale.float().view(-1, *([1] * (q.dim() - 1)))
+    return out
+
+
 def save_checkpoint(model: MichiModel, path: str | Path, info: dict[str, Any] | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, int8: tuple[str, ...] = ()) -> Path:
     """Write `path/config.json` and `path/model.safetensors`. `info` says what the weights are;
     `info["trained"]` must be True only for weights this project's training code produced.
     `dtype` (e.g. torch.float16) stores the floating-point weights smaller; loading casts them back
-    to the model's dtype. The latent statistics (and a mel-PCA basis) always stay float32."""
+    to the model's dtype. The latent statistics (and a mel-PCA basis) always stay float32.
+    `int8`: state-dict key prefixes whose matrices are stored as int8 with a scale per row."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = path / WEIGHTS_FILE
@@ -67,6 +92,7 @@ def save_checkpoint(model: MichiModel, path: str | Path, info: dict[str, Any] | 
         exact = model.full_precision_keys()
         tensors = {k: v.to(dtype) if v.is_floating_point() and not k.startswith(exact) else v
                    for k, v in tensors.items()}
+    tensors = quantize_int8(tensors, int8)
     save_file(tensors, str(weights), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     config = model.cfg.to_dict()
     config["backbone"]["hf_path"] = None  # the weights are all here now
@@ -141,6 +167,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         tensors = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    tensors = dequantize_int8(tensors)
     model = MichiModel(cfg, load_pretrained=False)
     expected = _unique_state(model)
     # The conv-only text head (`ListenConfig.text_layers` 0) held its conv as `conv`, now the

@@ -266,11 +266,13 @@ def transcribe(model: MichiModel, pcm: np.ndarray, tokenizer) -> str:
     return tokenizer.decode(emitted(tokens[0]))
 
 
-def heldout_sets(voice: list[Clip], asterisk: list[Clip]) -> dict[str, list[Clip]]:
+def heldout_sets(voice: list[Clip], asterisk: list[Clip], sentences: list[Clip] = ()) -> dict[str, list[Clip]]:
     """The stage's held-out sets: the voice and the Asterisk prompts, clean and through the
-    telephone line."""
-    return {"heldout_voice": voice, "asterisk": asterisk,
+    telephone line; and `sentences`, held-out sentences read by the training voices (their WER
+    against the held-out voice's tells unheard texts from an unheard voice)."""
+    sets = {"heldout_voice": voice, "asterisk": asterisk,
             "asterisk_telephone": [Clip(telephone(c.audio), c.text) for c in asterisk]}
+    return {**sets, "heldout_sentence": list(sentences)} if sentences else sets
 
 
 def hearing_lm(extra: list[str] = ()) -> CharLM:

@@ -325,15 +325,18 @@ def _run_hearing(rc: RecipeConfig, model: MichiModel, d, out: Path, tokenizer, l
     train = clips_from_bank(AudioBank(rc.corpus, load_segments(rc.corpus, ("train",))))
     held_voice = load_segments(rc.corpus, ("heldout_voice",))[:HEARING_HELDOUT]
     voice = clips_from_bank(AudioBank(rc.corpus, held_voice)) if held_voice else []
+    held_sentences = load_segments(rc.corpus, ("heldout_sentence",))
+    held_sentences = held_sentences[::max(1, len(held_sentences) // HEARING_HELDOUT)][:HEARING_HELDOUT]
+    sentences = clips_from_bank(AudioBank(rc.corpus, held_sentences)) if held_sentences else []
     try:
         asterisk, held = clips_from_items(asterisk_split("train")), clips_from_items(asterisk_split("heldout"), HEARING_HELDOUT)
     except FileNotFoundError as e:
         log(f"[hearing] no Asterisk prompts ({e}): the corpus alone")
         asterisk, held = [], []
     log(f"[hearing] {len(train)} corpus clips, {len(asterisk)} Asterisk train prompts; held out: "
-        f"{len(voice)} voice clips, {len(held)} Asterisk prompts")
+        f"{len(voice)} voice clips, {len(held)} Asterisk prompts, {len(sentences)} sentences of training voices")
     stage = HearingStage(model, train, rc.hearing, _optim(rc, "hearing"), tokenizer, asterisk=asterisk,
-                         heldout=heldout_sets(voice, held), seed=rc.seed)
+                         heldout=heldout_sets(voice, held, sentences), seed=rc.seed)
     run_stage(stage, out / "hearing", _budget(rc, "hearing"), d, progress=log)
     if d.main:
         log(f"[hearing] curve: {plot_curve(out / 'hearing' / LOG_FILE, out / 'hearing' / 'curve.png')}")
