@@ -57,7 +57,8 @@ def test_batch_packs_clips_and_their_text(setup):
     model, clips, tok = setup
     hc = HearingConfig(batch_size=4, max_seconds=6.0)
     stage = HearingStage(model, clips, hc, OptimConfig(), tok)
-    audio, ticks, targets, lengths, labels = stage.batch()
+    audio, ticks, targets, lengths, labels, teacher = stage.batch()
+    assert teacher is None  # no distillation asked for
     assert audio.shape[0] == 4 and audio.shape[1] == int(ticks.max()) * FRAME_SAMPLES
     assert labels.shape == (4, int(ticks.max()) * 2)  # a phoneme label per head frame (2 a tick)
     assert bool((labels[:, :2] >= 0).all())  # every clip of this corpus has word times
@@ -105,6 +106,29 @@ def test_a_few_steps_lower_the_ctc_loss(setup):
     assert figures["loss"] < 0.5 * np.mean(first)
     assert {"ctc", "phone_ce", "phone_accuracy", "heldout_voice_wer", "asterisk_wer",
             "asterisk_telephone_wer"} <= set(figures)
+
+
+def test_distillation_targets_follow_the_clips_and_are_learned(setup):
+    """Whisper tiny.en's encoder (the real one, from its package) gives each clip a frame per head
+    frame; a batch places them where the clips went; a few steps raise the head's cosine to them."""
+    model, clips, tok = setup
+    hc = HearingConfig(batch_size=4, max_seconds=4.0, vtlp=0.0, freq_masks=0, time_masks=0, distill=1.0)
+    hc.channel.noise = hc.channel.reverb = hc.channel.telephone = 0.0
+    stage = HearingStage(model, clips, hc, OptimConfig(lr=2e-3, warmup_steps=5), tok)
+    for clip in clips:
+        assert clip.teacher.shape == (-(-len(clip.audio) // (FRAME_SAMPLES // 2)), 384)
+    audio, ticks, _, _, _, (teacher, known) = stage.batch()
+    assert teacher.shape == (4, int(ticks.max()) * 2, 384) and known.shape == teacher.shape[:2]
+    for row in range(4):
+        speech = (int(ticks[row]) - TAIL_TICKS) * 2
+        assert bool(known[row, :speech - 1].all()) and not bool(known[row, speech + 1:].any())
+    first = clips[0]  # alone in a row, unsped: its own frames, in order
+    placed = stage.teacher_frames([[(first, 1.0, 0)]], (1, len(first.teacher) + 4))
+    assert torch.equal(placed[0][0, :len(first.teacher)], torch.from_numpy(first.teacher))
+    slow = stage.teacher_frames([[(first, 2.0, 0)]], (1, 2 * len(first.teacher)))[0][0]
+    assert torch.equal(slow[0::2][:len(first.teacher)], torch.from_numpy(first.teacher))  # each twice
+    cos = [stage.step(i)["distill_cos"] for i in range(25)]
+    assert np.mean(cos[-5:]) > np.mean(cos[:3]) + 0.1, cos
 
 
 def test_recipe_hearing_stage_marks_the_head_trained(mini_corpus, tmp_path):

@@ -54,3 +54,28 @@ def transcribe(model, pcm: np.ndarray, rate_hz: int, language: str = "en") -> Tr
         words += [(w.word.strip(), float(w.start), float(w.end)) for w in (segment.words or [])
                   if w.word.strip()]
     return Transcript(" ".join(t for t in texts if t), words)
+
+
+ENCODER_FRAME_S = 0.02  # one Whisper encoder frame: two 10 ms log-mel frames
+
+
+def encoder_frames(model, pcm: np.ndarray, rate_hz: int, frames: int) -> np.ndarray:
+    """Whisper's encoder output for rows of audio [B, T] at `rate_hz`: [B, frames, width] float32,
+    one frame per 20 ms from the rows' start (cut or padded with silence to `frames`; at most 30 s).
+
+    The encoder reads the rows as they are, not padded to Whisper's 30 s window (CTranslate2 takes
+    any length up to it), so a row of 8 s costs ~40 ms on one thread. Its frames see the whole row,
+    both ways: a teacher's view of the sounds (`michi.train.hearing`'s distillation), not a
+    streaming one."""
+    import ctranslate2
+
+    if frames > 1500:
+        raise ValueError(f"{frames} encoder frames is more than Whisper's 30 s window")
+    mel_frames = 2 * frames
+    rows = []
+    for row in np.atleast_2d(pcm):
+        audio = resample(as_mono_float32(row), rate_hz, WHISPER_RATE_HZ, any_rate=True)
+        mel = model.feature_extractor(audio)[:, :mel_frames]  # [80, n]: Whisper's log-mel, 10 ms hop
+        rows.append(np.pad(mel, ((0, 0), (0, mel_frames - mel.shape[1])), constant_values=float(mel.min())))
+    features = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack(rows), dtype=np.float32))
+    return np.array(model.model.encode(features, to_cpu=True), dtype=np.float32)

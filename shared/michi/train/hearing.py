@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from ..audio.augment import SPEEDS, ChannelConfig, channel, speed, telephone
 from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ, TICK_S
 from ..data.align import word_phone_times
+from ..data.whisper import ENCODER_FRAME_S, encoder_frames, load_whisper
 from ..eval.wer import normalize_text, summary
 from ..model.listen import emitted
 from ..model.michi import MichiModel
@@ -44,6 +46,7 @@ class Clip:
     audio: np.ndarray  # float32, 24 kHz
     text: str  # normalised
     phones: list[tuple[int, float]] | None = None  # (phoneme id, start s) where known
+    teacher: np.ndarray | None = None  # [head frames, width] float16: `attach_teacher`'s frames
 
 
 @dataclass
@@ -63,6 +66,12 @@ class HearingConfig:
     # spread over its span), so the head learns sounds before it can spell; 0: none.
     phone_weight: float = 1.0
     phone_delay_frames: int = 1
+    # Distillation: each head frame also predicts (by cosine) Whisper tiny.en's encoder output
+    # of the clean clip (`attach_teacher`: a head frame's 40 ms averaged), `distill_delay_frames`
+    # before it: a teacher that has heard many speakers, and no noise or telephone line, shows
+    # what stays the same across voices and channels; 0: none.
+    distill: float = 0.0
+    distill_delay_frames: int = 1
     eval_every: int = 250
 
 
@@ -129,6 +138,10 @@ class HearingStage:
         self.modules: dict[str, torch.nn.Module] = {"listen_text": self.head}
         if hc.phone_weight > 0:  # trained beside the head, not part of the model
             self.modules["phones"] = torch.nn.Linear(self.head.out.in_features, NUM_PHONEME_IDS)
+        self.distill_width = 0
+        if hc.distill > 0:
+            self.distill_width = attach_teacher(self.train + self.asterisk, TICK_S / self.head.out_frames)
+            self.modules["distill"] = torch.nn.Linear(self.head.out.in_features, self.distill_width)
         self.optimizers = {"listen_text": _adamw([p for m in self.modules.values() for p in m.parameters()], oc)}
         self.rng = torch.Generator().manual_seed(seed)
         self.progress = 0.0
@@ -152,11 +165,13 @@ class HearingStage:
         words = clip.text.split()
         keep = max(1, int(len(words) * limit / len(clip.audio)) - 1)
         cut = int(len(clip.audio) * keep / len(words))
-        return Clip(clip.audio[:cut], " ".join(words[:keep]))
+        teacher = None if clip.teacher is None else clip.teacher[:-(-cut // self._frame_samples)]
+        return Clip(clip.audio[:cut], " ".join(words[:keep]), teacher=teacher)
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self) -> tuple[torch.Tensor, ...]:
         """Audio [B, T] and frames [B] (whole ticks), targets (concatenated), their lengths [B],
-        and phoneme labels [B, head frames] (-100 where unknown).
+        phoneme labels [B, head frames] (-100 where unknown), and the teacher's frames [B, head
+        frames, width] with a mask [B, head frames] of those known (None without distillation).
 
         Each row is packed with augmented clips back to back, its text theirs joined by spaces,
         until the next would pass `max_seconds`; then the tail of silence, and padding."""
@@ -197,7 +212,30 @@ class HearingStage:
         tokens = [self.tokenizer.encode(" ".join(t)) for t in texts]
         targets = torch.tensor([t for row in tokens for t in row], dtype=torch.long)
         return (torch.from_numpy(audio), torch.tensor(ticks), targets,
-                torch.tensor([len(t) for t in tokens]), torch.from_numpy(labels))
+                torch.tensor([len(t) for t in tokens]), torch.from_numpy(labels), self.teacher_frames(placed, labels.shape))
+
+    @property
+    def _frame_samples(self) -> int:
+        return FRAME_SAMPLES // self.head.out_frames
+
+    def teacher_frames(self, placed: list[list[tuple[Clip, float, int]]],
+                       shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The teacher's frames [B, n, width] of each row's clips where they were placed (and sped),
+        and the mask [B, n] of frames that have one."""
+        if not self.distill_width:
+            return None
+        fs = self._frame_samples
+        frames = np.zeros((*shape, self.distill_width), dtype=np.float16)
+        known = np.zeros(shape, dtype=bool)
+        for i, row in enumerate(placed):
+            for clip, ratio, offset in row:
+                if clip.teacher is None:
+                    continue
+                end = min(shape[1], -(-int(offset + len(clip.audio) * ratio) // fs))
+                j = np.arange(offset // fs, end)
+                k = np.clip(((j + 0.5) * fs - offset) / ratio // fs, 0, len(clip.teacher) - 1).astype(int)
+                frames[i, j], known[i, j] = clip.teacher[k], True
+        return torch.from_numpy(frames), torch.from_numpy(known)
 
     def augment_features(self, features: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """VTLP and SpecAugment on features [B, n, frames * M], a draw per row."""
@@ -222,7 +260,7 @@ class HearingStage:
     def step(self, step: int) -> dict[str, float]:
         batch = self._next.result() if self._next is not None else self.batch()
         self._next = self._pool.submit(self.batch)
-        audio, ticks, targets, target_lengths, labels = batch
+        audio, ticks, targets, target_lengths, labels, teacher = batch
         with torch.no_grad():
             features = self.model.listen(audio).features
         features = self.augment_features(features, self._np_rng())
@@ -230,6 +268,7 @@ class HearingStage:
             hidden = self.head.hidden(features)
             logits = self.head.slot_logits(hidden)
             phone_logits = self.modules["phones"](hidden) if "phones" in self.modules else None
+            predicted = self.modules["distill"](hidden) if teacher is not None else None
         ctc = self.head.ctc_loss(logits, targets, target_lengths, ticks)
         loss, figures = ctc, {"ctc": ctc.item()}
         if phone_logits is not None and bool((labels >= 0).any()):
@@ -238,11 +277,22 @@ class HearingStage:
             known = labels >= 0
             figures["phone_ce"] = phone_ce.item()
             figures["phone_accuracy"] = (phone_logits.argmax(-1) == labels)[known].float().mean().item()
+        if predicted is not None:
+            cos = self.distill_similarity(predicted, *teacher)
+            loss = loss + self.hc.distill * (1 - cos)
+            figures["distill_cos"] = cos.item()
         _apply(self.optimizers["listen_text"], loss, step, self.progress, self.oc)
         figures["loss"] = loss.item()
         if self.heldout and (step + 1) % self.hc.eval_every == 0:
             figures.update({f"{name}_wer": v for name, v in self.heldout_wer().items()})
         return figures
+
+    def distill_similarity(self, predicted: torch.Tensor, teacher: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """Mean cosine between each head frame's prediction [B, n, W] and the teacher's frame
+        [B, n, W] `distill_delay_frames` before it, over the teacher's known frames [B, n]."""
+        d, n = self.hc.distill_delay_frames, predicted.shape[1]
+        cos = F.cosine_similarity(predicted[:, d:].float(), teacher[:, :n - d].float(), dim=-1)  # [B, n - d]
+        return cos[known[:, :n - d]].mean()
 
     @torch.no_grad()
     def heldout_wer(self) -> dict[str, float]:
@@ -255,6 +305,33 @@ class HearingStage:
                                  for c in clips])["wer"]
         self.head.train(was)
         return out
+
+
+def attach_teacher(clips: list[Clip], frame_s: float, whisper=None, group: int = 16,
+                   log=print) -> int:
+    """Set each clip's `teacher`: Whisper's encoder frames of the clip alone (clips of similar
+    length padded with silence into one encoder call), averaged over `frame_s`; returns their
+    width. Clips over Whisper's 30 s window get none. ~7 ms of the 2 cores per second of audio."""
+    whisper = whisper or load_whisper(threads=2)
+    per, fs = round(frame_s / ENCODER_FRAME_S), round(frame_s * SAMPLE_RATE_HZ)
+    order = [i for i in sorted(range(len(clips)), key=lambda i: len(clips[i].audio))
+             if len(clips[i].audio) <= 30 * SAMPLE_RATE_HZ - fs]
+    width, start, shown = 0, time.monotonic(), 0
+    for g in range(0, len(order), group):
+        idx = order[g:g + group]
+        n = -(-len(clips[idx[-1]].audio) // fs)
+        rows = np.zeros((len(idx), n * fs), dtype=np.float32)
+        for r, i in enumerate(idx):
+            rows[r, :len(clips[i].audio)] = clips[i].audio
+        enc = encoder_frames(whisper, rows, SAMPLE_RATE_HZ, n * per)
+        enc = enc.reshape(len(idx), n, per, -1).mean(2).astype(np.float16)
+        width = enc.shape[-1]
+        for r, i in enumerate(idx):
+            clips[i].teacher = enc[r, :-(-len(clips[i].audio) // fs)]
+        if (g + len(idx)) * 10 // len(order) > shown or g + len(idx) == len(order):
+            shown = (g + len(idx)) * 10 // len(order)
+            log(f"[hearing] teacher frames: {g + len(idx)}/{len(order)} clips, {time.monotonic() - start:.0f} s")
+    return width
 
 
 @torch.no_grad()
