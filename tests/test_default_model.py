@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import michi
-from michi.checkpoint import read_checkpoint_config
+from michi.checkpoint import INT8_SCALE, read_checkpoint_config
 from michi.cli import main
 from michi.config import preset
 
@@ -63,7 +63,7 @@ def test_an_untrained_listen_text_head_feeds_no_user_text():
     assert michi.load(LEARNED).hears_text
 
 
-def test_default_weights_are_fp16_with_an_fp32_basis():
+def test_default_weights_are_fp16_with_an_fp32_basis_and_an_int8_text_head():
     model = michi.load().model
     exact = model.full_precision_keys()
     with safe_open(str(michi.DEFAULT_MODEL / "model.safetensors"), "pt") as f:
@@ -71,7 +71,10 @@ def test_default_weights_are_fp16_with_an_fp32_basis():
     basis = {k for k in dtypes if k.startswith(("listen.", "vocoder."))}
     assert {"listen.components", "vocoder.components", "listen.mean", "vocoder.mean"} <= basis
     assert all(dtypes[k] == "F32" for k in dtypes if k.startswith(exact))
-    assert all(dtypes[k] == "F16" for k in dtypes if not k.startswith(exact))
+    int8 = {k for k in dtypes if dtypes[k] == "I8"}
+    assert int8 and all(k.startswith("listen_text.") and dtypes[k + INT8_SCALE] == "F32" for k in int8)
+    scales = {k + INT8_SCALE for k in int8}
+    assert all(dtypes[k] == "F16" for k in dtypes if not k.startswith(exact) and k not in int8 | scales)
     assert sum(dtypes[k] == "F16" for k in dtypes) > 50
     assert all(p.dtype == torch.float32 for p in model.parameters())  # loaded back as fp32
 
