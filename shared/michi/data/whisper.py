@@ -64,7 +64,7 @@ def encoder_frames(model, pcm: np.ndarray, rate_hz: int, frames: int) -> np.ndar
     one frame per 20 ms from the rows' start (cut or padded with silence to `frames`; at most 30 s).
 
     The encoder reads the rows as they are, not padded to Whisper's 30 s window (CTranslate2 takes
-    any length up to it), so a row of 8 s costs ~40 ms on one thread. Its frames see the whole row,
+    any length up to it): 24 rows of 9 s took 2.5 s on one thread, 1.4 s on two. Its frames see the whole row,
     both ways: a teacher's view of the sounds (`michi.train.hearing`'s distillation), not a
     streaming one."""
     import ctranslate2

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TICK_S
-from ..model.listen import TransformerLayer, emitted
+from ..model.listen import TransformerLayer, collapse, emitted
 from ..model.tokenizer import load_tokenizer
 from ..train.batches import AudioBank, load_segments
 from ..train.hearing import Clip, attach_teacher, clips_from_bank
@@ -60,9 +60,9 @@ def _batch(clips: list[Clip], tokenizer) -> tuple[torch.Tensor, torch.Tensor, to
 def greedy_wer(head: ProbeHead, clips: list[Clip], tokenizer) -> float:
     rows = []
     for c in clips:
-        best = head(torch.from_numpy(c.teacher.astype(np.float32))[None])[0].argmax(-1)
-        keep = (best != head.blank) & torch.cat([torch.tensor([True]), best[1:] != best[:-1]])
-        rows.append({"ref": c.text, "hyp": tokenizer.decode(emitted(torch.where(keep, best, -1)))})
+        best = head(torch.from_numpy(c.teacher.astype(np.float32))[None]).argmax(-1)
+        tokens = collapse(best, torch.tensor([head.blank]), head.blank)
+        rows.append({"ref": c.text, "hyp": tokenizer.decode(emitted(tokens))})
     return summary(rows)["wer"]
 
 

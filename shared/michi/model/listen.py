@@ -229,6 +229,13 @@ class TextHeadState(StreamingState):
         self.last_token = self.last_token.masked_fill(rows_mask(mask, self.last_token), self.blank)
 
 
+def collapse(best: Tensor, last: Tensor, blank: int) -> Tensor:
+    """Greedy CTC over arg-max slots best [B, S], the slot before each row's first being last [B]:
+    tokens [B, S], -1 where nothing is emitted (a blank, or a repeat of the slot before)."""
+    previous = torch.cat([last[:, None].to(best), best[:, :-1]], dim=1)
+    return torch.where((best != blank) & (best != previous), best, torch.full_like(best, -1))
+
+
 def emitted(tokens: Tensor) -> list[int]:
     """The tokens one row emitted (`ListenTextHead.read` output for that row, any shape), in order."""
     return [int(t) for t in tokens.flatten() if t >= 0]
@@ -369,8 +376,5 @@ class ListenTextHead(StreamingModule, nn.Module):
         if not self.enabled:
             return torch.full(logits_frame.shape[:-1], -1, dtype=torch.long, device=logits_frame.device), last_token
         best = logits_frame.argmax(-1)  # [B, slots]
-        previous = torch.cat([last_token[:, None].to(best), best[:, :-1]], dim=1)
-        emit = (best != self.blank) & (best != previous)
-        tokens = torch.where(emit, best, torch.full_like(best, -1))
-        return tokens, best[:, -1]
+        return collapse(best, last_token, self.blank), best[:, -1]
 
