@@ -27,6 +27,7 @@ from .checkpoint import CONFIG_FILE, listen_text_trained, load_checkpoint
 from .config import MichiConfig, preset
 from .engine import BackboneEngine, TickInput
 from .model.backbone import backbone_config_from_hf
+from .model.lexicon import LEXICON_FILE, Lexicon
 from .model.michi import BASIS_NOT_FITTED, MichiModel
 from .model.textlm import LM_FILE, CharLM
 from .model.tokenizer import StreamVocab, Tokenizer, load_tokenizer
@@ -49,6 +50,7 @@ class Michi:
         self.vocab = StreamVocab(self.cfg.backbone.vocab_size)
         self.model.listen_text.enabled = self.hears_text
         self.text_lm: CharLM | None = None  # michi.model.textlm: set by `load` where the checkpoint has one
+        self.lexicon: Lexicon | None = None  # michi.model.lexicon: likewise (with the LM, the phoneme decoder's)
 
     @property
     def trained(self) -> bool:
@@ -123,6 +125,8 @@ def load(source: str | Path = "default", device: str = "cpu", backbone: str | Pa
         michi = Michi(model, info)
         if (path / LM_FILE).is_file():  # the character LM its listen text head decodes with
             michi.text_lm = CharLM.load(path / LM_FILE)
+        if (path / LEXICON_FILE).is_file():  # the words its phoneme CTC decodes into
+            michi.lexicon = Lexicon.load(path / LEXICON_FILE)
         return _flag_basis(michi)
     if path.exists():
         raise FileNotFoundError(f"{path} is not a Michi checkpoint directory (no {CONFIG_FILE})")

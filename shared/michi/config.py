@@ -70,6 +70,10 @@ class ListenConfig:
     text_layers: int = 4
     text_heads: int = 4
     text_window: int = 125  # head frames of attention context (5 s at 2 frames per tick)
+    # A second CTC output on the head's frames: phonemes (`michi.model.phonemes.ctc_phonemes`),
+    # which the transcriber decodes into words of a lexicon (`michi.model.lexicon`); a config
+    # without the key (written before it) reads as False.
+    phone_ctc: bool = True
 
 
 @dataclass
@@ -212,6 +216,8 @@ class MichiConfig:
         for key, value in data.items():
             if key == "listen" and "text_layers" not in value:
                 value = {**value, "text_layers": 0}  # written before the head had layers
+            if key == "listen" and "phone_ctc" not in value:
+                value = {**value, "phone_ctc": False}  # written before the phoneme output
             if key in parts:
                 kwargs[key] = _build(parts[key], value, key)
             elif key in {f.name for f in dataclasses.fields(cls)}:

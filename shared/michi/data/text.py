@@ -242,3 +242,49 @@ def read_texts(path: str | Path) -> list[str]:
             texts.append(doc["text"] if isinstance(doc, dict) else str(doc))
         return texts
     return [t.strip("\n") for t in raw.split("\n\n") if t.strip()]
+
+
+def _inflections(lemma: str, pos: str) -> list[str]:
+    """Regular English inflections of a WordNet lemma: plurals of nouns; -s, -ed, -ing of verbs;
+    -er, -est of short adjectives. Rules only (irregular forms come from WordNet's .exc lists)."""
+    consonant_y = len(lemma) > 1 and lemma.endswith("y") and lemma[-2] not in "aeiou"
+    s = (lemma[:-1] + "ies" if consonant_y else lemma + "es" if lemma.endswith(("s", "x", "z", "ch", "sh"))
+         else lemma + "s")
+    if pos == "noun":
+        return [s]
+    stem = lemma[:-1] if lemma.endswith("e") else lemma[:-1] + "i" if consonant_y else lemma
+    if pos == "verb":
+        ing = lemma[:-1] + "ying" if lemma.endswith("ie") else (
+            lemma[:-1] if lemma.endswith("e") and not lemma.endswith(("ee", "ye", "oe")) else lemma) + "ing"
+        return [s, stem + "ed", ing]
+    if pos == "adj" and len(lemma) <= 6:
+        return [stem + "er", stem + "est"]
+    return []
+
+
+@lru_cache(maxsize=1)
+def dictionary_words() -> frozenset[str]:
+    """English words from a dictionary rather than from the corpus's texts (so they include words
+    of no held-out sentence by construction): WordNet's one-word lemmas (`wordnet-base`), their
+    regular inflections and its irregular forms, and the words of numbers and ordinals as
+    `michi.eval.wer.normalize_text` spells digits. Lower case, letters and apostrophes."""
+    from ..eval.wer import number_to_words, ordinal_words
+
+    d = _need(WORDNET_DIR, "wordnet-base")
+    word = re.compile(r"[a-z]+(?:'[a-z]+)?")
+    out: set[str] = set()
+    for pos in ("noun", "verb", "adj", "adv"):
+        with (d / f"index.{pos}").open(encoding="latin-1") as f:
+            for line in f:
+                lemma = line.split(" ", 1)[0]
+                if not line.startswith(" ") and word.fullmatch(lemma):
+                    out.add(lemma)
+                    out.update(_inflections(lemma, pos))
+        exceptions = d / f"{pos[:3]}.exc"
+        if exceptions.is_file():
+            with exceptions.open(encoding="latin-1") as f:
+                out.update(w for line in f for w in line.split()[:1] if word.fullmatch(w))
+    numbers = [number_to_words(n) for n in (*range(101), 1000, 10 ** 6, 10 ** 9)]
+    out.update(w for n in numbers + [ordinal_words(n) for n in range(1, 101)] + ["one hundredth", "one thousandth"]
+               for w in n.split())
+    return frozenset(out)

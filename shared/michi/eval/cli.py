@@ -47,7 +47,9 @@ def _speech_args(sp: argparse.ArgumentParser) -> None:
                     help="Asterisk prompts (real speech) for codec and listen (default: --limit; 0: none)")
     sp.add_argument("--listen-sources", default="head",
                     help="listen: transcript sources to compare on the same audio, comma list of head "
-                         "(the learned text head) and whisper (faster-whisper streaming); the first is the default")
+                         "(the learned text head: its phonemes into words of the model's lexicon), head-bytes "
+                         "(its byte slots, beam search), head-greedy (its byte slots, greedy) and whisper "
+                         "(faster-whisper streaming); the first is the default")
     sp.add_argument("--decoder", default="",
                     help="listen: the head's beam search settings over the model's own, e.g. "
                          "margin=4,settle=6 (see michi.model.textlm.BeamDecoder)")

@@ -5,7 +5,8 @@ The dev set is a corpus's `heldout_sentence` clips: the training voices reading 
 reads are left out), clean and through the 8 kHz mu-law line. The head runs once per clip (its
 log-probs kept: streaming equals offline, `tests/eval/test_hearing_eval.py`); each setting of the
 grid then decodes every clip a tick at a time as a call does (`michi.model.textlm.BeamDecoder`,
-over the settings shipped with the model's LM). Per setting: WER and CER, clean and on the line,
+over the settings shipped with the model's LM; with `--phones`, the phoneme slots through
+`michi.model.lexicon.PhoneBeamDecoder`, over the settings shipped with its lexicon). Per setting: WER and CER, clean and on the line,
 and the lag from each matched word's end (the corpus's word times: Whisper's, from the pipeline)
 to the end of the tick whose stable text completed it; the decoder's compute is not counted
 (`michi eval listen` measures it).
@@ -28,8 +29,9 @@ import torch
 from ..audio.augment import telephone
 from ..audio.io import read_wav
 from ..config import SAMPLE_RATE_HZ, TICK_S
+from ..model.lexicon import PhoneBeamDecoder, phone_decoder_settings
 from ..model.textlm import BeamDecoder, decoder_settings
-from ..transcript import beam_settings, mute, silent_ticks, with_tail
+from ..transcript import beam_settings, decodes_phonemes, mute, silent_ticks, with_tail
 from .listen import _quantiles, lags, word_arrivals
 from .speech import default_sentences, item_row, spread
 from .wer import normalize_text, summary
@@ -51,16 +53,21 @@ def dev_clips(corpus: str | Path, limit: int) -> list[dict[str, Any]]:
 
 
 @torch.inference_mode()
-def head_log_probs(michi, pcm: np.ndarray) -> torch.Tensor:
+def head_log_probs(michi, pcm: np.ndarray, phones: bool = False) -> torch.Tensor:
     """The text head's log-probs over a clip and its tail, silent ticks muted as in a call:
-    [ticks, slots, vocab + 1]."""
+    [ticks, slots, vocab + 1] (`phones`: its phoneme slots, [ticks, slots, phonemes + 1])."""
     m, pcm = michi.model, with_tail(pcm)
+    head = m.listen_text
     features = m.listen(torch.from_numpy(pcm).to(michi.device)[None]).features
-    logits, _ = m.listen_text.step(features, m.listen_text.init_state(1, device=michi.device))
+    if phones:
+        logits = head.phone_logits(head.hidden(features))
+        logits = logits.view(1, features.shape[1], -1, logits.shape[-1])
+    else:
+        logits, _ = head.step(features, head.init_state(1, device=michi.device))
     return mute(logits[0].float().log_softmax(-1), silent_ticks(pcm)).cpu()
 
 
-def decode(decoder: BeamDecoder, log_probs: torch.Tensor) -> list[tuple[str, float]]:
+def decode(decoder: BeamDecoder | PhoneBeamDecoder, log_probs: torch.Tensor) -> list[tuple[str, float]]:
     """Stable pieces with the end time of the tick that gave each, then what `finish` flushes."""
     decoder.reset()
     pieces = [(text, (i + 1) * TICK_S) for i, tick in enumerate(log_probs) if (text := decoder.step(tick))]
@@ -90,8 +97,9 @@ def grid(spec: str) -> list[dict[str, float]]:
 
 
 def _known(key: str) -> str:
-    if key not in decoder_settings():
-        raise ValueError(f"{key!r} is not a beam search setting: one of {sorted(decoder_settings())}")
+    known = decoder_settings() | phone_decoder_settings()
+    if key not in known:
+        raise ValueError(f"{key!r} is not a beam search setting: one of {sorted(known)}")
     return key
 
 
@@ -104,14 +112,19 @@ def _number(text: str) -> float:
 
 
 def sweep(michi, clips: list[dict[str, Any]], combos: list[dict[str, float]],
-          progress=lambda *_: None) -> list[dict[str, Any]]:
-    """One row per setting: WER/CER clean and on the line, lag p50/p95 (clean)."""
-    lm, blank = michi.text_lm, michi.model.listen_text.blank
-    cached = [(clip, head_log_probs(michi, clip["audio"]), head_log_probs(michi, telephone(clip["audio"])))
+          progress=lambda *_: None, phones: bool = False) -> list[dict[str, Any]]:
+    """One row per setting: WER/CER clean and on the line, lag p50/p95 (clean). `phones`: the
+    phoneme decoder (`PhoneBeamDecoder`, with the model's lexicon) instead of the byte one."""
+    head = michi.model.listen_text
+    cached = [(clip, head_log_probs(michi, clip["audio"], phones), head_log_probs(michi, telephone(clip["audio"]), phones))
               for clip in clips]
     out = []
     for n, setting in enumerate(combos, 1):
-        decoder = BeamDecoder(lm, blank, **beam_settings(michi, setting))
+        if phones:
+            decoder = PhoneBeamDecoder(michi.text_lm, michi.lexicon, head.phone_blank,
+                                       **beam_settings(michi, setting, phones=True))
+        else:
+            decoder = BeamDecoder(michi.text_lm, head.blank, **beam_settings(michi, setting))
         clean, line, setting_lags = [], [], []
         for clip, clean_lp, line_lp in cached:
             pieces = decode(decoder, clean_lp)
@@ -131,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=80, help="dev clips")
     ap.add_argument("--grid", default="margin=4,6,8;settle=5,10,20",
                     help="BeamDecoder settings: axes split by ';', values by ','")
+    ap.add_argument("--phones", action="store_true",
+                    help="sweep the phoneme decoder (PhoneBeamDecoder, the model's lexicon) instead of the byte one")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/eval/decoder-sweep.json")
     args = ap.parse_args(argv)
@@ -140,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     michi = api.load(args.model or "default")
     if getattr(michi, "text_lm", None) is None:
         raise SystemExit(f"{args.model or 'default'}: no character LM beside the weights (text_lm.json.gz)")
+    if args.phones and not decodes_phonemes(michi):
+        raise SystemExit(f"{args.model or 'default'}: no phoneme output or no lexicon beside the weights")
+    shipped = beam_settings(michi, phones=args.phones)
     try:
         combos = grid(args.grid)
     except ValueError as e:
@@ -147,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     clips = dev_clips(args.corpus, args.limit)
     if not clips:
         raise SystemExit(f"{args.corpus}: no heldout_sentence clips with word times")
-    print(f"{len(clips)} dev clips, {len(combos)} settings over {michi.text_lm.decoder}", flush=True)
+    print(f"{len(clips)} dev clips, {len(combos)} settings over {shipped}", flush=True)
 
     def show(row: dict[str, Any], n: int, total: int) -> None:
         lag = row["lag_s"]
@@ -155,12 +173,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * row['telephone']['wer']:.1f} % line; lag p50 {lag['p50']:.2f} s, p95 {lag['p95']:.2f} s",
               flush=True)
 
-    rows = sweep(michi, clips, combos, show)
+    rows = sweep(michi, clips, combos, show, phones=args.phones)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python -m michi.eval.decoder_sweep", *sys.argv[1:]]),
                                "dev": f"{len(clips)} heldout_sentence clips of {args.corpus}, clean and mu-law",
-                               "shipped": michi.text_lm.decoder, "rows": rows}, indent=1) + "\n")
+                               "decoder": "phonemes" if args.phones else "bytes", "shipped": shipped, "rows": rows}, indent=1) + "\n")
     print(f"report: {out}")
     return 0
 

@@ -23,7 +23,7 @@ import torch
 
 from ..audio.augment import telephone
 from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ, TICK_S
-from ..transcript import beam_settings, transcriber, with_tail
+from ..transcript import beam_settings, decodes_phonemes, transcriber, with_tail
 from .speech import item_row
 from .wer import normalize_text, summary
 
@@ -131,7 +131,9 @@ def eval_listen(michi, sets: Mapping[str, Sequence[tuple[Any, np.ndarray]]], sou
     first = per_source[sources[0]]
     return {"task": "listen", "wer": first["wer"], "cer": first["cer"], "items": first["items"],
             "sets": first["sets"], "sources": per_source, "default_source": sources[0],
-            "head_enabled": michi.model.listen_text.enabled, "decoder": beam_settings(michi, decoder),
+            "head_enabled": michi.model.listen_text.enabled,
+            "decoder": beam_settings(michi, decoder, phones=decodes_phonemes(michi)),
+            "decoder_kind": "phonemes" if decodes_phonemes(michi) else "bytes",
             "lag_reference": "Whisper word ends, clean audio"
             if judge is not None else None, "rows": rows}
 

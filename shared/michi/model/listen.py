@@ -16,7 +16,10 @@ from torch import Tensor, nn
 
 from ..config import MichiConfig
 from .conv import StreamingConv1d, StreamingSequential, run
+from .phonemes import NUM_PHONEME_IDS
 from .streaming import StateDict, StreamingModule, StreamingState, masked_step, rows_mask
+
+PHONE_SLOTS_PER_FRAME = 2  # phoneme CTC slots per head frame: 50 a second at 2 frames per tick
 
 
 class ListenOutput(NamedTuple):
@@ -290,6 +293,10 @@ class ListenTextHead(StreamingModule, nn.Module):
         self.out_norm = nn.Identity() if legacy else nn.LayerNorm(dim)
         self.to_slots = nn.Linear(dim, self.frame_slots * dim)
         self.out = nn.Linear(dim, text_vocab_size + 1)  # shared by the slots
+        # The phoneme CTC output (`cfg.listen.phone_ctc`): PHONE_SLOTS_PER_FRAME slots per head
+        # frame over NUM_PHONEME_IDS phonemes, blank last (`phone_logits`).
+        self.phone_blank = NUM_PHONEME_IDS
+        self.phone_out = nn.Linear(dim, PHONE_SLOTS_PER_FRAME * (NUM_PHONEME_IDS + 1)) if lc.phone_ctc else None
         # False for a head no training has reached (`michi.load` decides from the checkpoint): it
         # then emits nothing, as on silence, instead of random tokens the backbone never saw.
         self.enabled = True
@@ -309,6 +316,14 @@ class ListenTextHead(StreamingModule, nn.Module):
         b, n = hidden.shape[0], hidden.shape[1] // self.out_frames
         h = self.to_slots(hidden).view(b, n, self.slots, self.out.in_features)
         return self.out(F.gelu(h))
+
+    def phone_logits(self, hidden: Tensor) -> Tensor:
+        """The head's frames [B, m, dim] -> phoneme logits [B, m * PHONE_SLOTS_PER_FRAME,
+        NUM_PHONEME_IDS + 1], the CTC sequence in order, blank last."""
+        if self.phone_out is None:
+            raise ValueError("this listen text head has no phoneme output (cfg.listen.phone_ctc)")
+        b, m, _ = hidden.shape
+        return self.phone_out(hidden).view(b, m * PHONE_SLOTS_PER_FRAME, self.phone_blank + 1)
 
     def _run(self, features: Tensor, state: TextHeadState | None) -> Tensor:
         return self.slot_logits(self.hidden(features, state))

@@ -309,3 +309,23 @@ class FrameQueue(PhonemeQueue):
             self.left -= 1.0
             self.silent = self.silent + 1 if self.current == NO_PHONE else 0
         return labels, self.queue[0] if self.queue else NO_PHONE
+
+
+UNHEARD = "ˈˌ"  # stress marks: the listen head's phoneme targets leave them out
+
+
+@lru_cache(maxsize=131072)
+def word_ctc_phonemes(word: str) -> tuple[int, ...]:
+    """A word's phonemes as the listen head's phoneme CTC spells it (`ctc_phonemes`): espeak-ng's
+    for the word alone, without stress marks. Alone, not in context, so that the same word is the
+    same sequence in every sentence and in the lexicon the transcriber decodes with
+    (`michi.model.lexicon`): the head learns the reduced forms of function words ("to" spoken tə is
+    spelled tuː) from their many examples."""
+    unheard = {phoneme_id(s) for s in UNHEARD}
+    return tuple(p for p in word_phonemes(word) if p not in unheard)
+
+
+def ctc_phonemes(text: str) -> list[int]:
+    """The listen head's phoneme CTC targets for a (normalised) text: its words' phonemes in
+    order (`word_ctc_phonemes`), no word boundary."""
+    return [p for w in _WORD.findall(text) for p in word_ctc_phonemes(w)]

@@ -30,10 +30,11 @@ from ..audio.augment import SPEEDS, ChannelConfig, channel, speed, telephone
 from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ, TICK_S
 from ..data.align import word_phone_times
 from ..data.whisper import ENCODER_FRAME_S, encoder_frames, load_whisper
-from ..eval.wer import normalize_text, summary
-from ..model.listen import emitted
+from ..eval.wer import ErrorCounts, align, normalize_text, summary
+from ..model.lexicon import PHONE_DECODER, Lexicon
+from ..model.listen import collapse, emitted
 from ..model.michi import MichiModel
-from ..model.phonemes import NO_PHONE, NUM_PHONEME_IDS
+from ..model.phonemes import NO_PHONE, NUM_PHONEME_IDS, ctc_phonemes
 from ..model.textlm import CharLM
 from ..transcript import TAIL_TICKS, with_tail
 from .stages import OptimConfig, _adamw, _apply, bf16_native
@@ -72,6 +73,9 @@ class HearingConfig:
     # what stays the same across voices and channels; 0: none.
     distill: float = 0.0
     distill_delay_frames: int = 1
+    # The weight of the head's phoneme CTC (`ListenTextHead.phone_logits`, where the head has one):
+    # each text's words as phonemes (`michi.model.phonemes.ctc_phonemes`), beside the byte CTC.
+    phone_ctc: float = 1.0
     eval_every: int = 250
 
 
@@ -105,6 +109,12 @@ def phone_labels(phones: list[tuple[int, float]], offset_s: float, ratio: float,
     centres = (np.arange(first, last) + 0.5 - delay_frames) / rate_hz
     index = np.searchsorted(starts, centres, side="right") - 1
     out[first:last] = np.where(index >= 0, ids[np.maximum(index, 0)], NO_PHONE)
+
+
+def _concatenated(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CTC targets: the rows concatenated, and their lengths."""
+    return (torch.tensor([t for row in rows for t in row], dtype=torch.long),
+            torch.tensor([len(row) for row in rows], dtype=torch.long))
 
 
 def warp_mel(frames: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
@@ -170,7 +180,7 @@ class HearingStage:
 
     def batch(self) -> tuple[torch.Tensor, ...]:
         """Audio [B, T] and frames [B] (whole ticks), targets (concatenated), their lengths [B],
-        phoneme labels [B, head frames] (-100 where unknown), and the teacher's frames [B, head
+        the same for the phoneme CTC, phoneme labels [B, head frames] (-100 where unknown), and the teacher's frames [B, head
         frames, width] with a mask [B, head frames] of those known (None without distillation).
 
         Each row is packed with augmented clips back to back, its text theirs joined by spaces,
@@ -210,9 +220,9 @@ class HearingStage:
                     phone_labels(clip.phones, offset / SAMPLE_RATE_HZ, ratio, len(pcm) / SAMPLE_RATE_HZ, rate,
                                  self.hc.phone_delay_frames, labels[i])
         tokens = [self.tokenizer.encode(" ".join(t)) for t in texts]
-        targets = torch.tensor([t for row in tokens for t in row], dtype=torch.long)
-        return (torch.from_numpy(audio), torch.tensor(ticks), targets,
-                torch.tensor([len(t) for t in tokens]), torch.from_numpy(labels), self.teacher_frames(placed, labels.shape))
+        phones = [ctc_phonemes(" ".join(t)) for t in texts]
+        return (torch.from_numpy(audio), torch.tensor(ticks), *_concatenated(tokens), *_concatenated(phones),
+                torch.from_numpy(labels), self.teacher_frames(placed, labels.shape))
 
     @property
     def _frame_samples(self) -> int:
@@ -260,7 +270,7 @@ class HearingStage:
     def step(self, step: int) -> dict[str, float]:
         batch = self._next.result() if self._next is not None else self.batch()
         self._next = self._pool.submit(self.batch)
-        audio, ticks, targets, target_lengths, labels, teacher = batch
+        audio, ticks, targets, target_lengths, phones, phone_lengths, labels, teacher = batch
         with torch.no_grad():
             features = self.model.listen(audio).features
         features = self.augment_features(features, self._np_rng())
@@ -269,8 +279,16 @@ class HearingStage:
             logits = self.head.slot_logits(hidden)
             phone_logits = self.modules["phones"](hidden) if "phones" in self.modules else None
             predicted = self.modules["distill"](hidden) if teacher is not None else None
+            phone_ctc_logits = (self.head.phone_logits(hidden)
+                                if self.head.phone_out is not None and self.hc.phone_ctc > 0 else None)
         ctc = self.head.ctc_loss(logits, targets, target_lengths, ticks)
         loss, figures = ctc, {"ctc": ctc.item()}
+        if phone_ctc_logits is not None:
+            slots = phone_ctc_logits.shape[1] // logits.shape[1]  # per tick
+            phone_ctc = F.ctc_loss(phone_ctc_logits.float().log_softmax(-1).transpose(0, 1), phones,
+                                   ticks * slots, phone_lengths, blank=self.head.phone_blank, zero_infinity=True)
+            loss = loss + self.hc.phone_ctc * phone_ctc
+            figures["phone_ctc"] = phone_ctc.item()
         if phone_logits is not None and bool((labels >= 0).any()):
             phone_ce = F.cross_entropy(phone_logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
             loss = loss + self.hc.phone_weight * phone_ce
@@ -284,7 +302,7 @@ class HearingStage:
         _apply(self.optimizers["listen_text"], loss, step, self.progress, self.oc)
         figures["loss"] = loss.item()
         if self.heldout and (step + 1) % self.hc.eval_every == 0:
-            figures.update({f"{name}_wer": v for name, v in self.heldout_wer().items()})
+            figures.update(self.heldout_wer())
         return figures
 
     def distill_similarity(self, predicted: torch.Tensor, teacher: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -296,13 +314,19 @@ class HearingStage:
 
     @torch.no_grad()
     def heldout_wer(self) -> dict[str, float]:
-        """WER of greedy CTC over each held-out set (offline, which equals streaming)."""
+        """Per held-out set, the WER of greedy CTC (offline, which equals streaming) as
+        `<set>_wer`, and where the head has a phoneme output its greedy phoneme error rate as
+        `<set>_per` (against `ctc_phonemes` of the text)."""
         was = self.head.training
         self.head.eval()
         out = {}
         for name, clips in self.heldout.items():
-            out[name] = summary([{"ref": c.text, "hyp": transcribe(self.model, c.audio, self.tokenizer)}
-                                 for c in clips])["wer"]
+            heard = [transcribe(self.model, c.audio, self.tokenizer) for c in clips]
+            out[f"{name}_wer"] = summary([{"ref": c.text, "hyp": text} for c, (text, _) in zip(clips, heard)])["wer"]
+            if self.head.phone_out is not None:
+                counts = sum((align(ctc_phonemes(c.text), phones) for c, (_, phones) in zip(clips, heard)),
+                             ErrorCounts())
+                out[f"{name}_per"] = counts.wer
         self.head.train(was)
         return out
 
@@ -335,12 +359,18 @@ def attach_teacher(clips: list[Clip], frame_s: float, whisper=None, group: int =
 
 
 @torch.no_grad()
-def transcribe(model: MichiModel, pcm: np.ndarray, tokenizer) -> str:
-    """Greedy CTC of the head over a whole 24 kHz clip (plus the tail of silence)."""
+def transcribe(model: MichiModel, pcm: np.ndarray, tokenizer) -> tuple[str, list[int] | None]:
+    """Greedy CTC of the head over a whole 24 kHz clip (plus the tail of silence): its text, and
+    its phonemes where the head has a phoneme output (else None)."""
     pcm = with_tail(pcm)
     head = model.listen_text
-    tokens, _ = head.read(model.listen(torch.from_numpy(pcm)[None]).features, head.init_state(1))
-    return tokenizer.decode(emitted(tokens[0]))
+    hidden = head.hidden(model.listen(torch.from_numpy(pcm)[None]).features)
+    best = head.slot_logits(hidden).flatten(1, 2).argmax(-1)
+    text = tokenizer.decode(emitted(collapse(best, head.initial_last_token(1), head.blank)))
+    if head.phone_out is None:
+        return text, None
+    best = head.phone_logits(hidden).argmax(-1)
+    return text, emitted(collapse(best, torch.tensor([head.phone_blank]), head.phone_blank))
 
 
 def heldout_sets(voice: list[Clip], asterisk: list[Clip], sentences: list[Clip] = ()) -> dict[str, list[Clip]]:
@@ -363,6 +393,15 @@ def hearing_lm(extra: list[str] = ()) -> CharLM:
     return lm
 
 
+def hearing_lexicon(lm: CharLM, log=None) -> Lexicon:
+    """The lexicon the head's phonemes decode into (`michi.model.lexicon`): the LM's words and a
+    dictionary's (`michi.data.text.dictionary_words`: WordNet's, inflected, and number words),
+    with the decoder settings."""
+    from ..data.text import dictionary_words
+
+    return Lexicon.build(lm.words | dictionary_words(), PHONE_DECODER, log=log)
+
+
 def plot_curve(logs: str | Path | list[str | Path], png: str | Path,
                title: str = "hearing stage: held-out WER") -> Path:
     """Held-out WER per set (and the training CTC loss) against training minutes, from the stage's
@@ -379,12 +418,16 @@ def plot_curve(logs: str | Path | list[str | Path], png: str | Path,
         starts.append(offset / 60)
         rows += [{**r, "minutes": (offset + r["wall_s"]) / 60} for r in run]
         offset += run[-1]["wall_s"] if run else 0.0
-    keys = sorted({k for r in rows for k in r if k.endswith("_wer")})
+    keys = sorted({k for r in rows for k in r if k.endswith(("_wer", "_per"))})
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in keys:
+    colors: dict[str, str] = {}
+    for key in keys:  # a set's phoneme error rate dashed, in its WER's colour
         points = [(r["minutes"], 100 * r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        name, per = key[:-4], key.endswith("_per")
         if points:
-            ax.plot(*zip(*points), marker="o", ms=3, label=key.removesuffix("_wer"))
+            line, = ax.plot(*zip(*points), marker="o", ms=3, ls="--" if per else "-", color=colors.get(name),
+                            label=f"{name} PER" if per else name)
+            colors[name] = line.get_color()
     for start in starts[1:]:
         ax.axvline(start, color="grey", ls="--", lw=0.8)
     ctc = [(r["minutes"], r.get("ctc", r.get("loss"))) for r in rows if r.get("ctc", r.get("loss")) is not None]
@@ -394,7 +437,7 @@ def plot_curve(logs: str | Path | list[str | Path], png: str | Path,
         loss_ax.set_ylabel("training CTC loss per character (grey)")
         loss_ax.set_ylim(0, 4)  # the first steps (blank-only output) sit far above
     ax.set_xlabel("training minutes (2 CPU cores)")
-    ax.set_ylabel("WER %")
+    ax.set_ylabel("WER % (PER %: greedy phonemes, dashed)" if any(k.endswith("_per") for k in keys) else "WER %")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     if keys:

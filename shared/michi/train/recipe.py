@@ -40,8 +40,9 @@ import torch
 from ..checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from ..config import TICK_S
 from ..config import preset as preset_config
+from ..model.lexicon import LEXICON_FILE
 from ..model.michi import MichiModel
-from ..model.textlm import LM_FILE
+from ..model.textlm import LM_FILE, CharLM
 from ..model.tokenizer import StreamVocab, load_tokenizer
 from ..model.vocoder import Vocoder
 from .basis import BASIS_FILE, BasisConfig, run_basis_stage
@@ -53,6 +54,7 @@ from .hearing import (
     HearingStage,
     clips_from_bank,
     clips_from_items,
+    hearing_lexicon,
     hearing_lm,
     heldout_sets,
     plot_curve,
@@ -247,9 +249,10 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
         heard = ((out / "hearing" / LOG_FILE).is_file() or model.cfg.codec == "learned"
                  or bool(rc.init and read_checkpoint_config(rc.init)[1].get("listen_text_trained")))
         save_checkpoint(model, out / "model", info={**info, "trained": True, "listen_text_trained": heard})
-        lm = next((p for p in (out / "hearing" / LM_FILE, Path(rc.init or out / "none") / LM_FILE) if p.is_file()), None)
-        if lm is not None:  # the character LM its listen text head decodes with
-            shutil.copyfile(lm, out / "model" / LM_FILE)
+        for name in (LM_FILE, LEXICON_FILE):  # the character LM and lexicon its listen text head decodes with
+            found = next((p for p in (out / "hearing" / name, Path(rc.init or out / "none") / name) if p.is_file()), None)
+            if found is not None:
+                shutil.copyfile(found, out / "model" / name)
         log(f"model written to {out / 'model'}")
 
     if "baseline" in rc.stages:
@@ -343,6 +346,9 @@ def _run_hearing(rc: RecipeConfig, model: MichiModel, d, out: Path, tokenizer, l
         if not (out / "hearing" / LM_FILE).is_file():
             lm = hearing_lm([c.text for c in asterisk])
             log(f"[hearing] character LM ({len(lm.counts)} n-grams): {lm.save(out / 'hearing' / LM_FILE)}")
+        if model.listen_text.phone_out is not None and not (out / "hearing" / LEXICON_FILE).is_file():
+            lexicon = hearing_lexicon(CharLM.load(out / "hearing" / LM_FILE), log=log)
+            log(f"[hearing] lexicon ({len(lexicon)} words): {lexicon.save(out / 'hearing' / LEXICON_FILE)}")
 
 
 def _speech_bank(rc: RecipeConfig, model: MichiModel, d, out: Path, log: Callable[..., None]) -> SequenceBank:

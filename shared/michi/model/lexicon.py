@@ -1,0 +1,241 @@
+"""Words from phonemes: the lexicon and the beam search that turn the listen head's phoneme CTC
+into text.
+
+The byte CTC of the listen text head must learn English spelling from the few thousand sentences
+the synthetic corpus reads, and on unheard sentences it spells poorly. Phonemes are what the audio
+shows, the same in every sentence; spelling is the lexicon's job. So the head also emits phonemes
+(`ListenTextHead.phone_logits`), and `PhoneBeamDecoder` searches them for word sequences: a CTC
+prefix beam search whose phoneme paths must follow a word of the `Lexicon` (a trie of each word's
+`word_ctc_phonemes`), ending a word where its phonemes end and the next word's begin, with the
+character LM (`michi.model.textlm.CharLM`) scoring each word that ends. Words outside the lexicon
+cannot be heard; the lexicon is the LM's own word list (the corpus's training texts and the
+Asterisk "train" prompts), stored beside the model as `lexicon.json.gz` with its decoder settings.
+"""
+from __future__ import annotations
+
+import gzip
+import inspect
+import json
+import math
+from array import array
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .phonemes import NUM_PHONEME_IDS, word_ctc_phonemes
+from .textlm import NEG_INF, CharLM, _lae
+
+LEXICON_FILE = "lexicon.json.gz"
+# The decoder settings a lexicon is saved with, unless given (dev-set sweeps: the model card).
+PHONE_DECODER = {"alpha": 0.6, "beta": 3.0, "beam": 16, "blank_skip": 0.95, "settle": 10}
+
+
+class Lexicon:
+    """Words and their phonemes, as a trie: node 0 is the root; `child(n, p)` is the node phoneme
+    p leads to from n (None: no word goes on so), `ends[n]` lists the words whose phonemes end at
+    n, `phone[n]` is the phoneme that leads to n. (One dict of edges, not one per node: 150k
+    words are ~380k nodes.)"""
+
+    def __init__(self, pronunciations: dict[str, Iterable[int]], decoder: dict[str, float] | None = None):
+        self.pronunciations = {w: tuple(p) for w, p in pronunciations.items() if p}
+        self.decoder = dict(PHONE_DECODER if decoder is None else decoder)
+        self.edges: dict[int, int] = {}  # node * NUM_PHONEME_IDS + phoneme -> node
+        self.ends: dict[int, list[str]] = {}
+        self.phone = array("h", [-1])
+        for word, phones in sorted(self.pronunciations.items()):
+            node = 0
+            for p in phones:
+                key = node * NUM_PHONEME_IDS + p
+                child = self.edges.get(key)
+                if child is None:
+                    child = self.edges[key] = len(self.phone)
+                    self.phone.append(p)
+                node = child
+            self.ends.setdefault(node, []).append(word)
+
+    def child(self, node: int, phone: int) -> int | None:
+        return self.edges.get(node * NUM_PHONEME_IDS + phone)
+
+    def __len__(self) -> int:
+        return len(self.pronunciations)
+
+    @classmethod
+    def build(cls, words: Iterable[str], decoder: dict[str, float] | None = None,
+              log: Callable[[str], None] | None = None) -> "Lexicon":
+        """Phonemize each word (espeak-ng, ~0.4 ms a word)."""
+        words = sorted(set(words))
+        pronunciations = {}
+        for i, word in enumerate(words):
+            pronunciations[word] = word_ctc_phonemes(word)
+            if log and (i + 1) % 10000 == 0:
+                log(f"[lexicon] {i + 1}/{len(words)} words phonemized")
+        return cls(pronunciations, decoder)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            json.dump({"decoder": self.decoder, "words": {w: list(p) for w, p in sorted(self.pronunciations.items())}}, f)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Lexicon":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+        return cls(data["words"], data.get("decoder"))
+
+
+class PhoneBeamDecoder:
+    """Streaming lexicon-constrained CTC beam search over phoneme slots, for one stream.
+
+    Same interface as `textlm.BeamDecoder`: `step(log_probs)` takes slots [n, phonemes + 1]
+    (log-softmax, blank last) and returns the words that became stable (each as " word");
+    `interim` is the best hypothesis's words after them; `finish()` returns the rest, the word in
+    progress included where it is a whole word, and starts over.
+
+    A hypothesis is the words it has ended since the last stable text and a node of the lexicon
+    trie (the word in progress); its score is the CTC log probability of its phoneme paths plus
+    `alpha` times the LM log probability of its ended words plus `beta` per word."""
+
+    def __init__(self, lm: CharLM, lexicon: Lexicon, blank: int, alpha: float = 0.6, beta: float = 3.0,
+                 beam: int = 16, prune: float = -8.0, margin: float = 12.0, blank_skip: float = 0.95,
+                 settle: int = 10, homophones: int = 4):
+        """`prune`: phonemes less likely than this (log) in a slot are not tried; `margin`:
+        hypotheses this far below the best are dropped; `blank_skip`: a slot whose blank is at
+        least this likely only extends by a blank; `settle`: after this many such slots in a row
+        (a pause) the best hypothesis ends its word and becomes stable; `homophones`: of the words
+        that end at one node, those the LM likes best that are tried."""
+        self.lm, self.lexicon, self.blank = lm, lexicon, blank
+        self.alpha, self.beta, self.beam, self.prune, self.margin = alpha, beta, beam, prune, margin
+        self.blank_skip, self.settle, self.homophones = math.log(blank_skip), settle, homophones
+        self._word_cache: dict[tuple[str, str], float] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = " "  # the stable text's tail: the LM's context for what follows
+        # (words since the stable text, trie node) -> [log p ending in blank, in a phoneme, LM score]
+        self.beams: dict[tuple[tuple[str, ...], int], list[float]] = {((), 0): [0.0, NEG_INF, 0.0]}
+        self.quiet = 0
+
+    def _context(self, words: tuple[str, ...]) -> str:
+        return (self.history + "".join(w + " " for w in words))[-(self.lm.order - 1):]
+
+    def word_logp(self, words: tuple[str, ...], word: str) -> float:
+        """LM log probability of `word` and the space after it, following the stable text and `words`."""
+        context = self._context(words)
+        key = (context, word)
+        cached = self._word_cache.get(key)
+        if cached is None:
+            text = context + word + " "
+            cached = sum(self.lm.logp(text[:i], text[i]) for i in range(len(context), len(text)))
+            if len(self._word_cache) > 200_000:
+                self._word_cache.clear()
+            self._word_cache[key] = cached
+        return cached
+
+    def _endings(self, words: tuple[str, ...], node: int) -> list[tuple[str, float]]:
+        """The words that may end at `node`, with their LM scores, best first (`homophones` of them)."""
+        scored = sorted(((w, self.word_logp(words, w)) for w in self.lexicon.ends.get(node, ())), key=lambda x: -x[1])
+        return scored[: self.homophones]
+
+    def _score(self, key: tuple[tuple[str, ...], int], entry: list[float]) -> float:
+        words, node = key
+        return _lae(entry[0], entry[1]) + self.alpha * entry[2] + self.beta * (len(words) + (node != 0))
+
+    def _slot(self, log_probs: torch.Tensor) -> None:
+        blank = float(log_probs[self.blank])
+        if blank > self.blank_skip:
+            for entry in self.beams.values():
+                entry[0], entry[1] = _lae(entry[0], entry[1]) + blank, NEG_INF
+            self.quiet += 1
+            if self.quiet == self.settle:
+                self._end_words()
+            return
+        self.quiet = 0
+        phones = log_probs[:self.blank]
+        tried = (phones > self.prune).nonzero().flatten().tolist()
+        likely = phones[tried].tolist()
+        child_of, phone_of = self.lexicon.child, self.lexicon.phone
+        new: dict[tuple[tuple[str, ...], int], list[float]] = {}
+
+        def add(key, lm, p):
+            target = new.get(key)
+            if target is None:
+                target = new[key] = [NEG_INF, NEG_INF, lm]
+            target[1] = _lae(target[1], p)
+
+        for (words, node), (pb, pnb, lm) in self.beams.items():
+            total = _lae(pb, pnb)
+            entry = new.setdefault((words, node), [NEG_INF, NEG_INF, lm])
+            entry[0] = _lae(entry[0], total + blank)
+            last = phone_of[node]
+            if node:
+                entry[1] = _lae(entry[1], pnb + float(log_probs[last]))  # the same phoneme, held
+            endings = self._endings(words, node) if node in self.lexicon.ends else ()
+            for p, lp in zip(tried, likely):
+                from_here = (pb if p == last else total) + lp  # a repeat needs a blank between
+                if from_here == NEG_INF:
+                    continue
+                child = child_of(node, p)
+                if child is not None:  # the word goes on
+                    add((words, child), lm, from_here)
+                first = child_of(0, p)
+                if first is not None:  # the word ends here, and the next begins with p
+                    for word, word_lp in endings:
+                        add((words + (word,), first), lm + word_lp, from_here)
+        self._prune(new)
+
+    def _prune(self, beams: dict) -> None:
+        scored = sorted(((self._score(k, e), k, e) for k, e in beams.items()), key=lambda x: x[0], reverse=True)
+        floor = scored[0][0] - self.margin
+        self.beams = {k: e for score, k, e in scored[: self.beam] if score >= floor}
+
+    def _end_words(self) -> None:
+        """A pause: each hypothesis ends its word in progress (or drops it where its phonemes are
+        not yet a word), and only the best is kept."""
+        ended: dict[tuple[tuple[str, ...], int], list[float]] = {}
+        for (words, node), (pb, pnb, lm) in self.beams.items():
+            options = [(words + (w,), lm + lp) for w, lp in self._endings(words, node)] if node else [(words, lm)]
+            for grown, score in options or [(words, lm - 1e3)]:  # no whole word: heavily penalised
+                key = (grown, 0)
+                if key not in ended or self._score(key, [pb, pnb, score]) > self._score(key, ended[key]):
+                    ended[key] = [pb, pnb, score]
+        best = max(ended.items(), key=lambda kv: self._score(*kv))
+        self.beams = dict([best])
+
+    def _commit(self) -> str:
+        """The words every hypothesis shares: stable; they leave the hypotheses for the history."""
+        keys = list(self.beams)
+        shared = keys[0][0]
+        for words, _ in keys[1:]:
+            n = 0
+            while n < min(len(shared), len(words)) and shared[n] == words[n]:
+                n += 1
+            shared = shared[:n]
+        if not shared:
+            return ""
+        self.history = self._context(shared)
+        # The LM scores of the stable words stay in every entry: equal for all, they rank nothing.
+        self.beams = {(words[len(shared):], node): e for (words, node), e in self.beams.items()}
+        return "".join(" " + w for w in shared)
+
+    def step(self, log_probs: torch.Tensor) -> str:
+        for slot in log_probs.float():
+            self._slot(slot)
+        return self._commit()
+
+    @property
+    def interim(self) -> str:
+        (words, _), _ = max(self.beams.items(), key=lambda kv: self._score(*kv))
+        return " ".join(words)
+
+    def finish(self) -> str:
+        self._end_words()
+        rest = self._commit()
+        self.reset()
+        return rest
+
+
+def phone_decoder_settings() -> set[str]:
+    """The settings `PhoneBeamDecoder` takes (all its arguments but the LM, lexicon and blank id)."""
+    return set(inspect.signature(PhoneBeamDecoder).parameters) - {"lm", "lexicon", "blank"}
