@@ -69,3 +69,24 @@ def test_unknown_phonemes_give_no_words():
     d = decoder()
     noise = slots("zebra quagga")  # no word of the lexicon sounds so
     assert "".join(ticks(d, noise)) + d.finish() == ""
+
+
+def test_lookahead_is_the_best_word_below_each_node():
+    lm = CharLM.train(TEXTS * 3)
+    lex = Lexicon.build(lm.words)
+    hope = lex.lookahead(lm)
+    assert lex.lookahead(lm) is hope  # computed once per LM
+
+    def logp(word):
+        text = f" {word} "
+        return sum(lm.logp(text[:i], text[i]) for i in range(1, len(text)))
+
+    def below(node):  # the words at or below a node
+        out = list(lex.ends.get(node, []))
+        for key, child in lex.edges.items():
+            if key // NUM_PHONEME_IDS == node:
+                out += below(child)
+        return out
+
+    for node in (0, lex.child(0, word_ctc_phonemes("cat")[0]), lex.child(0, word_ctc_phonemes("the")[0])):
+        assert abs(hope[node] - max(logp(w) for w in below(node))) < 1e-4

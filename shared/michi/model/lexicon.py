@@ -57,6 +57,26 @@ class Lexicon:
     def child(self, node: int, phone: int) -> int | None:
         return self.edges.get(node * NUM_PHONEME_IDS + phone)
 
+    def lookahead(self, lm: CharLM) -> array:
+        """Per node, the best LM log probability (`lm`, after a space, with the space after) of the
+        words at or below it: what a hypothesis in the middle of a word can still hope for, so
+        that it does not outrank hypotheses that have paid for their words. Computed once per LM
+        (a few seconds for 150k words)."""
+        if getattr(self, "_lookahead_lm", None) is not lm:
+            best = array("f", [NEG_INF]) * len(self.phone)
+            parent = array("i", [0]) * len(self.phone)
+            for key, child in self.edges.items():
+                parent[child] = key // NUM_PHONEME_IDS
+            for node, words in self.ends.items():
+                score = max(sum(lm.logp(f" {w} "[:i], f" {w} "[i]) for i in range(1, len(w) + 2)) for w in words)
+                while score > best[node]:  # up to the root, while it improves
+                    best[node] = score
+                    if node == 0:
+                        break
+                    node = parent[node]
+            self._lookahead, self._lookahead_lm = best, lm
+        return self._lookahead
+
     def __len__(self) -> int:
         return len(self.pronunciations)
 
@@ -95,7 +115,8 @@ class PhoneBeamDecoder:
 
     A hypothesis is the words it has ended since the last stable text and a node of the lexicon
     trie (the word in progress); its score is the CTC log probability of its phoneme paths plus
-    `alpha` times the LM log probability of its ended words plus `beta` per word."""
+    `alpha` times the LM log probability of its ended words and the best the word in progress
+    may reach (`Lexicon.lookahead`), plus `beta` per word."""
 
     def __init__(self, lm: CharLM, lexicon: Lexicon, blank: int, alpha: float = 0.6, beta: float = 3.0,
                  beam: int = 16, prune: float = -8.0, margin: float = 12.0, blank_skip: float = 0.95,
@@ -109,6 +130,7 @@ class PhoneBeamDecoder:
         self.alpha, self.beta, self.beam, self.prune, self.margin = alpha, beta, beam, prune, margin
         self.blank_skip, self.settle, self.homophones = math.log(blank_skip), settle, homophones
         self._word_cache: dict[tuple[str, str], float] = {}
+        self.hope = lexicon.lookahead(lm)
         self.reset()
 
     def reset(self) -> None:
@@ -140,7 +162,8 @@ class PhoneBeamDecoder:
 
     def _score(self, key: tuple[tuple[str, ...], int], entry: list[float]) -> float:
         words, node = key
-        return _lae(entry[0], entry[1]) + self.alpha * entry[2] + self.beta * (len(words) + (node != 0))
+        hope = self.hope[node] if node else 0.0  # the word in progress, at its best
+        return _lae(entry[0], entry[1]) + self.alpha * (entry[2] + hope) + self.beta * (len(words) + (node != 0))
 
     def _slot(self, log_probs: torch.Tensor) -> None:
         blank = float(log_probs[self.blank])
