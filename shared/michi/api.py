@@ -110,6 +110,19 @@ def config_of(source: str | Path = "default") -> tuple[MichiConfig, dict[str, An
     return preset(str(source)), {"trained": False, "weights": "random init"}
 
 
+_SHARED: dict[tuple[str, int], Any] = {}
+
+
+def _shared(loader, path: Path) -> Any:
+    """One object per file (and version of it) per process: the models loaded from one checkpoint
+    share its LM and lexicon, which decoders only read (the lexicon's LM look-ahead, seconds to
+    compute, is then computed once)."""
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if key not in _SHARED:
+        _SHARED[key] = loader(path)
+    return _SHARED[key]
+
+
 def load(source: str | Path = "default", device: str = "cpu", backbone: str | Path | None = None,
          seed: int = 0) -> Michi:
     """`source` is "default" (the trained model shipped with michi), a preset name ("tiny",
@@ -124,9 +137,9 @@ def load(source: str | Path = "default", device: str = "cpu", backbone: str | Pa
         model, info = load_checkpoint(path, device=device)
         michi = Michi(model, info)
         if (path / LM_FILE).is_file():  # the character LM its listen text head decodes with
-            michi.text_lm = CharLM.load(path / LM_FILE)
+            michi.text_lm = _shared(CharLM.load, path / LM_FILE)
         if (path / LEXICON_FILE).is_file():  # the words its phoneme CTC decodes into
-            michi.lexicon = Lexicon.load(path / LEXICON_FILE)
+            michi.lexicon = _shared(Lexicon.load, path / LEXICON_FILE)
         return _flag_basis(michi)
     if path.exists():
         raise FileNotFoundError(f"{path} is not a Michi checkpoint directory (no {CONFIG_FILE})")

@@ -158,3 +158,6 @@ def test_whisper_probe_learns_from_the_encoder_frames(mini_corpus):
     curve = report["curve"]
     assert len(curve) >= 3 and curve[-1]["ctc"] < 0.7 * curve[0]["ctc"], curve
     assert set(report["greedy_wer"]) == {"heldout_sentence"} and report["greedy_wer"]["heldout_sentence"] >= 0
+    phones = probe(mini_corpus, clips=10, minutes=5, batch_size=8, lr=3e-3, eval_every=20, steps=40, phones=True)
+    assert phones["targets"] == "phonemes" and phones["curve"][-1]["ctc"] < phones["curve"][0]["ctc"]
+    assert 0 <= phones["greedy_per"]["heldout_sentence"]

@@ -28,7 +28,7 @@ from .textlm import NEG_INF, CharLM, _lae
 
 LEXICON_FILE = "lexicon.json.gz"
 # The decoder settings a lexicon is saved with, unless given (dev-set sweeps: the model card).
-PHONE_DECODER = {"alpha": 0.6, "beta": 3.0, "beam": 16, "blank_skip": 0.95, "settle": 10}
+PHONE_DECODER = {"alpha": 0.6, "beta": 2.0, "beam": 16, "blank_skip": 0.95, "settle": 10, "commit_margin": 4.0}
 
 
 class Lexicon:
@@ -120,15 +120,18 @@ class PhoneBeamDecoder:
 
     def __init__(self, lm: CharLM, lexicon: Lexicon, blank: int, alpha: float = 0.6, beta: float = 3.0,
                  beam: int = 16, prune: float = -8.0, margin: float = 12.0, blank_skip: float = 0.95,
-                 settle: int = 10, homophones: int = 4):
+                 settle: int = 10, homophones: int = 4, commit_margin: float = 6.0):
         """`prune`: phonemes less likely than this (log) in a slot are not tried; `margin`:
         hypotheses this far below the best are dropped; `blank_skip`: a slot whose blank is at
         least this likely only extends by a blank; `settle`: after this many such slots in a row
         (a pause) the best hypothesis ends its word and becomes stable; `homophones`: of the words
-        that end at one node, those the LM likes best that are tried."""
+        that end at one node, those the LM likes best that are tried; `commit_margin`: words
+        become stable once the hypotheses within this of the best agree on them (the others are
+        dropped): lower is sooner, and sometimes wrong."""
         self.lm, self.lexicon, self.blank = lm, lexicon, blank
         self.alpha, self.beta, self.beam, self.prune, self.margin = alpha, beta, beam, prune, margin
         self.blank_skip, self.settle, self.homophones = math.log(blank_skip), settle, homophones
+        self.commit_margin = commit_margin
         self._word_cache: dict[tuple[str, str], float] = {}
         self.hope = lexicon.lookahead(lm)
         self.reset()
@@ -213,22 +216,26 @@ class PhoneBeamDecoder:
         floor = scored[0][0] - self.margin
         self.beams = {k: e for score, k, e in scored[: self.beam] if score >= floor}
 
-    def _end_words(self) -> None:
-        """A pause: each hypothesis ends its word in progress (or drops it where its phonemes are
-        not yet a word), and only the best is kept."""
+    def _end_words(self, final: bool = False) -> None:
+        """A pause: each hypothesis whose phonemes so far are a whole word ends it (with the
+        word the LM likes there), one in the middle of a word keeps it (a stop's burst may come
+        long before the rest of its word), and only the best is kept: its text becomes stable.
+        `final` (the end of the stream): a word in progress is dropped, heavily penalised."""
         ended: dict[tuple[tuple[str, ...], int], list[float]] = {}
         for (words, node), (pb, pnb, lm) in self.beams.items():
-            options = [(words + (w,), lm + lp) for w, lp in self._endings(words, node)] if node else [(words, lm)]
-            for grown, score in options or [(words, lm - 1e3)]:  # no whole word: heavily penalised
-                key = (grown, 0)
+            endings = self._endings(words, node)
+            options = ([((words + (w,), 0), lm + lp) for w, lp in endings] if endings
+                       else [((words, 0), lm - 1e3)] if final and node else [((words, node), lm)])
+            for key, score in options:
                 if key not in ended or self._score(key, [pb, pnb, score]) > self._score(key, ended[key]):
                     ended[key] = [pb, pnb, score]
-        best = max(ended.items(), key=lambda kv: self._score(*kv))
-        self.beams = dict([best])
+        self.beams = dict([max(ended.items(), key=lambda kv: self._score(*kv))])
 
     def _commit(self) -> str:
-        """The words every hypothesis shares: stable; they leave the hypotheses for the history."""
-        keys = list(self.beams)
+        """The words that every hypothesis within `commit_margin` of the best shares become
+        stable; they leave the hypotheses for the history, and hypotheses that disagree are dropped."""
+        best = max(self._score(k, e) for k, e in self.beams.items())
+        keys = [k for k, e in self.beams.items() if self._score(k, e) >= best - self.commit_margin]
         shared = keys[0][0]
         for words, _ in keys[1:]:
             n = 0
@@ -239,7 +246,8 @@ class PhoneBeamDecoder:
             return ""
         self.history = self._context(shared)
         # The LM scores of the stable words stay in every entry: equal for all, they rank nothing.
-        self.beams = {(words[len(shared):], node): e for (words, node), e in self.beams.items()}
+        self.beams = {(words[len(shared):], node): e for (words, node), e in self.beams.items()
+                      if words[:len(shared)] == shared}
         return "".join(" " + w for w in shared)
 
     def step(self, log_probs: torch.Tensor) -> str:
@@ -253,7 +261,7 @@ class PhoneBeamDecoder:
         return " ".join(words)
 
     def finish(self) -> str:
-        self._end_words()
+        self._end_words(final=True)
         rest = self._commit()
         self.reset()
         return rest
