@@ -118,13 +118,14 @@ class PhoneBeamDecoder:
     `alpha` times the LM log probability of its ended words and the best the word in progress
     may reach (`Lexicon.lookahead`), plus `beta` per word."""
 
-    def __init__(self, lm: CharLM, lexicon: Lexicon, blank: int, alpha: float = 0.6, beta: float = 3.0,
+    def __init__(self, lm: CharLM, lexicon: Lexicon, blank: int, alpha: float = 0.6, beta: float = 2.0,
                  beam: int = 16, prune: float = -8.0, margin: float = 12.0, blank_skip: float = 0.95,
-                 settle: int = 10, homophones: int = 4, commit_margin: float = 6.0):
+                 settle: int = 10, homophones: int = 4, commit_margin: float = 4.0):
         """`prune`: phonemes less likely than this (log) in a slot are not tried; `margin`:
         hypotheses this far below the best are dropped; `blank_skip`: a slot whose blank is at
         least this likely only extends by a blank; `settle`: after this many such slots in a row
-        (a pause) the best hypothesis ends its word and becomes stable; `homophones`: of the words
+        (a pause) hypotheses may end their words there, and after twice as many the best one
+        does and becomes stable (`_end_words`); `homophones`: of the words
         that end at one node, those the LM likes best that are tried; `commit_margin`: words
         become stable once the hypotheses within this of the best agree on them (the others are
         dropped): lower is sooner, and sometimes wrong."""
@@ -174,8 +175,8 @@ class PhoneBeamDecoder:
             for entry in self.beams.values():
                 entry[0], entry[1] = _lae(entry[0], entry[1]) + blank, NEG_INF
             self.quiet += 1
-            if self.quiet == self.settle:
-                self._end_words()
+            if self.quiet in (self.settle, 2 * self.settle):
+                self._end_words("branch" if self.quiet == self.settle else "collapse")
             return
         self.quiet = 0
         phones = log_probs[:self.blank]
@@ -216,20 +217,31 @@ class PhoneBeamDecoder:
         floor = scored[0][0] - self.margin
         self.beams = {k: e for score, k, e in scored[: self.beam] if score >= floor}
 
-    def _end_words(self, final: bool = False) -> None:
-        """A pause: each hypothesis whose phonemes so far are a whole word ends it (with the
-        word the LM likes there), one in the middle of a word keeps it (a stop's burst may come
-        long before the rest of its word), and only the best is kept: its text becomes stable.
-        `final` (the end of the stream): a word in progress is dropped, heavily penalised."""
-        ended: dict[tuple[tuple[str, ...], int], list[float]] = {}
+    def _end_words(self, how: str) -> None:
+        """Where a hypothesis's phonemes so far are a whole word, end it (with the words the LM
+        likes there). `how`:
+        - "branch" (a short pause): beside going on with the word, for a word's phonemes may
+          pause (a stop's burst, a slow voice's last consonant); the scores decide later;
+        - "collapse" (a long pause): only the best hypothesis is kept, its whole word ended, so its
+          text becomes stable; one in the middle of a word keeps it (its burst came early);
+        - "final" (the end of the stream): the same, but a word in progress that is no word is
+          dropped, heavily penalised."""
+        grown: dict[tuple[tuple[str, ...], int], list[float]] = dict(self.beams) if how == "branch" else {}
         for (words, node), (pb, pnb, lm) in self.beams.items():
             endings = self._endings(words, node)
-            options = ([((words + (w,), 0), lm + lp) for w, lp in endings] if endings
-                       else [((words, 0), lm - 1e3)] if final and node else [((words, node), lm)])
+            if endings:
+                options = [((words + (w,), 0), lm + lp) for w, lp in endings]
+            elif how == "branch":
+                options = []
+            else:
+                options = [((words, 0), lm - 1e3) if how == "final" and node else ((words, node), lm)]
             for key, score in options:
-                if key not in ended or self._score(key, [pb, pnb, score]) > self._score(key, ended[key]):
-                    ended[key] = [pb, pnb, score]
-        self.beams = dict([max(ended.items(), key=lambda kv: self._score(*kv))])
+                if key not in grown or self._score(key, [pb, pnb, score]) > self._score(key, grown[key]):
+                    grown[key] = [pb, pnb, score]
+        if how == "branch":
+            self._prune(grown)
+        else:
+            self.beams = dict([max(grown.items(), key=lambda kv: self._score(*kv))])
 
     def _commit(self) -> str:
         """The words that every hypothesis within `commit_margin` of the best shares become
@@ -261,7 +273,7 @@ class PhoneBeamDecoder:
         return " ".join(words)
 
     def finish(self) -> str:
-        self._end_words(final=True)
+        self._end_words("final")
         rest = self._commit()
         self.reset()
         return rest
