@@ -142,8 +142,8 @@ def test_listen_stage_stream_with_whisper_source(tiny, judge):
 
 
 def test_decoder_settings_reach_the_beam_search():
-    """`michi eval listen --decoder margin=3,...`: settings over the shipped LM's own reach the
-    head's beam search and the report; an unknown key is refused with the known ones."""
+    """`michi eval listen --decoder margin=3,...`: settings over the shipped lexicon's own reach
+    the head's phoneme beam search and the report; an unknown key is refused with the known ones."""
     from michi.eval.cli import _settings
     from michi.transcript import transcriber
 
@@ -152,25 +152,31 @@ def test_decoder_settings_reach_the_beam_search():
     assert settings == {"margin": 3, "settle": 6, "alpha": 0.5}
     decoder = transcriber("head", default, decoder=settings).decoder
     assert (decoder.margin, decoder.settle, decoder.alpha) == (3, 6, 0.5)
-    assert decoder.beam == default.text_lm.decoder["beam"]  # the rest as shipped
+    assert decoder.beam == default.lexicon.decoder["beam"]  # the rest as shipped
     sets = {"asterisk": [(it, it.audio(24_000)) for it in speech.asterisk_split("heldout", 1)]}
-    assert eval_listen(default, sets, decoder=settings)["decoder"] == {**default.text_lm.decoder, **settings}
+    assert eval_listen(default, sets, decoder=settings)["decoder"] == {**default.lexicon.decoder, **settings}
     with pytest.raises(SystemExit, match="settle"):
         _settings("setle=6")
 
 
-def test_decoder_sweep_decodes_as_a_call_does():
+@pytest.mark.parametrize("source", ["head", "head-bytes"])
+def test_decoder_sweep_decodes_as_a_call_does(source):
     """The sweep decodes cached log-probs of the whole clip; a call streams a tick at a time
-    through the encoder and `HeadTranscriber`: the same pieces at the same ticks."""
+    through the encoder and `HeadTranscriber`: the same pieces at the same ticks, for the shipped
+    phoneme search (`head`) and the byte search (`head-bytes`)."""
     from michi.eval.decoder_sweep import decode, grid, head_log_probs
+    from michi.model.lexicon import PhoneBeamDecoder
     from michi.model.textlm import BeamDecoder
 
     default = michi.load()
     (item,) = speech.asterisk_split("heldout", 1)
     pcm = item.audio(24_000)
-    lm = default.text_lm
-    swept = decode(BeamDecoder(lm, default.model.listen_text.blank, **lm.decoder), head_log_probs(default, pcm))
-    called = stream(default, "head", pcm)["pieces"]
+    lm, head = default.text_lm, default.model.listen_text
+    phones = source == "head"
+    decoder = (PhoneBeamDecoder(lm, default.lexicon, head.phone_blank, **default.lexicon.decoder) if phones
+               else BeamDecoder(lm, head.blank, **lm.decoder))
+    swept = decode(decoder, head_log_probs(default, pcm, phones=phones))
+    called = stream(default, source, pcm)["pieces"]
     assert [p for p, _ in swept] == [p for p, _ in called] and swept
     assert all(0 <= t_call - t_swept < 0.5 for (_, t_swept), (_, t_call) in zip(swept, called))  # + compute
     assert grid("margin=4,6;settle=5") == [{"margin": 4, "settle": 5}, {"margin": 6, "settle": 5}]

@@ -9,7 +9,8 @@ prefix beam search whose phoneme paths must follow a word of the `Lexicon` (a tr
 `word_ctc_phonemes`), ending a word where its phonemes end and the next word's begin, with the
 character LM (`michi.model.textlm.CharLM`) scoring each word that ends. Words outside the lexicon
 cannot be heard; the lexicon is the LM's own word list (the corpus's training texts and the
-Asterisk "train" prompts), stored beside the model as `lexicon.json.gz` with its decoder settings.
+Asterisk "train" prompts) and a dictionary's (`michi.train.hearing.hearing_lexicon`: 157k words),
+stored beside the model as `lexicon.json.gz` with its decoder settings.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .textlm import NEG_INF, CharLM, _lae
 
 LEXICON_FILE = "lexicon.json.gz"
 # The decoder settings a lexicon is saved with, unless given (dev-set sweeps: the model card).
-PHONE_DECODER = {"alpha": 0.6, "beta": 2.0, "beam": 16, "blank_skip": 0.95, "settle": 10, "commit_margin": 4.0}
+PHONE_DECODER = {"alpha": 0.6, "beta": 2.0, "beam": 16, "blank_skip": 0.95, "settle": 10, "commit_margin": 2.0}
 
 
 class Lexicon:
@@ -120,7 +121,7 @@ class PhoneBeamDecoder:
 
     def __init__(self, lm: CharLM, lexicon: Lexicon, blank: int, alpha: float = 0.6, beta: float = 2.0,
                  beam: int = 16, prune: float = -8.0, margin: float = 12.0, blank_skip: float = 0.95,
-                 settle: int = 10, homophones: int = 4, commit_margin: float = 4.0):
+                 settle: int = 10, homophones: int = 4, commit_margin: float = 2.0):
         """`prune`: phonemes less likely than this (log) in a slot are not tried; `margin`:
         hypotheses this far below the best are dropped; `blank_skip`: a slot whose blank is at
         least this likely only extends by a blank; `settle`: after this many such slots in a row
