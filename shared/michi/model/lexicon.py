@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 
 from .phonemes import NUM_PHONEME_IDS, word_ctc_phonemes
-from .textlm import NEG_INF, CharLM, _lae
+from .textlm import NEG_INF, CharLM, SlotDecoder, _lae
 
 LEXICON_FILE = "lexicon.json.gz"
 # The decoder settings a lexicon is saved with, unless given (dev-set sweeps: the model card).
@@ -106,7 +106,7 @@ class Lexicon:
         return cls(data["words"], data.get("decoder"))
 
 
-class PhoneBeamDecoder:
+class PhoneBeamDecoder(SlotDecoder):
     """Streaming lexicon-constrained CTC beam search over phoneme slots, for one stream.
 
     Same interface as `textlm.BeamDecoder`: `step(log_probs)` takes slots [n, phonemes + 1]
@@ -262,11 +262,6 @@ class PhoneBeamDecoder:
         self.beams = {(words[len(shared):], node): e for (words, node), e in self.beams.items()
                       if words[:len(shared)] == shared}
         return "".join(" " + w for w in shared)
-
-    def step(self, log_probs: torch.Tensor) -> str:
-        for slot in log_probs.float():
-            self._slot(slot)
-        return self._commit()
 
     @property
     def interim(self) -> str:

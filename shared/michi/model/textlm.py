@@ -102,7 +102,17 @@ class CharLM:
         return cls(data["counts"], data["order"], data["discount"], data.get("decoder"), data.get("words", ()))
 
 
-class BeamDecoder:
+class SlotDecoder:
+    """A streaming CTC search: `step` reads a tick's slots one at a time (`_slot`) and returns the
+    text that became stable (`_commit`)."""
+
+    def step(self, log_probs: torch.Tensor) -> str:
+        for slot in log_probs.float():
+            self._slot(slot)
+        return self._commit()
+
+
+class BeamDecoder(SlotDecoder):
     """Streaming CTC prefix beam search with a `CharLM`, for one stream.
 
     `step(log_probs)` takes slots [n, vocab + 1] (the head's log-softmax, blank last) and returns
@@ -199,11 +209,6 @@ class BeamDecoder:
             self.history = (self.history + shared)[-self.lm.order:]
             self.word = (self.word + shared).rsplit(" ", 1)[-1]
         return shared
-
-    def step(self, log_probs: torch.Tensor) -> str:
-        for slot in log_probs.float():
-            self._slot(slot)
-        return self._commit()
 
     @property
     def interim(self) -> str:
