@@ -31,6 +31,7 @@ from .model.lexicon import LEXICON_FILE, Lexicon
 from .model.michi import BASIS_NOT_FITTED, MichiModel
 from .model.textlm import LM_FILE, CharLM
 from .model.tokenizer import StreamVocab, Tokenizer, load_tokenizer
+from .model.wordlm import WORD_LM_FILE, WordLM
 from .text_roles import ROLES, text_insertion  # noqa: F401 - ROLES: the API's role table
 from .transcript import HeadTranscriber
 
@@ -51,6 +52,7 @@ class Michi:
         self.model.listen_text.enabled = self.hears_text
         self.text_lm: CharLM | None = None  # michi.model.textlm: set by `load` where the checkpoint has one
         self.lexicon: Lexicon | None = None  # michi.model.lexicon: likewise (with the LM, the phoneme decoder's)
+        self.word_lm: WordLM | None = None  # michi.model.wordlm: likewise (the phoneme decoder's, over text_lm)
 
     @property
     def trained(self) -> bool:
@@ -140,6 +142,8 @@ def load(source: str | Path = "default", device: str = "cpu", backbone: str | Pa
             michi.text_lm = _shared(CharLM.load, path / LM_FILE)
         if (path / LEXICON_FILE).is_file():  # the words its phoneme CTC decodes into
             michi.lexicon = _shared(Lexicon.load, path / LEXICON_FILE)
+        if michi.text_lm is not None and (path / WORD_LM_FILE).is_file():  # the words' trigram LM, spelling by text_lm
+            michi.word_lm = _shared(lambda p: WordLM.load(p, michi.text_lm), path / WORD_LM_FILE)
         return _flag_basis(michi)
     if path.exists():
         raise FileNotFoundError(f"{path} is not a Michi checkpoint directory (no {CONFIG_FILE})")

@@ -2,8 +2,9 @@
 the `UserTranscript` a backend gets. Two sources behind one interface (`Transcriber`):
 
 - `HeadTranscriber`: the learned listen text head (streaming CTC, `michi.model.listen`). With
-  the model's lexicon and character LM (`michi.model.lexicon`, `michi.model.textlm`, shipped
-  beside its weights) a beam search reads the head's phoneme slots into words ("head"), or
+  the model's lexicon and LMs (`michi.model.lexicon`; `michi.model.wordlm` over
+  `michi.model.textlm`; shipped beside its weights) a beam search reads the head's phoneme slots
+  into words ("head"), or
   without a lexicon or phoneme output ("head-bytes") a prefix beam search its byte slots: stable
   text is what every hypothesis shares, interim the best one's rest. Without either
   ("head-greedy"), greedy CTC of the byte slots: every token is final, no interim.
@@ -93,6 +94,14 @@ class Transcriber(Protocol):
     def finish(self) -> Heard: ...
 
 
+def phone_decoder(michi, overrides: dict[str, float] | None = None) -> PhoneBeamDecoder:
+    """The model's phoneme decoder: the words of its lexicon, scored by its word LM where it has
+    one (`michi.model.wordlm`), else by its character LM; `overrides` over the shipped settings."""
+    lm = getattr(michi, "word_lm", None) or michi.text_lm
+    return PhoneBeamDecoder(lm, michi.lexicon, michi.model.listen_text.phone_blank,
+                            **beam_settings(michi, overrides, phones=True))
+
+
 class HeadTranscriber:
     """The learned listen text head of a model, one stream: words from its phonemes where the
     model has a lexicon (and `phones`), else beam search of its bytes with the model's LM when it
@@ -107,8 +116,7 @@ class HeadTranscriber:
         head = michi.model.listen_text
         self.phones = phones and not greedy and head.enabled and decodes_phonemes(michi)
         if self.phones:
-            self.decoder = PhoneBeamDecoder(michi.text_lm, michi.lexicon, head.phone_blank,
-                                            **beam_settings(michi, decoder, phones=True))
+            self.decoder = phone_decoder(michi, decoder)
         else:
             lm = getattr(michi, "text_lm", None)
             self.decoder = (BeamDecoder(lm, head.blank, **beam_settings(michi, decoder))

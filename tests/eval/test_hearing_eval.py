@@ -153,6 +153,7 @@ def test_decoder_settings_reach_the_beam_search():
     decoder = transcriber("head", default, decoder=settings).decoder
     assert (decoder.margin, decoder.settle, decoder.alpha) == (3, 6, 0.5)
     assert decoder.beam == default.lexicon.decoder["beam"]  # the rest as shipped
+    assert decoder.lm is default.word_lm  # words scored by the shipped word LM
     sets = {"asterisk": [(it, it.audio(24_000)) for it in speech.asterisk_split("heldout", 1)]}
     assert eval_listen(default, sets, decoder=settings)["decoder"] == {**default.lexicon.decoder, **settings}
     with pytest.raises(SystemExit, match="settle"):
@@ -165,16 +166,15 @@ def test_decoder_sweep_decodes_as_a_call_does(source):
     through the encoder and `HeadTranscriber`: the same pieces at the same ticks, for the shipped
     phoneme search (`head`) and the byte search (`head-bytes`)."""
     from michi.eval.decoder_sweep import decode, grid, head_log_probs
-    from michi.model.lexicon import PhoneBeamDecoder
     from michi.model.textlm import BeamDecoder
+    from michi.transcript import phone_decoder
 
     default = michi.load()
     (item,) = speech.asterisk_split("heldout", 1)
     pcm = item.audio(24_000)
-    lm, head = default.text_lm, default.model.listen_text
+    lm = default.text_lm
     phones = source == "head"
-    decoder = (PhoneBeamDecoder(lm, default.lexicon, head.phone_blank, **default.lexicon.decoder) if phones
-               else BeamDecoder(lm, head.blank, **lm.decoder))
+    decoder = phone_decoder(default) if phones else BeamDecoder(lm, default.model.listen_text.blank, **lm.decoder)
     swept = decode(decoder, head_log_probs(default, pcm, phones=phones))
     called = stream(default, source, pcm)["pieces"]
     assert [p for p, _ in swept] == [p for p, _ in called] and swept

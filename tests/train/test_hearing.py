@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import michi
 from michi.checkpoint import load_checkpoint
 from michi.config import FRAME_SAMPLES, preset
 from michi.model.michi import MichiModel
@@ -21,7 +22,7 @@ from michi.train.hearing import (
     warp_mel,
 )
 from michi.train.stages import OptimConfig
-from michi.transcript import TAIL_TICKS
+from michi.transcript import TAIL_TICKS, phone_decoder
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +148,9 @@ def test_recipe_hearing_stage_marks_the_head_trained(mini_corpus, tmp_path):
     assert (out / "hearing" / "curve.png").stat().st_size > 0
     _, info = load_checkpoint(out / "model")
     assert info["listen_text_trained"] is True
+    heard = michi.load(out / "model")  # with what its phonemes decode by: lexicon, word LM, character LM
+    assert heard.lexicon and heard.word_lm and heard.text_lm
+    assert phone_decoder(heard).lm is heard.word_lm and heard.word_lm.spell is heard.text_lm
 
 
 def test_whisper_probe_learns_from_the_encoder_frames(mini_corpus):

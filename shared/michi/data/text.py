@@ -147,7 +147,8 @@ def _fortunes() -> list[str]:
     return out
 
 
-def _wordnet_glosses() -> list[str]:
+def _wordnet_synsets() -> list[tuple[list[str], str]]:
+    """Each WordNet synset's words and its gloss (the definition, then its quoted examples)."""
     d = _need(WORDNET_DIR, "wordnet-base")
     out = []
     for pos in ("noun", "verb", "adj", "adv"):
@@ -160,10 +161,27 @@ def _wordnet_glosses() -> list[str]:
                 if len(fields) < 5:
                     continue
                 words = [w.replace("_", " ") for w in fields[4:4 + 2 * int(fields[3], 16):2]]
-                words = [re.sub(r"\(\w+\)$", "", w) for w in words]
-                out.append(f"{', '.join(words)}: {gloss.strip()}")
+                out.append(([re.sub(r"\(\w+\)$", "", w) for w in words], gloss.strip()))
+    return out
+
+
+def _wordnet_glosses() -> list[str]:
+    out = [f"{', '.join(words)}: {gloss}" for words, gloss in _wordnet_synsets()]
     # Group glosses into passages of ~1000 characters, so the LM sees document-like text.
     return _group(out, 1000, "\n")
+
+
+def wordnet_definitions() -> list[str]:
+    """WordNet's definitions without their quoted examples (the examples are `sentences`, held-out
+    ones among them), each clause of three words or more on its own, bracketed asides dropped:
+    128k pieces of plain English for the hearing decoder's word LM."""
+    out = []
+    for _words, gloss in _wordnet_synsets():
+        for part in re.sub(r'"[^"]*"', "", gloss).split(";"):
+            part = re.sub(r"\([^)]*\)", "", part).strip()
+            if len(part.split()) >= 3:
+                out.append(part)
+    return out
 
 
 _TAG = re.compile(r"<[^>]+>")

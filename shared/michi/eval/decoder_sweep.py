@@ -6,7 +6,8 @@ reads are left out), clean and through the 8 kHz mu-law line. The head runs once
 log-probs kept: streaming equals offline, `tests/eval/test_hearing_eval.py`); each setting of the
 grid then decodes every clip a tick at a time as a call does (`michi.model.textlm.BeamDecoder`,
 over the settings shipped with the model's LM; with `--phones`, the phoneme slots through
-`michi.model.lexicon.PhoneBeamDecoder`, over the settings shipped with its lexicon). Per setting: WER and CER, clean and on the line,
+`michi.model.lexicon.PhoneBeamDecoder` with the model's word LM, or its character LM with
+`--char-lm`, over the settings shipped with its lexicon). Per setting: WER and CER, clean and on the line,
 and the lag from each matched word's end (the corpus's word times: Whisper's, from the pipeline)
 to the end of the tick whose stable text completed it; the decoder's compute is not counted
 (`michi eval listen` measures it).
@@ -31,7 +32,7 @@ from ..audio.io import read_wav
 from ..config import SAMPLE_RATE_HZ, TICK_S
 from ..model.lexicon import PhoneBeamDecoder, phone_decoder_settings
 from ..model.textlm import BeamDecoder, decoder_settings
-from ..transcript import beam_settings, decodes_phonemes, mute, silent_ticks, with_tail
+from ..transcript import beam_settings, decodes_phonemes, mute, phone_decoder, silent_ticks, with_tail
 from .listen import _quantiles, lags, word_arrivals
 from .speech import default_sentences, item_row, spread
 from .wer import normalize_text, summary
@@ -121,8 +122,7 @@ def sweep(michi, clips: list[dict[str, Any]], combos: list[dict[str, float]],
     out = []
     for n, setting in enumerate(combos, 1):
         if phones:
-            decoder = PhoneBeamDecoder(michi.text_lm, michi.lexicon, head.phone_blank,
-                                       **beam_settings(michi, setting, phones=True))
+            decoder = phone_decoder(michi, setting)
         else:
             decoder = BeamDecoder(michi.text_lm, head.blank, **beam_settings(michi, setting))
         clean, line, setting_lags = [], [], []
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="BeamDecoder settings: axes split by ';', values by ','")
     ap.add_argument("--phones", action="store_true",
                     help="sweep the phoneme decoder (PhoneBeamDecoder, the model's lexicon) instead of the byte one")
+    ap.add_argument("--char-lm", action="store_true",
+                    help="with --phones: score words by the character LM even where the model has a word LM")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/eval/decoder-sweep.json")
     args = ap.parse_args(argv)
@@ -157,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.model or 'default'}: no character LM beside the weights (text_lm.json.gz)")
     if args.phones and not decodes_phonemes(michi):
         raise SystemExit(f"{args.model or 'default'}: no phoneme output or no lexicon beside the weights")
+    if args.char_lm:
+        michi.word_lm = None
     shipped = beam_settings(michi, phones=args.phones)
     try:
         combos = grid(args.grid)
@@ -178,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python -m michi.eval.decoder_sweep", *sys.argv[1:]]),
                                "dev": f"{len(clips)} heldout_sentence clips of {args.corpus}, clean and mu-law",
-                               "decoder": "phonemes" if args.phones else "bytes", "shipped": shipped, "rows": rows}, indent=1) + "\n")
+                               "decoder": "phonemes" if args.phones else "bytes",
+                               "lm": "word" if args.phones and michi.word_lm is not None else "character",
+                               "shipped": shipped, "rows": rows}, indent=1) + "\n")
     print(f"report: {out}")
     return 0
 

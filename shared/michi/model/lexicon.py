@@ -6,8 +6,9 @@ the synthetic corpus reads, and on unheard sentences it spells poorly. Phonemes 
 shows, the same in every sentence; spelling is the lexicon's job. So the head also emits phonemes
 (`ListenTextHead.phone_logits`), and `PhoneBeamDecoder` searches them for word sequences: a CTC
 prefix beam search whose phoneme paths must follow a word of the `Lexicon` (a trie of each word's
-`word_ctc_phonemes`), ending a word where its phonemes end and the next word's begin, with the
-character LM (`michi.model.textlm.CharLM`) scoring each word that ends. Words outside the lexicon
+`word_ctc_phonemes`), ending a word where its phonemes end and the next word's begin, with an LM
+scoring each word that ends: the word trigram LM (`michi.model.wordlm.WordLM`) where the model has
+one, else the character LM (`michi.model.textlm.CharLM`). Words outside the lexicon
 cannot be heard; the lexicon is the LM's own word list (the corpus's training texts and the
 Asterisk "train" prompts) and a dictionary's (`michi.train.hearing.hearing_lexicon`: 157k words),
 stored beside the model as `lexicon.json.gz` with its decoder settings.
@@ -26,10 +27,11 @@ import torch
 
 from .phonemes import NUM_PHONEME_IDS, word_ctc_phonemes
 from .textlm import NEG_INF, CharLM, SlotDecoder, _lae
+from .wordlm import WordLM
 
 LEXICON_FILE = "lexicon.json.gz"
 # The decoder settings a lexicon is saved with, unless given (dev-set sweeps: the model card).
-PHONE_DECODER = {"alpha": 0.6, "beta": 2.0, "beam": 16, "blank_skip": 0.95, "settle": 10, "commit_margin": 2.0}
+PHONE_DECODER = {"alpha": 0.5, "beta": 0.5, "beam": 16, "blank_skip": 0.95, "settle": 10, "commit_margin": 1.0}
 
 
 class Lexicon:
@@ -58,8 +60,8 @@ class Lexicon:
     def child(self, node: int, phone: int) -> int | None:
         return self.edges.get(node * NUM_PHONEME_IDS + phone)
 
-    def lookahead(self, lm: CharLM) -> array:
-        """Per node, the best LM log probability (`lm`, after a space, with the space after) of the
+    def lookahead(self, lm: CharLM | WordLM) -> array:
+        """Per node, the best LM log probability with no context (`lm.unigram_logp`) of the
         words at or below it: what a hypothesis in the middle of a word can still hope for, so
         that it does not outrank hypotheses that have paid for their words. Computed once per LM
         (a few seconds for 150k words)."""
@@ -69,7 +71,7 @@ class Lexicon:
             for key, child in self.edges.items():
                 parent[child] = key // NUM_PHONEME_IDS
             for node, words in self.ends.items():
-                score = max(sum(lm.logp(f" {w} "[:i], f" {w} "[i]) for i in range(1, len(w) + 2)) for w in words)
+                score = max(lm.unigram_logp(w) for w in words)
                 while score > best[node]:  # up to the root, while it improves
                     best[node] = score
                     if node == 0:
@@ -119,7 +121,7 @@ class PhoneBeamDecoder(SlotDecoder):
     `alpha` times the LM log probability of its ended words and the best the word in progress
     may reach (`Lexicon.lookahead`), plus `beta` per word."""
 
-    def __init__(self, lm: CharLM, lexicon: Lexicon, blank: int, alpha: float = 0.6, beta: float = 2.0,
+    def __init__(self, lm: CharLM | WordLM, lexicon: Lexicon, blank: int, alpha: float = 0.6, beta: float = 2.0,
                  beam: int = 16, prune: float = -8.0, margin: float = 12.0, blank_skip: float = 0.95,
                  settle: int = 10, homophones: int = 4, commit_margin: float = 2.0):
         """`prune`: phonemes less likely than this (log) in a slot are not tried; `margin`:
@@ -145,16 +147,15 @@ class PhoneBeamDecoder(SlotDecoder):
         self.quiet = 0
 
     def _context(self, words: tuple[str, ...]) -> str:
-        return (self.history + "".join(w + " " for w in words))[-(self.lm.order - 1):]
+        return (self.history + "".join(w + " " for w in words))[-self.lm.context_chars:]
 
     def word_logp(self, words: tuple[str, ...], word: str) -> float:
-        """LM log probability of `word` and the space after it, following the stable text and `words`."""
+        """LM log probability of `word` (and the space after it), following the stable text and `words`."""
         context = self._context(words)
         key = (context, word)
         cached = self._word_cache.get(key)
         if cached is None:
-            text = context + word + " "
-            cached = sum(self.lm.logp(text[:i], text[i]) for i in range(len(context), len(text)))
+            cached = self.lm.word_logp(context, word)
             if len(self._word_cache) > 200_000:
                 self._word_cache.clear()
             self._word_cache[key] = cached

@@ -88,6 +88,20 @@ class CharLM:
         value = self._cache[key] = math.log(p)
         return value
 
+    @property
+    def context_chars(self) -> int:
+        """How much of the text before a word its probability depends on."""
+        return self.order - 1
+
+    def word_logp(self, context: str, word: str) -> float:
+        """log P(word and the space after it | the text `context`)."""
+        text = context + word + " "
+        return sum(self.logp(text[:i], text[i]) for i in range(len(context), len(text)))
+
+    def unigram_logp(self, word: str) -> float:
+        """log P(word) at the start of a text: what the phoneme decoder's look-ahead hopes for."""
+        return self.word_logp(" ", word)
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         with gzip.open(path, "wt", encoding="utf-8") as f:

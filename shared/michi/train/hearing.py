@@ -36,6 +36,7 @@ from ..model.listen import collapse, emitted
 from ..model.michi import MichiModel
 from ..model.phonemes import NO_PHONE, NUM_PHONEME_IDS, ctc_phonemes
 from ..model.textlm import CharLM
+from ..model.wordlm import WordLM
 from ..transcript import TAIL_TICKS, with_tail
 from .stages import OptimConfig, _adamw, _apply, bf16_native
 
@@ -391,6 +392,15 @@ def hearing_lm(extra: list[str] = ()) -> CharLM:
     lm = CharLM.train([*sentences("train"), *extra])
     lm.decoder = dict(LM_DECODER)
     return lm
+
+
+def hearing_word_lm(extra: list[str], spell: CharLM) -> WordLM:
+    """The word trigram LM the phoneme decoder scores words with (`michi.model.wordlm`): the same
+    texts as `hearing_lm`'s and WordNet's definitions (`michi.data.text.wordnet_definitions`,
+    never its held-out example sentences), words it never saw spelled by `spell` (that LM)."""
+    from ..data.text import sentences, wordnet_definitions
+
+    return WordLM.train([*sentences("train"), *extra, *wordnet_definitions()], spell)
 
 
 def hearing_lexicon(lm: CharLM, log=None) -> Lexicon:

@@ -45,6 +45,7 @@ from ..model.michi import MichiModel
 from ..model.textlm import LM_FILE, CharLM
 from ..model.tokenizer import StreamVocab, load_tokenizer
 from ..model.vocoder import Vocoder
+from ..model.wordlm import WORD_LM_FILE
 from .basis import BASIS_FILE, BasisConfig, run_basis_stage
 from .basis import INFO_FILE as BASIS_INFO_FILE
 from .batches import AudioBank, SequenceBank, TextBank, load_segments, read_audio
@@ -56,6 +57,7 @@ from .hearing import (
     clips_from_items,
     hearing_lexicon,
     hearing_lm,
+    hearing_word_lm,
     heldout_sets,
     plot_curve,
 )
@@ -249,7 +251,7 @@ def train_recipe(rc: RecipeConfig, progress: Callable[[str], None] = print) -> P
         heard = ((out / "hearing" / LOG_FILE).is_file() or model.cfg.codec == "learned"
                  or bool(rc.init and read_checkpoint_config(rc.init)[1].get("listen_text_trained")))
         save_checkpoint(model, out / "model", info={**info, "trained": True, "listen_text_trained": heard})
-        for name in (LM_FILE, LEXICON_FILE):  # the character LM and lexicon its listen text head decodes with
+        for name in (LM_FILE, LEXICON_FILE, WORD_LM_FILE):  # the LMs and lexicon its listen text head decodes with
             found = next((p for p in (out / "hearing" / name, Path(rc.init or out / "none") / name) if p.is_file()), None)
             if found is not None:
                 shutil.copyfile(found, out / "model" / name)
@@ -349,6 +351,9 @@ def _run_hearing(rc: RecipeConfig, model: MichiModel, d, out: Path, tokenizer, l
         if model.listen_text.phone_out is not None and not (out / "hearing" / LEXICON_FILE).is_file():
             lexicon = hearing_lexicon(CharLM.load(out / "hearing" / LM_FILE), log=log)
             log(f"[hearing] lexicon ({len(lexicon)} words): {lexicon.save(out / 'hearing' / LEXICON_FILE)}")
+        if model.listen_text.phone_out is not None and not (out / "hearing" / WORD_LM_FILE).is_file():
+            word_lm = hearing_word_lm([c.text for c in asterisk], CharLM.load(out / "hearing" / LM_FILE))
+            log(f"[hearing] word LM ({len(word_lm.trigrams)} trigrams): {word_lm.save(out / 'hearing' / WORD_LM_FILE)}")
 
 
 def _speech_bank(rc: RecipeConfig, model: MichiModel, d, out: Path, log: Callable[..., None]) -> SequenceBank:
