@@ -30,7 +30,19 @@ def words_of(text: str) -> list[str]:
     return normalize_text(text).split()
 
 
+def _totals(grams: dict[tuple[str, ...], int]) -> dict[tuple[str, ...], tuple[int, int]]:
+    """Per context (a gram less its last word): the count of what follows it, and how many
+    distinct words do."""
+    out: dict[tuple[str, ...], tuple[int, int]] = {}
+    for gram, n in grams.items():
+        total, distinct = out.get(gram[:-1], (0, 0))
+        out[gram[:-1]] = (total + n, distinct + 1)
+    return out
+
+
 class WordLM:
+    context_chars = 80  # the stable text the decoder keeps: two words, whole
+
     def __init__(self, bigrams: dict[tuple[str, str], int], trigrams: dict[tuple[str, str, str], int],
                  spell: CharLM, discount: float = 0.75, unknown: float = 0.05):
         """`bigrams`, `trigrams`: counts, each sentence framed by two `START`s and an `END` (the
@@ -40,15 +52,7 @@ class WordLM:
         self.discount, self.unknown = discount, unknown
         self.continuations = Counter(w for _v, w in self.bigrams)  # distinct words before each word
         self.types_total = sum(self.continuations.values())
-        # per context: (count of what follows it, distinct words that follow it)
-        self.after2: dict[tuple[str, str], list[int]] = {}
-        for (u, v, _w), n in trigrams.items():
-            entry = self.after2.setdefault((u, v), [0, 0])
-            entry[0], entry[1] = entry[0] + n, entry[1] + 1
-        self.after1: dict[str, list[int]] = {}
-        for (v, _w), n in self.bigrams.items():
-            entry = self.after1.setdefault(v, [0, 0])
-            entry[0], entry[1] = entry[0] + n, entry[1] + 1
+        self.after1, self.after2 = _totals(bigrams), _totals(trigrams)
         self._cache: dict[tuple[str, str, str], float] = {}
 
     @classmethod
@@ -62,8 +66,6 @@ class WordLM:
             bigrams.update(zip(words[1:], words[2:]))
             trigrams.update(zip(words, words[1:], words[2:]))
         return cls(dict(bigrams), {g: n for g, n in trigrams.items() if n >= min_trigram}, spell, **kwargs)
-
-    context_chars = 80  # the stable text the decoder keeps: two words, whole
 
     @property
     def words(self) -> frozenset[str]:
@@ -85,11 +87,10 @@ class WordLM:
         if cached is not None:
             return cached
         p = self.unigram(word)
-        for context, counts, seen in ((v, self.after1, self.bigrams.get((v, word), 0)),
+        for context, totals, seen in (((v,), self.after1, self.bigrams.get((v, word), 0)),
                                       ((u, v), self.after2, self.trigrams.get((u, v, word), 0))):
-            total_distinct = counts.get(context)
-            if total_distinct:
-                total, distinct = total_distinct
+            if context in totals:
+                total, distinct = totals[context]
                 p = (max(seen - self.discount, 0.0) + self.discount * distinct * p) / total
         if len(self._cache) > 500_000:
             self._cache.clear()
