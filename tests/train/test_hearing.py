@@ -165,3 +165,28 @@ def test_whisper_probe_learns_from_the_encoder_frames(mini_corpus):
     phones = probe(mini_corpus, clips=10, minutes=5, batch_size=8, lr=3e-3, eval_every=20, steps=40, phones=True)
     assert phones["targets"] == "phonemes" and phones["curve"][-1]["ctc"] < phones["curve"][0]["ctc"]
     assert 0 <= phones["greedy_per"]["heldout_sentence"]
+    streamed = probe(mini_corpus, clips=10, minutes=5, batch_size=8, lr=3e-3, eval_every=20, steps=40,
+                     phones=True, window_s=1.0, hop_s=0.32)
+    assert streamed["frames"].startswith("streaming") and streamed["curve"][-1]["ctc"] < streamed["curve"][0]["ctc"]
+
+
+def test_streaming_encoder_frames_see_no_further_than_a_hop(mini_corpus):
+    """A streaming front's Whisper frames: one per 20 ms, each unchanged by audio more than a hop
+    after it (only its own window is encoded), and, with a window and hop over the whole clip,
+    the whole clip's frames."""
+    from michi.data.whisper import encoder_frames, load_whisper, streaming_encoder_frames
+
+    whisper = load_whisper(threads=2)
+    pcm = clips_from_bank(AudioBank(mini_corpus, load_segments(mini_corpus, ("train",))[:1]))[0].audio
+    rate, frames = 24_000, -(-len(pcm) // 480)
+    streamed = streaming_encoder_frames(whisper, pcm, rate, window_s=1.0, hop_s=0.32)
+    assert streamed.shape[0] == frames and streamed.shape[1] == 384
+    cut = 48  # frames: 0.96 s, three hops
+    changed = pcm.copy()
+    changed[cut * 480:] = np.random.default_rng(0).normal(0, 0.1, len(pcm) - cut * 480)
+    after = streaming_encoder_frames(whisper, changed, rate, window_s=1.0, hop_s=0.32)
+    np.testing.assert_array_equal(after[:cut], streamed[:cut])  # what came later changed nothing before
+    assert np.abs(after[cut:] - streamed[cut:]).max() > 0.1
+    whole_s = frames * 0.02
+    np.testing.assert_allclose(streaming_encoder_frames(whisper, pcm, rate, window_s=whole_s, hop_s=whole_s),
+                               encoder_frames(whisper, pcm, rate, frames)[0], atol=1e-4)

@@ -79,3 +79,24 @@ def encoder_frames(model, pcm: np.ndarray, rate_hz: int, frames: int) -> np.ndar
         rows.append(np.pad(mel, ((0, 0), (0, mel_frames - mel.shape[1])), constant_values=float(mel.min())))
     features = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack(rows), dtype=np.float32))
     return np.array(model.model.encode(features, to_cpu=True), dtype=np.float32)
+
+
+def streaming_encoder_frames(model, pcm: np.ndarray, rate_hz: int, window_s: float = 3.0,
+                             hop_s: float = 0.32) -> np.ndarray:
+    """Whisper's encoder frames of one clip as a streaming front would have them: every `hop_s`
+    the encoder runs over the last `window_s` of the audio so far (less at the start) and that
+    hop's frames are kept. [frames, width] float32, one per 20 ms from the start; no frame depends
+    on audio more than `hop_s` after it. Costs window_s / hop_s times `encoder_frames` on the clip
+    whole (~9x at 3 s and 0.32 s)."""
+    per_frame = rate_hz * ENCODER_FRAME_S
+    n, hop, window = -(-len(pcm) // round(per_frame)), round(hop_s / ENCODER_FRAME_S), round(window_s / ENCODER_FRAME_S)
+    if hop > window:
+        raise ValueError(f"a hop of {hop_s} s is longer than the window of {window_s} s")
+    ends = list(range(hop, n + hop, hop))  # each encoder run's end, in frames
+    rows = np.zeros((len(ends), round(window * per_frame)), np.float32)
+    for r, end in enumerate(ends):
+        piece = pcm[round(max(0, end - window) * per_frame):round(end * per_frame)]
+        rows[r, :len(piece)] = piece  # silence after a short window: never what follows it
+    encoded = encoder_frames(model, rows, rate_hz, window)
+    kept = [encoded[r, end - hop - max(0, end - window):end - max(0, end - window)] for r, end in enumerate(ends)]
+    return np.concatenate(kept)[:n]
