@@ -395,13 +395,19 @@ def heldout_sets(voice: list[Clip], asterisk: list[Clip], sentences: list[Clip] 
     return {**sets, "heldout_sentence": list(sentences)} if sentences else sets
 
 
-def hearing_lm(extra: list[str] = ()) -> CharLM:
-    """The character LM the head decodes with (`michi.model.textlm`): the synthetic corpus's
-    training sentences (`michi.data.text.sentences("train")`, disjoint from its held-out ones) and
-    `extra` texts (the Asterisk "train" transcripts), with the decoder settings."""
+def _lm_texts(extra: list[str]) -> list[str]:
+    """The hearing LMs' texts: the synthetic corpus's training sentences
+    (`michi.data.text.sentences("train")`, disjoint from its held-out ones) and `extra` texts (the
+    Asterisk "train" transcripts)."""
     from ..data.text import sentences
 
-    lm = CharLM.train([*sentences("train"), *extra])
+    return [*sentences("train"), *extra]
+
+
+def hearing_lm(extra: list[str] = ()) -> CharLM:
+    """The character LM the head decodes with (`michi.model.textlm`), on `_lm_texts`, with the
+    decoder settings."""
+    lm = CharLM.train(_lm_texts(extra))
     lm.decoder = dict(LM_DECODER)
     return lm
 
@@ -410,9 +416,9 @@ def hearing_word_lm(extra: list[str], spell: CharLM) -> WordLM:
     """The word trigram LM the phoneme decoder scores words with (`michi.model.wordlm`): the same
     texts as `hearing_lm`'s and WordNet's definitions (`michi.data.text.wordnet_definitions`,
     never its held-out example sentences), words it never saw spelled by `spell` (that LM)."""
-    from ..data.text import sentences, wordnet_definitions
+    from ..data.text import wordnet_definitions
 
-    return WordLM.train([*sentences("train"), *extra, *wordnet_definitions()], spell)
+    return WordLM.train([*_lm_texts(extra), *wordnet_definitions()], spell)
 
 
 def hearing_lexicon(lm: CharLM, log=None) -> Lexicon:

@@ -348,12 +348,15 @@ def _run_hearing(rc: RecipeConfig, model: MichiModel, d, out: Path, tokenizer, l
         if not (out / "hearing" / LM_FILE).is_file():
             lm = hearing_lm([c.text for c in asterisk])
             log(f"[hearing] character LM ({len(lm.counts)} n-grams): {lm.save(out / 'hearing' / LM_FILE)}")
-        if model.listen_text.phone_out is not None and not (out / "hearing" / LEXICON_FILE).is_file():
-            lexicon = hearing_lexicon(CharLM.load(out / "hearing" / LM_FILE), log=log)
-            log(f"[hearing] lexicon ({len(lexicon)} words): {lexicon.save(out / 'hearing' / LEXICON_FILE)}")
-        if model.listen_text.phone_out is not None and not (out / "hearing" / WORD_LM_FILE).is_file():
-            word_lm = hearing_word_lm([c.text for c in asterisk], CharLM.load(out / "hearing" / LM_FILE))
-            log(f"[hearing] word LM ({len(word_lm.trigrams)} trigrams): {word_lm.save(out / 'hearing' / WORD_LM_FILE)}")
+        missing = [f for f in (LEXICON_FILE, WORD_LM_FILE) if not (out / "hearing" / f).is_file()]
+        if model.listen_text.phone_out is not None and missing:  # what its phonemes decode with
+            lm = CharLM.load(out / "hearing" / LM_FILE)
+            if LEXICON_FILE in missing:
+                lexicon = hearing_lexicon(lm, log=log)
+                log(f"[hearing] lexicon ({len(lexicon)} words): {lexicon.save(out / 'hearing' / LEXICON_FILE)}")
+            if WORD_LM_FILE in missing:
+                word_lm = hearing_word_lm([c.text for c in asterisk], lm)
+                log(f"[hearing] word LM ({len(word_lm.trigrams)} trigrams): {word_lm.save(out / 'hearing' / WORD_LM_FILE)}")
 
 
 def _speech_bank(rc: RecipeConfig, model: MichiModel, d, out: Path, log: Callable[..., None]) -> SequenceBank:
