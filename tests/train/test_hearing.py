@@ -168,6 +168,9 @@ def test_whisper_probe_learns_from_the_encoder_frames(mini_corpus):
     streamed = probe(mini_corpus, clips=10, minutes=5, batch_size=8, lr=3e-3, eval_every=20, steps=40,
                      phones=True, window_s=1.0, hop_s=0.32)
     assert streamed["frames"].startswith("streaming") and streamed["curve"][-1]["ctc"] < streamed["curve"][0]["ctc"]
+    causal = probe(mini_corpus, clips=10, minutes=5, batch_size=8, lr=3e-3, eval_every=20, steps=40,
+                   phones=True, window_s=1.0, chunk=4)
+    assert causal["frames"].startswith("block-causal") and causal["curve"][-1]["ctc"] < causal["curve"][0]["ctc"]
 
 
 def test_streaming_encoder_frames_see_no_further_than_a_hop(mini_corpus):

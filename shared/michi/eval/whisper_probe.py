@@ -76,12 +76,14 @@ def greedy_wer(head: ProbeHead, clips: list[Clip], tokenizer, phones: bool = Fal
 
 def probe(corpus: str | Path, clips: int = 4000, minutes: float = 8.0, batch_size: int = 32,
           lr: float = 1e-3, eval_every: int = 100, steps: int | None = None, seed: int = 0,
-          phones: bool = False, window_s: float | None = None, hop_s: float = 0.32, log=print) -> dict:
+          phones: bool = False, window_s: float | None = None, hop_s: float = 0.32, chunk: int | None = None,
+          log=print) -> dict:
     """Train the probe for `minutes` (or `steps`, whichever ends first); the report as a dict.
     `phones`: the targets are the texts' phonemes (`ctc_phonemes`, as the listen head's phoneme
     output learns them) and the figure the greedy phoneme error rate. `window_s`: streaming
     frames (`michi.data.whisper.streaming_encoder_frames`: the encoder over the last `window_s`
-    every `hop_s`) instead of whole clips."""
+    every `hop_s`) instead of whole clips; with `chunk`, block-causal frames
+    (`michi.model.whisper_encoder`: blocks of `chunk` 20 ms frames, `window_s` of the past)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tokenizer = load_tokenizer("bytes", 256)
@@ -91,7 +93,7 @@ def probe(corpus: str | Path, clips: int = 4000, minutes: float = 8.0, batch_siz
     held = {split: clips_from_bank(AudioBank(corpus, segments))
             for split in ("heldout_voice", "heldout_sentence") if (segments := load_segments(corpus, (split,))[:40])}
     width = attach_teacher(train + [c for v in held.values() for c in v], TICK_S / 2, log=log,
-                           window_s=window_s, hop_s=hop_s)
+                           window_s=window_s, hop_s=hop_s, chunk=chunk)
     train = [c for c in train if c.teacher is not None]
     head = ProbeHead(width, NUM_PHONEME_IDS if phones else 256)
     encode = ctc_phonemes if phones else tokenizer.encode
@@ -116,7 +118,8 @@ def probe(corpus: str | Path, clips: int = 4000, minutes: float = 8.0, batch_siz
     final = {k: greedy_wer(head.eval(), v, tokenizer, phones) for k, v in held.items()}
     return {"corpus": str(corpus), "train_clips": len(train), "minutes": minutes, "steps": step,
             "targets": "phonemes" if phones else "bytes",
-            "frames": f"streaming: the last {window_s} s every {hop_s} s" if window_s else "whole clips",
+            "frames": (f"block-causal: blocks of {chunk} frames, {window_s} s of the past" if chunk
+                       else f"streaming: the last {window_s} s every {hop_s} s" if window_s else "whole clips"),
             "greedy_per" if phones else "greedy_wer": final,
             "curve": curve}
 
@@ -130,9 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=float, default=None,
                     help="streaming frames: the encoder over the last WINDOW seconds every --hop (default: whole clips)")
     ap.add_argument("--hop", type=float, default=0.32)
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="block-causal frames (michi.model.whisper_encoder): blocks of CHUNK 20 ms frames, "
+                         "--window seconds of the past")
     ap.add_argument("--out", default="whisper-probe.json")
     args = ap.parse_args(argv)
-    report = probe(args.corpus, args.clips, args.minutes, phones=args.phones, window_s=args.window, hop_s=args.hop)
+    report = probe(args.corpus, args.clips, args.minutes, phones=args.phones, window_s=args.window, hop_s=args.hop,
+                   chunk=args.chunk)
     Path(args.out).write_text(json.dumps(report, indent=2))
     key = "greedy_per" if args.phones else "greedy_wer"
     print(f"{key}: {report[key]}; report: {args.out}")
