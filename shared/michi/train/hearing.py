@@ -27,17 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from ..audio.augment import SPEEDS, ChannelConfig, channel, speed, telephone
-from ..audio.io import resample
 from ..config import FRAME_SAMPLES, SAMPLE_RATE_HZ, TICK_S
 from ..data.align import word_phone_times
-from ..data.whisper import ENCODER_FRAME_S, WHISPER_RATE_HZ, encoder_frames, load_whisper, streaming_encoder_frames
+from ..data.whisper import ENCODER_FRAME_S, encoder_frames, load_whisper, streaming_encoder_frames
 from ..eval.wer import ErrorCounts, align, normalize_text, summary
 from ..model.lexicon import PHONE_DECODER, Lexicon
 from ..model.listen import collapse, emitted
 from ..model.michi import MichiModel
 from ..model.phonemes import NO_PHONE, NUM_PHONEME_IDS, ctc_phonemes
 from ..model.textlm import CharLM
-from ..model.whisper_encoder import WhisperEncoder
+from ..model.whisper_encoder import FRAME_SAMPLES_24K, WhisperEncoder, WhisperFront
 from ..model.wordlm import WordLM
 from ..transcript import TAIL_TICKS, with_tail
 from .stages import OptimConfig, _adamw, _apply, bf16_native
@@ -339,19 +338,18 @@ def attach_teacher(clips: list[Clip], frame_s: float, whisper=None, group: int =
     """Set each clip's `teacher`: Whisper's encoder frames of the clip alone (clips of similar
     length padded with silence into one encoder call), averaged over `frame_s`; returns their
     width. Clips over Whisper's 30 s window get none. ~7 ms of the 2 cores per second of audio.
-    With `chunk`: the block-causal frames of `michi.model.whisper_encoder` (blocks of `chunk`
-    20 ms frames, `window_s` of the past; what a streaming encoder computes), ~2x the time.
+    With `chunk`: the frames of `michi.model.whisper_encoder.WhisperFront` (blocks of `chunk` 20 ms
+    frames, `window_s` of the past, default 3 s: what the streaming front computes), ~2x the time.
     With `window_s` alone: the frames of `streaming_encoder_frames` (the encoder over the last
     `window_s` every `hop_s`), clip by clip, ~9x the time."""
     per, fs = round(frame_s / ENCODER_FRAME_S), round(frame_s * SAMPLE_RATE_HZ)
     if chunk:
-        causal = WhisperEncoder.from_ct2()
-        window = None if window_s is None else round(window_s / ENCODER_FRAME_S)
+        front = WhisperFront(WhisperEncoder.from_ct2(), chunk, round((window_s or 3.0) / ENCODER_FRAME_S) // chunk * chunk)
 
         def encode(rows: np.ndarray, frames: int) -> np.ndarray:
-            pcm = torch.from_numpy(np.stack([resample(r, SAMPLE_RATE_HZ, WHISPER_RATE_HZ) for r in rows]))
+            pcm = torch.from_numpy(np.pad(rows, ((0, 0), (0, -rows.shape[1] % FRAME_SAMPLES_24K))))
             with torch.no_grad():
-                return causal.frames(pcm, chunk, window)[:, :frames].numpy()
+                return front(pcm)[:, :frames].numpy()
     else:
         whisper = whisper or load_whisper(threads=2)
 
