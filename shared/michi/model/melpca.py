@@ -206,28 +206,44 @@ def fit_basis(audio_iterable: Iterable[Tensor | np.ndarray], k: int = DEFAULT_K)
 
 
 # ---- streaming encoder ------------------------------------------------------------------------
+@dataclass
+class FrontedState(StreamingState):
+    """A `MelPCAEncoder` with a text front: its own audio buffer and the front's state."""
+
+    conv: ConvState
+    front: StreamingState
+
+
 class MelPCAEncoder(StreamingModule, nn.Module):
     """Audio [B, T] at 24 kHz -> ListenOutput(latents [B, T // 1920, K] raw (not whitened),
     features [B, T // 1920, 640] the stacked log-mel beneath them). Streaming: `step` takes a chunk
-    of any length and returns the ticks it completed; chunked output equals `forward`."""
+    of any length and returns the ticks it completed; chunked output equals `forward`.
 
-    def __init__(self, k: int = DEFAULT_K):
+    `text_front` (e.g. `michi.model.whisper_encoder.WhisperFront`, which steps whole ticks): the
+    features are its frames of the same ticks, stacked per tick, instead of the log-mel."""
+
+    def __init__(self, k: int = DEFAULT_K, text_front: nn.Module | None = None):
         super().__init__()
         self.k = k
         self.register_buffer("mean", torch.zeros(TICK_DIM))
         self.register_buffer("components", torch.eye(k, TICK_DIM))
-        self.feature_dim = TICK_DIM
+        self.text_front = text_front
+        self.feature_dim = TICK_DIM if text_front is None else text_front.width * TICK // text_front.frame_samples
         self.frame_samples = TICK
 
-    def _encode(self, x: Tensor) -> ListenOutput:
-        """Left-padded samples [B, PAD + 1920 n] -> the n ticks they hold."""
+    def _encode(self, x: Tensor, front: StreamingState | None = None) -> ListenOutput:
+        """Left-padded samples [B, PAD + 1920 n] -> the n ticks they hold (`front`: the text
+        front's state, which these ticks advance)."""
         n = (x.shape[-1] - PAD) // TICK
         if n <= 0:
-            empty = x.new_zeros(x.shape[0], 0, TICK_DIM)
-            return ListenOutput(empty[..., :self.k], empty)
+            return ListenOutput(x.new_zeros(x.shape[0], 0, self.k), x.new_zeros(x.shape[0], 0, self.feature_dim))
         mel = _frames_to_log_mel(x.float().unfold(-1, WINDOW, HOP))  # [B, 8n, 80]
         features = mel.reshape(x.shape[0], n, TICK_DIM)
         latents = (features - self.mean) @ self.components.T
+        if self.text_front is not None:
+            ticks = x[..., PAD:PAD + n * TICK].float()
+            frames = self.text_front(ticks) if front is None else self.text_front.step(ticks, front)[0]
+            features = frames.reshape(x.shape[0], n, self.feature_dim)
         return ListenOutput(latents.to(x.dtype), features.to(x.dtype))
 
     def forward(self, audio: Tensor) -> ListenOutput:
@@ -235,16 +251,20 @@ class MelPCAEncoder(StreamingModule, nn.Module):
         return self._encode(F.pad(audio[..., :n * TICK], (PAD, 0)))
 
     def init_state(self, batch_size: int, device: Any = None,
-                   dtype: torch.dtype = torch.float32) -> ConvState:
+                   dtype: torch.dtype = torch.float32) -> ConvState | FrontedState:
         # Samples not yet consumed, [B, 1, L]; a fresh stream holds the 720 zeros of the left pad.
-        return ConvState(torch.zeros(batch_size, 1, PAD, device=device, dtype=dtype), PAD)
+        conv = ConvState(torch.zeros(batch_size, 1, PAD, device=device, dtype=dtype), PAD)
+        if self.text_front is None:
+            return conv
+        return FrontedState(conv, self.text_front.init_state(batch_size, device, dtype))
 
-    def _step(self, audio: Tensor, state: ConvState) -> tuple[ListenOutput, ConvState]:
+    def _step(self, audio: Tensor, state: ConvState | FrontedState) -> tuple[ListenOutput, ConvState | FrontedState]:
         """A chunk [B, t] (any t >= 0) -> the ticks it completed (maybe none)."""
-        buffer = torch.cat([state.buffer[:, 0], audio.to(state.buffer.dtype)], dim=-1)
+        conv = state.conv if isinstance(state, FrontedState) else state
+        buffer = torch.cat([conv.buffer[:, 0], audio.to(conv.buffer.dtype)], dim=-1)
         n = (buffer.shape[-1] - PAD) // TICK
-        state.buffer = buffer[:, None, n * TICK:]
-        return self._encode(buffer[..., :PAD + n * TICK]), state
+        conv.buffer = buffer[:, None, n * TICK:]
+        return self._encode(buffer[..., :PAD + n * TICK], state.front if isinstance(state, FrontedState) else None), state
 
 
 # ---- streaming analytic decoder ---------------------------------------------------------------

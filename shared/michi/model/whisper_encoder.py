@@ -256,6 +256,8 @@ class WhisperFront(StreamingModule, nn.Module):
     that read as far away: a stream's first 30 s are Whisper's own view).
     """
 
+    frame_samples = FRAME_SAMPLES_24K
+
     def __init__(self, encoder: WhisperEncoder, chunk: int = 4, window: int = 148):
         super().__init__()
         if window % chunk:

@@ -50,6 +50,7 @@ class Clip:
     text: str  # normalised
     phones: list[tuple[int, float]] | None = None  # (phoneme id, start s) where known
     teacher: np.ndarray | None = None  # [head frames, width] float16: `attach_teacher`'s frames
+    features: np.ndarray | None = None  # [ticks, F] float16: the listen features of one channel draw (`HearingStage`)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class HearingConfig:
     freq_masks: int = 2
     freq_mask_bins: int = 8  # of 80
     time_masks: int = 2
-    time_mask_frames: int = 15  # of the features' frames (10 ms with mel-PCA)
+    time_mask_frames: int = 15  # of 10 ms
     # The auxiliary loss: each head frame also classifies the phoneme sounding one frame before
     # it (dense targets from the corpus's phoneme timings: piper's own, or each word's phonemes
     # spread over its span), so the head learns sounds before it can spell; 0: none.
@@ -156,8 +157,13 @@ class HearingStage:
             self.modules["distill"] = torch.nn.Linear(self.head.out.in_features, self.distill_width)
         self.optimizers = {"listen_text": _adamw([p for m in self.modules.values() for p in m.parameters()], oc)}
         self.rng = torch.Generator().manual_seed(seed)
-        self.progress = 0.0
         self.autocast = bf16_native(torch.device("cpu"))
+        # A Whisper front costs twice the head's own step per batch: its features are computed once
+        # per clip, through one channel draw each, and rows are packed from them.
+        self.mel = model.cfg.listen.text_front == "mel"
+        if not self.mel:
+            self.precompute(self.train + self.asterisk)
+        self.progress = 0.0
         # The next batch is drawn and augmented (numpy, scipy: mostly outside the GIL) while the
         # current one trains.
         self._pool = ThreadPoolExecutor(1)
@@ -178,10 +184,32 @@ class HearingStage:
         keep = max(1, int(len(words) * limit / len(clip.audio)) - 1)
         cut = int(len(clip.audio) * keep / len(words))
         teacher = None if clip.teacher is None else clip.teacher[:-(-cut // self._frame_samples)]
-        return Clip(clip.audio[:cut], " ".join(words[:keep]), teacher=teacher)
+        features = None if clip.features is None else clip.features[:-(-cut // FRAME_SAMPLES)]
+        return Clip(clip.audio[:cut], " ".join(words[:keep]), teacher=teacher, features=features)
+
+    @torch.no_grad()
+    def precompute(self, clips: list[Clip], group: int = 16, log=print) -> None:
+        """Set each clip's `features`: the model's listen features of the clip through one draw of
+        the channel (not sped: its phoneme times stay), with its tail of silence (`with_tail`)."""
+        rng = self._np_rng()
+        start, order = time.monotonic(), sorted(range(len(clips)), key=lambda i: len(clips[i].audio))
+        for g in range(0, len(order), group):
+            idx = order[g:g + group]
+            pieces = [with_tail(channel(clips[i].audio, self.channel, rng,
+                                        other=self.train[rng.integers(len(self.train))].audio)) for i in idx]
+            rows = np.zeros((len(idx), max(len(p) for p in pieces)), dtype=np.float32)
+            for r, piece in enumerate(pieces):
+                rows[r, :len(piece)] = piece
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                features = self.model.listen(torch.from_numpy(rows)).features.float()
+            for r, (i, piece) in enumerate(zip(idx, pieces)):
+                clips[i].features = features[r, :len(piece) // FRAME_SAMPLES].half().numpy()
+            if (g // group) % 100 == 0 or g + group >= len(order):
+                log(f"[hearing] features: {min(g + group, len(order))}/{len(order)} clips, {time.monotonic() - start:.0f} s")
 
     def batch(self) -> tuple[torch.Tensor, ...]:
-        """Audio [B, T] and frames [B] (whole ticks), targets (concatenated), their lengths [B],
+        """Audio [B, T] (a Whisper front's model: the precomputed features [B, ticks, F]) and
+        frames [B] (whole ticks), targets (concatenated), their lengths [B],
         the same for the phoneme CTC, phoneme labels [B, head frames] (-100 where unknown), and the teacher's frames [B, head
         frames, width] with a mask [B, head frames] of those known (None without distillation).
 
@@ -199,6 +227,12 @@ class HearingStage:
                 if pieces and used + len(clip.audio) * max(d / u for u, d in SPEEDS) > limit:
                     continue
                 pcm, ratio = clip.audio, 1.0
+                if clip.features is not None:  # precomputed: a tick's features stand for its samples
+                    pieces.append(clip.features)
+                    words.append(clip.text)
+                    where.append((clip, ratio, used))
+                    used += len(clip.features) * FRAME_SAMPLES
+                    continue
                 if rng.random() < self.hc.channel.speed:
                     up, down = SPEEDS[rng.integers(len(SPEEDS))]
                     pcm, ratio = speed(pcm, up, down), up / down
@@ -210,17 +244,19 @@ class HearingStage:
             rows.append(pieces)
             texts.append(words)
             placed.append(where)
-        ticks = [-(-sum(len(p) for p in r) // FRAME_SAMPLES) + TAIL_TICKS for r in rows]
-        audio = np.zeros((len(rows), max(ticks) * FRAME_SAMPLES), dtype=np.float32)
+        features = not self.mel  # rows of precomputed features (each clip's tail in them), else audio
+        per_tick = 1 if features else FRAME_SAMPLES
+        ticks = [-(-sum(len(p) for p in r) // per_tick) + (0 if features else TAIL_TICKS) for r in rows]
+        audio = np.zeros((len(rows), max(ticks) * per_tick, *rows[0][0].shape[1:]), dtype=np.float32)
         rate = self.head.out_frames / TICK_S
         labels = np.full((len(rows), max(ticks) * self.head.out_frames), -100, dtype=np.int64)
         for i, pieces in enumerate(rows):
             joined = np.concatenate(pieces)
             audio[i, :len(joined)] = joined
-            for (clip, ratio, offset), pcm in zip(placed[i], pieces):
+            for (clip, ratio, offset), piece in zip(placed[i], pieces):
                 if clip.phones:
-                    phone_labels(clip.phones, offset / SAMPLE_RATE_HZ, ratio, len(pcm) / SAMPLE_RATE_HZ, rate,
-                                 self.hc.phone_delay_frames, labels[i])
+                    phone_labels(clip.phones, offset / SAMPLE_RATE_HZ, ratio, len(piece) * FRAME_SAMPLES / per_tick / SAMPLE_RATE_HZ,
+                                 rate, self.hc.phone_delay_frames, labels[i])
         tokens = [self.tokenizer.encode(" ".join(t)) for t in texts]
         phones = [ctc_phonemes(" ".join(t)) for t in texts]
         return (torch.from_numpy(audio), torch.tensor(ticks), *_concatenated(tokens), *_concatenated(phones),
@@ -250,17 +286,20 @@ class HearingStage:
         return torch.from_numpy(frames), torch.from_numpy(known)
 
     def augment_features(self, features: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """VTLP and SpecAugment on features [B, n, frames * M], a draw per row."""
+        """VTLP and SpecAugment on features [B, n, frames * M], a draw per row (a Whisper front's
+        frames are no mel axis: time masks only)."""
         hc = self.hc
         b, n, _ = features.shape
         x = features.reshape(b, n * self.head.frames, -1)
         t, m = x.shape[1], x.shape[2]
-        factors = np.where(rng.random(b) < hc.vtlp, rng.uniform(*hc.vtlp_range, b), 1.0)
-        x = warp_mel(x, torch.tensor(factors, dtype=torch.float32)[:, None, None])
+        if self.mel:
+            factors = np.where(rng.random(b) < hc.vtlp, rng.uniform(*hc.vtlp_range, b), 1.0)
+            x = warp_mel(x, torch.tensor(factors, dtype=torch.float32)[:, None, None])
         fill = x.mean(dim=(1, 2), keepdim=True)
         masked = torch.zeros(b, t, m, dtype=torch.bool)
-        for count, width, size, axis in ((hc.freq_masks, hc.freq_mask_bins, m, 2),
-                                         (hc.time_masks, hc.time_mask_frames, t, 1)):
+        stretch = round(hc.time_mask_frames * 0.01 * self.head.frames / TICK_S)  # in these frames
+        for count, width, size, axis in ((hc.freq_masks if self.mel else 0, hc.freq_mask_bins, m, 2),
+                                         (hc.time_masks, stretch, t, 1)):
             for _ in range(count):
                 widths = torch.from_numpy(rng.integers(width + 1, size=b))
                 starts = torch.from_numpy(rng.integers(max(1, size - width), size=b))
@@ -273,8 +312,11 @@ class HearingStage:
         batch = self._next.result() if self._next is not None else self.batch()
         self._next = self._pool.submit(self.batch)
         audio, ticks, targets, target_lengths, phones, phone_lengths, labels, teacher = batch
-        with torch.no_grad():
-            features = self.model.listen(audio).features
+        if self.mel:
+            with torch.no_grad():
+                features = self.model.listen(audio).features
+        else:
+            features = audio  # precomputed
         features = self.augment_features(features, self._np_rng())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             hidden = self.head.hidden(features)
