@@ -142,3 +142,29 @@ def test_batched_rows_at_different_positions_equal_torch(model, repository, spee
             for s, r in zip(state, state_tensors(reference)):
                 assert_near(s, r.numpy())
     assert state[1][:, 0].tolist() == [8 * ticks, 8 * (ticks - late)]  # the rows' frame counters
+
+
+def test_whisper_front_listen_step_equals_torch(speech, tmp_path):
+    """A `tiny-whisper` model's listen step (the Whisper front, its key/value cache and frame
+    counter in the state) exports too: two rows, the second starting 3 ticks late, give the
+    features of the PyTorch step with `state.reset` on that row."""
+    from michi.serving.triton.export import export_onnx
+
+    torch.manual_seed(0)
+    m = MichiModel(preset("tiny-whisper"), load_pretrained=False)
+    m.set_basis(fit_basis(speech[:-1], k=m.cfg.latent_dim))
+    spec = export_onnx(Michi(m), "listen", tmp_path / ONNX_FILE, max_batch_size=4)
+    listen = OnnxStep(tmp_path / ONNX_FILE, spec)
+    late, ticks = 3, 8
+    pcm = np.stack([speech[0][:ticks * TICK], speech[1][:ticks * TICK]])
+    state, reference = listen.init_state(2), m.listen.init_state(2)
+    with torch.no_grad():
+        for tick in range(ticks):
+            if tick == late:
+                state = [np.concatenate([s[:1], f]) for s, f in zip(state, listen.init_state(1))]
+                reference.reset(torch.tensor([False, True]))
+            audio = pcm[:, tick * TICK:(tick + 1) * TICK]
+            (_, features), state = listen({"audio": audio}, state)
+            want, reference = m.listen.step(torch.from_numpy(audio), reference)
+            assert features.shape == (2, 4 * 384)
+            np.testing.assert_allclose(features, want.features[:, 0].numpy(), atol=1e-3, rtol=1e-3)

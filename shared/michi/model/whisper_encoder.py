@@ -214,10 +214,13 @@ def log10_mel(pcm: Tensor, rate_hz: int = RATE_HZ, center: bool = True) -> Tenso
 def floored(log: Tensor, ceiling: Tensor | None = None) -> Tensor:
     """log10 mel [B, 80, m] -> Whisper's scale, (x + 4) / 4, floored 8 decades below the loudest
     frame so far (Whisper: the window's loudest); `ceiling` [B]: the loudest frame before these."""
-    loudest = log.amax(dim=1, keepdim=True)
+    loudest = log.amax(dim=1)  # [B, m]
+    m = loudest.shape[-1]
+    before = torch.ones(m, m, dtype=torch.bool, device=log.device).tril()  # [frame, frames up to it]
+    so_far = torch.where(before, loudest[:, None, :], torch.finfo(log.dtype).min).amax(dim=-1)  # a cummax ONNX exports
     if ceiling is not None:
-        loudest = torch.maximum(loudest, ceiling[:, None, None])
-    return (torch.maximum(log, loudest.cummax(dim=2).values - 8.0) + 4.0) / 4.0
+        so_far = torch.maximum(so_far, ceiling[:, None])
+    return (torch.maximum(log, so_far[:, None, :] - 8.0) + 4.0) / 4.0
 
 
 def log_mel(pcm: Tensor, rate_hz: int = RATE_HZ) -> Tensor:

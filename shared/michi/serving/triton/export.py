@@ -23,7 +23,7 @@ from ...model.state import load_state_tensors, state_tensors
 MODELS = {"listen": "michi_listen", "vocoder": "michi_vocoder"}
 PYTHON_MODEL = Path(__file__).with_name("python_model.py")
 ONNX_FILE = "model.onnx"
-TRITON_TYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bool: "TYPE_BOOL"}
+TRITON_TYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bool: "TYPE_BOOL", torch.int64: "TYPE_INT64"}
 
 
 @dataclass(frozen=True)
