@@ -39,7 +39,7 @@ from ..model.textlm import CharLM
 from ..model.whisper_encoder import FRAME_SAMPLES_24K, WhisperEncoder, WhisperFront
 from ..model.wordlm import WordLM
 from ..transcript import TAIL_TICKS, with_tail
-from .stages import OptimConfig, _adamw, _apply, bf16_native
+from .stages import OptimConfig, _adamw, _apply, bf16_native, keep_heap_compact
 
 LM_DECODER = {"alpha": 0.8, "beta": 2.0, "beam": 8, "blank_skip": 0.95, "settle": 10}  # the card: dev-set sweeps
 
@@ -191,6 +191,7 @@ class HearingStage:
     def precompute(self, clips: list[Clip], group: int = 16, log=print) -> None:
         """Set each clip's `features`: the model's listen features of the clip through one draw of
         the channel (not sped: its phoneme times stay), with its tail of silence (`with_tail`)."""
+        keep_heap_compact()
         rng = self._np_rng()
         start, order = time.monotonic(), sorted(range(len(clips)), key=lambda i: len(clips[i].audio))
         for g in range(0, len(order), group):
