@@ -115,8 +115,8 @@ def test_a_few_steps_lower_the_ctc_loss(setup):
 
 def test_whisper_front_features_are_precomputed_and_learned(mini_corpus):
     """With `listen.text_front` "whisper" (the real encoder, from its package) the stage computes
-    each clip's features once, through one channel draw, equal to the model's own listen features
-    of that audio; rows are packed from them, and a few steps lower the loss."""
+    each clip's features once per channel draw (two here), equal to the model's own listen
+    features of that audio; rows are packed from them, and a few steps lower the loss."""
     import dataclasses
 
     torch.manual_seed(0)
@@ -124,14 +124,14 @@ def test_whisper_front_features_are_precomputed_and_learned(mini_corpus):
     cfg.listen = dataclasses.replace(cfg.listen, text_front="whisper")
     model = MichiModel(cfg, load_pretrained=False)
     clips = clips_from_bank(AudioBank(mini_corpus, load_segments(mini_corpus, ("train",))))[:6]
-    hc = HearingConfig(batch_size=3, max_seconds=4.0, eval_every=10)
+    hc = HearingConfig(batch_size=3, max_seconds=4.0, eval_every=10, feature_draws=2)
     hc.channel.noise = hc.channel.reverb = hc.channel.telephone = 0.0
     hc.channel.level_db = (0.0, 0.0)  # a clean channel: the features are the clip's own
     stage = HearingStage(model, clips, hc, OptimConfig(lr=2e-3, warmup_steps=5), load_tokenizer("bytes", 256))
     clip = clips[0]
     with torch.no_grad():
         own = model.listen(torch.from_numpy(with_tail(clip.audio))[None]).features[0]
-    assert clip.features.shape == own.shape == (-(-len(clip.audio) // FRAME_SAMPLES) + TAIL_TICKS, 4 * 384)
+    assert clip.features.shape == (2, *own.shape) and own.shape == (-(-len(clip.audio) // FRAME_SAMPLES) + TAIL_TICKS, 4 * 384)
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(clip.features).float(), own, dim=-1)
     assert cos.min() > 0.995, cos.min()  # computed in bf16, kept in fp16
     features, ticks = stage.batch()[:2]

@@ -50,7 +50,7 @@ class Clip:
     text: str  # normalised
     phones: list[tuple[int, float]] | None = None  # (phoneme id, start s) where known
     teacher: np.ndarray | None = None  # [head frames, width] float16: `attach_teacher`'s frames
-    features: np.ndarray | None = None  # [ticks, F] float16: the listen features of one channel draw (`HearingStage`)
+    features: np.ndarray | None = None  # [draws, ticks, F] float16: the listen features of channel draws (`HearingStage`)
 
 
 @dataclass
@@ -79,6 +79,10 @@ class HearingConfig:
     # The weight of the head's phoneme CTC (`ListenTextHead.phone_logits`, where the head has one):
     # each text's words as phonemes (`michi.model.phonemes.ctc_phonemes`), beside the byte CTC.
     phone_ctc: float = 1.0
+    # A Whisper front's features are computed once per clip (`HearingStage.precompute`): this many
+    # channel draws of each corpus clip, and of each Asterisk prompt (few prompts, many rows).
+    feature_draws: int = 1
+    asterisk_feature_draws: int = 8
     eval_every: int = 250
 
 
@@ -162,7 +166,8 @@ class HearingStage:
         # per clip, through one channel draw each, and rows are packed from them.
         self.mel = model.cfg.listen.text_front == "mel"
         if not self.mel:
-            self.precompute(self.train + self.asterisk)
+            self.precompute(self.train, hc.feature_draws)
+            self.precompute(self.asterisk, hc.asterisk_feature_draws)
         self.progress = 0.0
         # The next batch is drawn and augmented (numpy, scipy: mostly outside the GIL) while the
         # current one trains.
@@ -175,6 +180,8 @@ class HearingStage:
     def _draw(self, rng: np.random.Generator) -> Clip:
         pool = self.asterisk if self.asterisk and rng.random() < self.hc.asterisk else self.train
         clip = pool[rng.integers(len(pool))]
+        if clip.features is not None:  # one of its precomputed channel draws
+            clip = dataclasses.replace(clip, features=clip.features[rng.integers(len(clip.features))])
         limit = int(self.hc.max_seconds * SAMPLE_RATE_HZ)
         if len(clip.audio) <= limit:
             return clip
@@ -188,14 +195,17 @@ class HearingStage:
         return Clip(clip.audio[:cut], " ".join(words[:keep]), teacher=teacher, features=features)
 
     @torch.no_grad()
-    def precompute(self, clips: list[Clip], group: int = 16, log=print) -> None:
-        """Set each clip's `features`: the model's listen features of the clip through one draw of
-        the channel (not sped: its phoneme times stay), with its tail of silence (`with_tail`)."""
+    def precompute(self, clips: list[Clip], draws: int = 1, group: int = 16, log=print) -> None:
+        """Set each clip's `features` [draws, ticks, F]: the model's listen features of the clip
+        through `draws` draws of the channel (not sped: its phoneme times stay), each with its
+        tail of silence (`with_tail`)."""
         keep_heap_compact()
         rng = self._np_rng()
-        start, order = time.monotonic(), sorted(range(len(clips)), key=lambda i: len(clips[i].audio))
-        for g in range(0, len(order), group):
-            idx = order[g:g + group]
+        jobs = sorted(((i, d) for i in range(len(clips)) for d in range(draws)), key=lambda j: len(clips[j[0]].audio))
+        drawn: dict[int, list[np.ndarray]] = {}
+        start = time.monotonic()
+        for g in range(0, len(jobs), group):
+            idx = [i for i, _ in jobs[g:g + group]]
             pieces = [with_tail(channel(clips[i].audio, self.channel, rng,
                                         other=self.train[rng.integers(len(self.train))].audio)) for i in idx]
             rows = np.zeros((len(idx), max(len(p) for p in pieces)), dtype=np.float32)
@@ -204,9 +214,11 @@ class HearingStage:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
                 features = self.model.listen(torch.from_numpy(rows)).features.float()
             for r, (i, piece) in enumerate(zip(idx, pieces)):
-                clips[i].features = features[r, :len(piece) // FRAME_SAMPLES].half().numpy()
-            if (g // group) % 100 == 0 or g + group >= len(order):
-                log(f"[hearing] features: {min(g + group, len(order))}/{len(order)} clips, {time.monotonic() - start:.0f} s")
+                drawn.setdefault(i, []).append(features[r, :len(piece) // FRAME_SAMPLES].half().numpy())
+            if (g // group) % 100 == 0 or g + group >= len(jobs):
+                log(f"[hearing] features: {min(g + group, len(jobs))}/{len(jobs)} clip draws, {time.monotonic() - start:.0f} s")
+        for i, versions in drawn.items():
+            clips[i].features = np.stack(versions)
 
     def batch(self) -> tuple[torch.Tensor, ...]:
         """Audio [B, T] (a Whisper front's model: the precomputed features [B, ticks, F]) and
