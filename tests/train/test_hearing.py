@@ -136,6 +136,14 @@ def test_whisper_front_features_are_precomputed_and_learned(mini_corpus):
     assert cos.min() > 0.995, cos.min()  # computed in bf16, kept in fp16
     features, ticks = stage.batch()[:2]
     assert features.shape[0] == 3 and features.shape[2] == 4 * 384 and int(ticks.max()) == features.shape[1]
+    # After a lead of silence: the features the clip has 2 s into a stream of silence.
+    late = HearingStage(model, [dataclasses.replace(clip, features=None)], dataclasses.replace(hc, feature_leads_s=(2.0,), feature_draws=1),
+                        OptimConfig(), load_tokenizer("bytes", 256))
+    with torch.no_grad():
+        after = model.listen(torch.from_numpy(np.concatenate([np.zeros(2 * 24_000, np.float32), with_tail(clip.audio)]))[None]).features[0, 25:]
+    assert late.train[0].features.shape == (1, *after.shape)
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(late.train[0].features[0]).float(), after, dim=-1)
+    assert cos.min() > 0.995 and (after - own).abs().max() > 0.1, cos.min()  # and they differ from the stream's start
     first = [stage.step(i)["loss"] for i in range(3)]
     for i in range(3, 29):
         stage.step(i)

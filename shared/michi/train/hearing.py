@@ -35,6 +35,7 @@ from ..model.lexicon import PHONE_DECODER, Lexicon
 from ..model.listen import collapse, emitted
 from ..model.michi import MichiModel
 from ..model.phonemes import NO_PHONE, NUM_PHONEME_IDS, ctc_phonemes
+from ..model.state import load_state_tensors, state_tensors
 from ..model.textlm import CharLM
 from ..model.whisper_encoder import FRAME_SAMPLES_24K, WhisperEncoder, WhisperFront
 from ..model.wordlm import WordLM
@@ -83,6 +84,9 @@ class HearingConfig:
     # channel draws of each corpus clip, and of each Asterisk prompt (few prompts, many rows).
     feature_draws: int = 1
     asterisk_feature_draws: int = 8
+    # Seconds of silence a draw's features may follow (one picked per draw): the front's state
+    # after it (its positions and cache), as for a caller who speaks later in a call.
+    feature_leads_s: tuple[float, ...] = (0.0,)
     eval_every: int = 250
 
 
@@ -198,11 +202,12 @@ class HearingStage:
     def precompute(self, clips: list[Clip], draws: int = 1, group: int = 16, log=print) -> None:
         """Set each clip's `features` [draws, ticks, F]: the model's listen features of the clip
         through `draws` draws of the channel (not sped: its phoneme times stay), each with its
-        tail of silence (`with_tail`)."""
+        tail of silence (`with_tail`), each after one of `feature_leads_s` of silence."""
         keep_heap_compact()
         rng = self._np_rng()
         jobs = sorted(((i, d) for i in range(len(clips)) for d in range(draws)), key=lambda j: len(clips[j[0]].audio))
         drawn: dict[int, list[np.ndarray]] = {}
+        leads = [self._after_silence(s) for s in self.hc.feature_leads_s]  # the encoder's state after each lead
         start = time.monotonic()
         for g in range(0, len(jobs), group):
             idx = [i for i, _ in jobs[g:g + group]]
@@ -211,14 +216,23 @@ class HearingStage:
             rows = np.zeros((len(idx), max(len(p) for p in pieces)), dtype=np.float32)
             for r, piece in enumerate(pieces):
                 rows[r, :len(piece)] = piece
+            state = load_state_tensors(self.model.listen.init_state(len(idx)), [
+                torch.cat(rows_of) for rows_of in zip(*(leads[rng.integers(len(leads))] for _ in idx))])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                features = self.model.listen(torch.from_numpy(rows)).features.float()
+                features = self.model.listen.step(torch.from_numpy(rows), state)[0].features.float()
             for r, (i, piece) in enumerate(zip(idx, pieces)):
                 drawn.setdefault(i, []).append(features[r, :len(piece) // FRAME_SAMPLES].half().numpy())
             if (g // group) % 100 == 0 or g + group >= len(jobs):
                 log(f"[hearing] features: {min(g + group, len(jobs))}/{len(jobs)} clip draws, {time.monotonic() - start:.0f} s")
         for i, versions in drawn.items():
             clips[i].features = np.stack(versions)
+
+    @torch.no_grad()
+    def _after_silence(self, seconds: float) -> list[torch.Tensor]:
+        """The listen encoder's state tensors (one row) after `seconds` of silence, whole ticks."""
+        state = self.model.listen.init_state(1)
+        self.model.listen.step(torch.zeros(1, round(seconds / TICK_S) * FRAME_SAMPLES), state)
+        return state_tensors(state)
 
     def batch(self) -> tuple[torch.Tensor, ...]:
         """Audio [B, T] (a Whisper front's model: the precomputed features [B, ticks, F]) and
