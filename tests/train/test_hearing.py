@@ -230,3 +230,18 @@ def test_streaming_encoder_frames_see_no_further_than_a_hop(mini_corpus):
     whole_s = frames * 0.02
     np.testing.assert_allclose(streaming_encoder_frames(whisper, pcm, rate, window_s=whole_s, hop_s=whole_s),
                                encoder_frames(whisper, pcm, rate, frames)[0], atol=1e-4)
+
+
+def test_recipe_settings_take_lists():
+    """`--hearing feature_leads_s=0/5/10,batch_size=12`: a/b/c sets a tuple setting, one value a
+    tuple of one; a list for a one-value setting is an error."""
+    from michi.train.cli import _pairs, _set
+
+    hc = HearingConfig()
+    for key, value in _pairs("feature_leads_s=0/5/10,batch_size=12,vtlp_range=0.9/1.1", float).items():
+        _set(hc, key, value)
+    assert (hc.feature_leads_s, hc.batch_size, hc.vtlp_range) == ((0.0, 5.0, 10.0), 12, (0.9, 1.1))
+    _set(hc, "feature_leads_s", 3.0)
+    assert hc.feature_leads_s == (3.0,)
+    with pytest.raises(ValueError, match="one value"):
+        _set(hc, "batch_size", (1.0, 2.0))

@@ -10,13 +10,13 @@ from pathlib import Path
 
 
 def _pairs(text: str, kind=float) -> dict:
-    """"text=2000,codec=3000" -> {"text": 2000, "codec": 3000}."""
-    out = {}
+    """"text=2000,codec=3000" -> {"text": 2000, "codec": 3000}; "leads=0/5/10" -> a tuple."""
+    out: dict = {}
     for item in filter(None, (text or "").split(",")):
         key, _, value = item.partition("=")
         if not value:
             raise ValueError(f"expected stage=value, got {item!r}")
-        out[key.strip()] = kind(value)
+        out[key.strip()] = tuple(kind(v) for v in value.split("/")) if "/" in value else kind(value)
     return out
 
 
@@ -51,10 +51,17 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _set(obj, key: str, value: float) -> None:
+def _set(obj, key: str, value) -> None:
     if not hasattr(obj, key):
         raise ValueError(f"{type(obj).__name__} has no setting {key!r}")
-    setattr(obj, key, type(getattr(obj, key))(value))
+    current = getattr(obj, key)
+    if isinstance(current, tuple):  # a/b/c on the command line
+        kind = type(current[0]) if current else float
+        setattr(obj, key, tuple(kind(v) for v in (value if isinstance(value, tuple) else (value,))))
+    elif isinstance(value, tuple):
+        raise ValueError(f"{type(obj).__name__}.{key} takes one value, not {value}")
+    else:
+        setattr(obj, key, type(current)(value))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
