@@ -167,7 +167,7 @@ class HearingStage:
         self.rng = torch.Generator().manual_seed(seed)
         self.autocast = bf16_native(torch.device("cpu"))
         # A Whisper front costs twice the head's own step per batch: its features are computed once
-        # per clip, through one channel draw each, and rows are packed from them.
+        # per clip and channel draw (`precompute`), and rows are packed from them.
         self.mel = model.cfg.listen.text_front == "mel"
         if not self.mel:
             self.precompute(self.train, hc.feature_draws)
