@@ -33,11 +33,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message says why and what to do."""
 
 
-def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied tensors (e.g. embeddings = LM head) kept once, under their first name."""
+def _stored_state(model: MichiModel) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of the model's state dict: tied tensors (e.g. embeddings = LM head)
+    once, under their first name, and no weights a package supplies (`MichiModel.PACKAGED`)."""
     seen: set[int] = set()
     out = {}
     for name, tensor in model.state_dict().items():
+        if name.startswith(MichiModel.PACKAGED):
+            continue
         ptr = tensor.untyped_storage().data_ptr()
         if ptr in seen and tensor.numel() > 0:
             continue
@@ -87,8 +90,7 @@ def save_checkpoint(model: MichiModel, path: str | Path, info: dict[str, Any] | 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = path / WEIGHTS_FILE
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state(model).items()
-               if not k.startswith(MichiModel.PACKAGED)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _stored_state(model).items()}
     if dtype is not None:
         exact = model.full_precision_keys()
         tensors = {k: v.to(dtype) if v.is_floating_point() and not k.startswith(exact) else v
@@ -170,7 +172,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
     tensors = dequantize_int8(tensors)
     model = MichiModel(cfg, load_pretrained=False)
-    expected = {k: v for k, v in _unique_state(model).items() if not k.startswith(MichiModel.PACKAGED)}
+    expected = _stored_state(model)
     # The conv-only text head (`ListenConfig.text_layers` 0) held its conv as `conv`, now the
     # first layer of its front.
     tensors = {k.replace(LEGACY_TEXT_CONV, TEXT_HEAD + "front.0.", 1) if k.startswith(LEGACY_TEXT_CONV) else k: v

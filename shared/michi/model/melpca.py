@@ -260,11 +260,11 @@ class MelPCAEncoder(StreamingModule, nn.Module):
 
     def _step(self, audio: Tensor, state: ConvState | FrontedState) -> tuple[ListenOutput, ConvState | FrontedState]:
         """A chunk [B, t] (any t >= 0) -> the ticks it completed (maybe none)."""
-        conv = state.conv if isinstance(state, FrontedState) else state
+        conv, front = (state.conv, state.front) if isinstance(state, FrontedState) else (state, None)
         buffer = torch.cat([conv.buffer[:, 0], audio.to(conv.buffer.dtype)], dim=-1)
         n = (buffer.shape[-1] - PAD) // TICK
         conv.buffer = buffer[:, None, n * TICK:]
-        return self._encode(buffer[..., :PAD + n * TICK], state.front if isinstance(state, FrontedState) else None), state
+        return self._encode(buffer[..., :PAD + n * TICK], front), state
 
 
 # ---- streaming analytic decoder ---------------------------------------------------------------
