@@ -8,6 +8,7 @@ import torch
 
 import michi
 from michi.checkpoint import load_checkpoint
+from michi.audio.augment import SPEEDS, speed
 from michi.config import FRAME_SAMPLES, preset
 from michi.model.michi import MichiModel
 from michi.model.phonemes import ctc_phonemes
@@ -116,7 +117,8 @@ def test_a_few_steps_lower_the_ctc_loss(setup):
 def test_whisper_front_features_are_precomputed_and_learned(mini_corpus):
     """With `listen.text_front` "whisper" (the real encoder, from its package) the stage computes
     each clip's features once per channel draw (two here), equal to the model's own listen
-    features of that audio; rows are packed from them, and a few steps lower the loss."""
+    features of that audio; a sped draw keeps its speed; rows are packed from them, and a few
+    steps lower the loss."""
     import dataclasses
 
     torch.manual_seed(0)
@@ -125,24 +127,31 @@ def test_whisper_front_features_are_precomputed_and_learned(mini_corpus):
     model = MichiModel(cfg, load_pretrained=False)
     clips = clips_from_bank(AudioBank(mini_corpus, load_segments(mini_corpus, ("train",))))[:6]
     hc = HearingConfig(batch_size=3, max_seconds=4.0, eval_every=10, feature_draws=2)
-    hc.channel.noise = hc.channel.reverb = hc.channel.telephone = 0.0
+    hc.channel.speed = hc.channel.noise = hc.channel.reverb = hc.channel.telephone = 0.0
     hc.channel.level_db = (0.0, 0.0)  # a clean channel: the features are the clip's own
     stage = HearingStage(model, clips, hc, OptimConfig(lr=2e-3, warmup_steps=5), load_tokenizer("bytes", 256))
     clip = clips[0]
     with torch.no_grad():
         own = model.listen(torch.from_numpy(with_tail(clip.audio))[None]).features[0]
-    assert clip.features.shape == (2, *own.shape) and own.shape == (-(-len(clip.audio) // FRAME_SAMPLES) + TAIL_TICKS, 4 * 384)
-    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(clip.features).float(), own, dim=-1)
-    assert cos.min() > 0.995, cos.min()  # computed in bf16, kept in fp16
+    assert len(clip.draws) == 2 and own.shape == (-(-len(clip.audio) // FRAME_SAMPLES) + TAIL_TICKS, 4 * 384)
+    for draw in clip.draws:
+        assert draw.features.shape == own.shape and draw.ratio == 1.0 and draw.text == clip.text
+        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(draw.features).float(), own, dim=-1)
+        assert cos.min() > 0.995, cos.min()  # computed in bf16, kept in fp16
+    sped = HearingStage(model, [dataclasses.replace(clip, draws=None)], dataclasses.replace(
+        hc, channel=dataclasses.replace(hc.channel, speed=1.0), feature_draws=4), OptimConfig(), load_tokenizer("bytes", 256))
+    ticks = {up / down: -(-len(speed(clip.audio, up, down)) // FRAME_SAMPLES) + TAIL_TICKS for up, down in SPEEDS}
+    assert all(len(draw.features) == ticks[draw.ratio] for draw in sped.train[0].draws)
     features, ticks = stage.batch()[:2]
     assert features.shape[0] == 3 and features.shape[2] == 4 * 384 and int(ticks.max()) == features.shape[1]
     # After a lead of silence: the features the clip has 2 s into a stream of silence.
-    late = HearingStage(model, [dataclasses.replace(clip, features=None)], dataclasses.replace(hc, feature_leads_s=(2.0,), feature_draws=1),
+    late = HearingStage(model, [dataclasses.replace(clip, draws=None)], dataclasses.replace(hc, feature_leads_s=(2.0,), feature_draws=1),
                         OptimConfig(), load_tokenizer("bytes", 256))
     with torch.no_grad():
         after = model.listen(torch.from_numpy(np.concatenate([np.zeros(2 * 24_000, np.float32), with_tail(clip.audio)]))[None]).features[0, 25:]
-    assert late.train[0].features.shape == (1, *after.shape)
-    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(late.train[0].features[0]).float(), after, dim=-1)
+    (drawn,) = late.train[0].draws
+    assert drawn.features.shape == after.shape
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(drawn.features).float(), after, dim=-1)
     assert cos.min() > 0.995 and (after - own).abs().max() > 0.1, cos.min()  # and they differ from the stream's start
     first = [stage.step(i)["loss"] for i in range(3)]
     for i in range(3, 29):

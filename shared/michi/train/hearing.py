@@ -51,7 +51,9 @@ class Clip:
     text: str  # normalised
     phones: list[tuple[int, float]] | None = None  # (phoneme id, start s) where known
     teacher: np.ndarray | None = None  # [head frames, width] float16: `attach_teacher`'s frames
-    features: np.ndarray | None = None  # [draws, ticks, F] float16: the listen features of channel draws (`HearingStage`)
+    features: np.ndarray | None = None  # [ticks, F] float16: the listen features of one channel draw
+    ratio: float = 1.0  # the draw's speed: its length over the clip's (its phoneme times scale by it)
+    draws: list[Clip] | None = None  # the clip's precomputed channel draws (`HearingStage.precompute`)
 
 
 @dataclass
@@ -184,35 +186,37 @@ class HearingStage:
     def _draw(self, rng: np.random.Generator) -> Clip:
         pool = self.asterisk if self.asterisk and rng.random() < self.hc.asterisk else self.train
         clip = pool[rng.integers(len(pool))]
-        if clip.features is not None:  # one of its precomputed channel draws
-            clip = dataclasses.replace(clip, features=clip.features[rng.integers(len(clip.features))])
+        if clip.draws:
+            clip = clip.draws[rng.integers(len(clip.draws))]
         limit = int(self.hc.max_seconds * SAMPLE_RATE_HZ)
-        if len(clip.audio) <= limit:
+        length = len(clip.audio) * clip.ratio
+        if length <= limit:
             return clip
         # Cut at a random whole word: keep the words that end before the cut, by their share of the
         # clip (no word times here), and drop the rest of the audio.
         words = clip.text.split()
-        keep = max(1, int(len(words) * limit / len(clip.audio)) - 1)
+        keep = max(1, int(len(words) * limit / length) - 1)
         cut = int(len(clip.audio) * keep / len(words))
         teacher = None if clip.teacher is None else clip.teacher[:-(-cut // self._frame_samples)]
-        features = None if clip.features is None else clip.features[:-(-cut // FRAME_SAMPLES)]
-        return Clip(clip.audio[:cut], " ".join(words[:keep]), teacher=teacher, features=features)
+        features = None if clip.features is None else clip.features[:-(-int(cut * clip.ratio) // FRAME_SAMPLES)]
+        return Clip(clip.audio[:cut], " ".join(words[:keep]), teacher=teacher, features=features, ratio=clip.ratio)
 
     @torch.no_grad()
     def precompute(self, clips: list[Clip], draws: int = 1, group: int = 16, log=print) -> None:
-        """Set each clip's `features` [draws, ticks, F]: the model's listen features of the clip
-        through `draws` draws of the channel (not sped: its phoneme times stay), each with its
-        tail of silence (`with_tail`), each after one of `feature_leads_s` of silence."""
+        """Set each clip's `draws`: the model's listen features of the clip through `draws` draws
+        of the channel (sped as `channel.speed` says, the ratio kept for its phoneme times), each
+        with its tail of silence (`with_tail`), each after one of `feature_leads_s` of silence."""
         keep_heap_compact()
         rng = self._np_rng()
         jobs = sorted(((i, d) for i in range(len(clips)) for d in range(draws)), key=lambda j: len(clips[j[0]].audio))
-        drawn: dict[int, list[np.ndarray]] = {}
+        drawn: dict[int, list[Clip]] = {}
         leads = [self._after_silence(s) for s in self.hc.feature_leads_s]  # the encoder's state after each lead
         start = time.monotonic()
         for g in range(0, len(jobs), group):
             idx = [i for i, _ in jobs[g:g + group]]
-            pieces = [with_tail(channel(clips[i].audio, self.channel, rng,
-                                        other=self.train[rng.integers(len(self.train))].audio)) for i in idx]
+            sped = [self._speed(clips[i].audio, rng) for i in idx]
+            pieces = [with_tail(channel(pcm, self.channel, rng, other=self.train[rng.integers(len(self.train))].audio))
+                      for pcm, _ in sped]
             rows = np.zeros((len(idx), max(len(p) for p in pieces)), dtype=np.float32)
             for r, piece in enumerate(pieces):
                 rows[r, :len(piece)] = piece
@@ -220,12 +224,20 @@ class HearingStage:
                 torch.cat(rows_of) for rows_of in zip(*(leads[rng.integers(len(leads))] for _ in idx))])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
                 features = self.model.listen.step(torch.from_numpy(rows), state)[0].features.float()
-            for r, (i, piece) in enumerate(zip(idx, pieces)):
-                drawn.setdefault(i, []).append(features[r, :len(piece) // FRAME_SAMPLES].half().numpy())
+            for r, (i, piece, (_, ratio)) in enumerate(zip(idx, pieces, sped)):
+                drawn.setdefault(i, []).append(dataclasses.replace(
+                    clips[i], features=features[r, :len(piece) // FRAME_SAMPLES].half().numpy(), ratio=ratio))
             if (g // group) % 100 == 0 or g + group >= len(jobs):
                 log(f"[hearing] features: {min(g + group, len(jobs))}/{len(jobs)} clip draws, {time.monotonic() - start:.0f} s")
         for i, versions in drawn.items():
-            clips[i].features = np.stack(versions)
+            clips[i].draws = versions
+
+    def _speed(self, pcm: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        """The clip sped by one of SPEEDS (a `channel.speed` share of draws), and its length ratio."""
+        if rng.random() >= self.hc.channel.speed:
+            return pcm, 1.0
+        up, down = SPEEDS[rng.integers(len(SPEEDS))]
+        return speed(pcm, up, down), up / down
 
     @torch.no_grad()
     def _after_silence(self, seconds: float) -> list[torch.Tensor]:
@@ -253,16 +265,13 @@ class HearingStage:
                 clip = self._draw(rng)
                 if pieces and used + len(clip.audio) * max(d / u for u, d in SPEEDS) > limit:
                     continue
-                pcm, ratio = clip.audio, 1.0
                 if clip.features is not None:  # precomputed: a tick's features stand for its samples
                     pieces.append(clip.features)
                     words.append(clip.text)
-                    where.append((clip, ratio, used))
+                    where.append((clip, clip.ratio, used))
                     used += len(clip.features) * FRAME_SAMPLES
                     continue
-                if rng.random() < self.hc.channel.speed:
-                    up, down = SPEEDS[rng.integers(len(SPEEDS))]
-                    pcm, ratio = speed(pcm, up, down), up / down
+                pcm, ratio = self._speed(clip.audio, rng)
                 other = self.train[rng.integers(len(self.train))].audio
                 pieces.append(channel(pcm, self.channel, rng, other=other))
                 words.append(clip.text)
