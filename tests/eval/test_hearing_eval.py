@@ -12,7 +12,7 @@ import michi
 from michi.eval import speech
 from michi.eval.listen import eval_listen, lags, listen_sets, stream, word_arrivals
 from michi.eval.wer import normalize_text, word_errors
-from michi.transcript import WhisperTranscriber
+from michi.transcript import WhisperTranscriber, with_tail
 
 pytestmark = pytest.mark.skipif(not speech.ASTERISK_TRANSCRIPTS.is_file(),
                                 reason="needs Debian asterisk-core-sounds-en(-wav)")
@@ -182,3 +182,14 @@ def test_decoder_sweep_decodes_as_a_call_does(source):
     assert grid("margin=4,6;settle=5") == [{"margin": 4, "settle": 5}, {"margin": 6, "settle": 5}]
     with pytest.raises(ValueError, match="not a beam search setting"):
         grid("margn=4")
+
+
+def test_eval_listen_after_a_lead_of_silence(tiny, judge):
+    """`lead_s`: each item streams behind that much silence, and its words' lags still count from
+    the item's own start (4 s of lead would otherwise put every lag past 4 s)."""
+    sets = {"asterisk": [(it, it.audio(24_000)) for it in speech.asterisk_split("heldout", 1)]}
+    r = eval_listen(tiny, sets, sources=("whisper",), judge=judge, whisper_model=judge.model, lead_s=4.0)
+    whisper = r["sources"]["whisper"]
+    assert r["lead_s"] == 4.0 and whisper["wer"] <= 0.2 and whisper["lag_words"] > 0
+    assert 0 < whisper["lag_s"]["p50"] < 3
+    assert whisper["audio_s"] == pytest.approx(4.0 + len(with_tail(sets["asterisk"][0][1])) / 24_000)

@@ -53,6 +53,9 @@ def _speech_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--decoder", default="",
                     help="listen: the head's beam search settings over the model's own, e.g. "
                          "margin=4,settle=6 (see michi.model.textlm.BeamDecoder)")
+    sp.add_argument("--lead-s", type=float, default=0.0,
+                    help="listen: stream each item after this many seconds of silence (a caller who "
+                         "speaks later in a call; default 0: each item from a stream's start)")
     sp.add_argument("--save-wavs", type=int, default=3, help="WAVs kept per evaluation, next to the report")
     sp.add_argument("--no-figures", action="store_true", help="no PNGs")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
@@ -154,7 +157,7 @@ def _run_speech_task(task: str, model: Any, args: argparse.Namespace, sentences:
         held = speech.asterisk_split("heldout", len(asterisk)) if asterisk else []
         return eval_listen(model, listen_sets(voice, held), sources=args.listen_sources.split(","), judge=judge,
                            whisper_model=judge.model if judge else None, decoder=_settings(args.decoder),
-                           progress=progress)
+                           lead_s=args.lead_s, progress=progress)
     return None
 
 

@@ -29,10 +29,12 @@ from .wer import normalize_text, summary
 
 
 def stream(michi, source: str, pcm: np.ndarray, whisper_model=None,
-           decoder: dict[str, float] | None = None) -> dict[str, Any]:
-    """One item through the encoder and a fresh `source` stream, a tick at a time: the transcript,
-    each stable piece's arrival time, and the compute time."""
-    pcm = with_tail(pcm)
+           decoder: dict[str, float] | None = None, lead_s: float = 0.0) -> dict[str, Any]:
+    """One item through the encoder and a fresh `source` stream, a tick at a time, after `lead_s`
+    of silence (whole ticks): the transcript, each stable piece's arrival time from the item's
+    start, and the compute time."""
+    lead = round(lead_s / TICK_S) * FRAME_SAMPLES
+    pcm = np.concatenate([np.zeros(lead, np.float32), with_tail(pcm)])
     m = michi.model
     source_stream = transcriber(source, michi, whisper_model, decoder)
     with torch.inference_mode():
@@ -48,11 +50,11 @@ def stream(michi, source: str, pcm: np.ndarray, whisper_model=None,
         (heard,) = source_stream.push(chunk, out.features[0])
         compute += encode_s + heard.compute_s
         if heard.text:
-            pieces.append((heard.text, (tick + 1) * TICK_S + encode_s + heard.compute_s))
+            pieces.append((heard.text, (tick + 1) * TICK_S + encode_s + heard.compute_s - lead / SAMPLE_RATE_HZ))
     final = source_stream.finish()
     compute += final.compute_s
     if final.text:
-        pieces.append((final.text, len(pcm) / SAMPLE_RATE_HZ + final.compute_s))
+        pieces.append((final.text, (len(pcm) - lead) / SAMPLE_RATE_HZ + final.compute_s))
     return {"text": "".join(p for p, _ in pieces).strip(), "pieces": pieces, "compute_s": compute,
             "audio_s": len(pcm) / SAMPLE_RATE_HZ}
 
@@ -96,11 +98,12 @@ def listen_sets(voice: Sequence, asterisk: Sequence, channel: bool = True) -> di
 
 
 def eval_listen(michi, sets: Mapping[str, Sequence[tuple[Any, np.ndarray]]], sources: Sequence[str] = ("head",),
-                judge=None, whisper_model=None, decoder: dict[str, float] | None = None,
+                judge=None, whisper_model=None, decoder: dict[str, float] | None = None, lead_s: float = 0.0,
                 progress: Callable[[str, int, int], None] = lambda *_: None) -> dict[str, Any]:
     """WER/CER per set and source, lag p50/p95 (with a `judge`: `speech.WhisperJudge`, for the
     word times of the clean sets), real-time factor per source. `decoder`: beam search settings
-    over the model's own (`HeadTranscriber`), e.g. from a sweep."""
+    over the model's own (`HeadTranscriber`), e.g. from a sweep. `lead_s`: each item streams after
+    this much silence, as a caller who speaks later in a call (0: from the stream's start)."""
     reference: dict[str, list[tuple[str, float]]] = {}
     if judge is not None:
         from ..data.whisper import transcribe
@@ -117,7 +120,7 @@ def eval_listen(michi, sets: Mapping[str, Sequence[tuple[Any, np.ndarray]]], sou
         source_lags: list[float] = []
         for name, items in sets.items():
             for it, pcm in items:
-                heard = stream(michi, source, pcm, whisper_model, decoder)
+                heard = stream(michi, source, pcm, whisper_model, decoder, lead_s)
                 compute, audio = compute + heard["compute_s"], audio + heard["audio_s"]
                 if it.id in reference and not name.endswith("_telephone"):
                     source_lags += lags(reference[it.id], word_arrivals(heard["pieces"]))
@@ -133,7 +136,7 @@ def eval_listen(michi, sets: Mapping[str, Sequence[tuple[Any, np.ndarray]]], sou
             "sets": first["sets"], "sources": per_source, "default_source": sources[0],
             "head_enabled": michi.model.listen_text.enabled,
             "decoder": beam_settings(michi, decoder, phones=decodes_phonemes(michi)),
-            "decoder_kind": "phonemes" if decodes_phonemes(michi) else "bytes",
+            "decoder_kind": "phonemes" if decodes_phonemes(michi) else "bytes", "lead_s": lead_s,
             "lag_reference": "Whisper word ends, clean audio"
             if judge is not None else None, "rows": rows}
 
