@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import michi
-from michi.checkpoint import load_checkpoint
 from michi.audio.augment import SPEEDS, speed
+from michi.checkpoint import load_checkpoint
 from michi.config import FRAME_SAMPLES, preset
 from michi.model.michi import MichiModel
 from michi.model.phonemes import ctc_phonemes
