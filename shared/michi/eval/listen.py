@@ -34,6 +34,7 @@ def stream(michi, source: str, pcm: np.ndarray, whisper_model=None,
     of silence (whole ticks): the transcript, each stable piece's arrival time from the item's
     start, and the compute time."""
     lead = round(lead_s / TICK_S) * FRAME_SAMPLES
+    start_s = lead / SAMPLE_RATE_HZ  # the item's start in the stream: arrivals count from it
     pcm = np.concatenate([np.zeros(lead, np.float32), with_tail(pcm)])
     m = michi.model
     source_stream = transcriber(source, michi, whisper_model, decoder)
@@ -50,11 +51,11 @@ def stream(michi, source: str, pcm: np.ndarray, whisper_model=None,
         (heard,) = source_stream.push(chunk, out.features[0])
         compute += encode_s + heard.compute_s
         if heard.text:
-            pieces.append((heard.text, (tick + 1) * TICK_S + encode_s + heard.compute_s - lead / SAMPLE_RATE_HZ))
+            pieces.append((heard.text, (tick + 1) * TICK_S - start_s + encode_s + heard.compute_s))
     final = source_stream.finish()
     compute += final.compute_s
     if final.text:
-        pieces.append((final.text, (len(pcm) - lead) / SAMPLE_RATE_HZ + final.compute_s))
+        pieces.append((final.text, len(pcm) / SAMPLE_RATE_HZ - start_s + final.compute_s))
     return {"text": "".join(p for p, _ in pieces).strip(), "pieces": pieces, "compute_s": compute,
             "audio_s": len(pcm) / SAMPLE_RATE_HZ}
 
