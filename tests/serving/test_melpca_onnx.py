@@ -144,14 +144,15 @@ def test_batched_rows_at_different_positions_equal_torch(model, repository, spee
     assert state[1][:, 0].tolist() == [8 * ticks, 8 * (ticks - late)]  # the rows' frame counters
 
 
-def test_whisper_front_listen_step_equals_torch(speech, tmp_path):
+@pytest.mark.parametrize("name", ["tiny-whisper", "tiny-mel-whisper"])
+def test_whisper_front_listen_step_equals_torch(speech, tmp_path, name):
     """A `tiny-whisper` model's listen step (the Whisper front, its key/value cache and frame
-    counter in the state) exports too: two rows, the second starting 3 ticks late, give the
-    features of the PyTorch step with `state.reset` on that row."""
+    counter in the state), or one with the log-mel beside it, exports too: two rows, the second
+    starting 3 ticks late, give the features of the PyTorch step with `state.reset` on that row."""
     from michi.serving.triton.export import export_onnx
 
     torch.manual_seed(0)
-    m = MichiModel(preset("tiny-whisper"), load_pretrained=False)
+    m = MichiModel(preset(name), load_pretrained=False)
     m.set_basis(fit_basis(speech[:-1], k=m.cfg.latent_dim))
     spec = export_onnx(Michi(m), "listen", tmp_path / ONNX_FILE, max_batch_size=4)
     listen = OnnxStep(tmp_path / ONNX_FILE, spec)
@@ -166,5 +167,5 @@ def test_whisper_front_listen_step_equals_torch(speech, tmp_path):
             audio = pcm[:, tick * TICK:(tick + 1) * TICK]
             (_, features), state = listen({"audio": audio}, state)
             want, reference = m.listen.step(torch.from_numpy(audio), reference)
-            assert features.shape == (2, 4 * 384)
+            assert features.shape == (2, m.cfg.listen_feature_dim)
             np.testing.assert_allclose(features, want.features[:, 0].numpy(), atol=1e-3, rtol=1e-3)

@@ -114,16 +114,19 @@ def test_a_few_steps_lower_the_ctc_loss(setup):
             "asterisk_telephone_wer", "heldout_voice_per"} <= set(figures)
 
 
-def test_whisper_front_features_are_precomputed_and_learned(mini_corpus):
-    """With `listen.text_front` "whisper" (the real encoder, from its package) the stage computes
-    each clip's features once per channel draw (two here), equal to the model's own listen
-    features of that audio; a sped draw keeps its speed; rows are packed from them, and a few
-    steps lower the loss."""
+@pytest.mark.parametrize("front", ["whisper", "mel+whisper"])
+def test_whisper_front_features_are_precomputed_and_learned(mini_corpus, front):
+    """With `listen.text_front` "whisper" (the real encoder, from its package), alone or after the
+    log-mel, the stage computes each clip's features once per channel draw (two here), equal to
+    the model's own listen features of that audio; a sped draw keeps its speed; rows are packed
+    from them, and a few steps lower the loss."""
     import dataclasses
 
     torch.manual_seed(0)
     cfg = preset("tiny-melpca")
-    cfg.listen = dataclasses.replace(cfg.listen, text_front="whisper")
+    cfg.listen = dataclasses.replace(cfg.listen, text_front=front)
+    width = cfg.listen_feature_dim
+    assert width == {"whisper": 4 * 384, "mel+whisper": 640 + 4 * 384}[front]
     model = MichiModel(cfg, load_pretrained=False)
     clips = clips_from_bank(AudioBank(mini_corpus, load_segments(mini_corpus, ("train",))))[:6]
     hc = HearingConfig(batch_size=3, max_seconds=4.0, eval_every=10, feature_draws=2)
@@ -133,7 +136,7 @@ def test_whisper_front_features_are_precomputed_and_learned(mini_corpus):
     clip = clips[0]
     with torch.no_grad():
         own = model.listen(torch.from_numpy(with_tail(clip.audio))[None]).features[0]
-    assert len(clip.draws) == 2 and own.shape == (-(-len(clip.audio) // FRAME_SAMPLES) + TAIL_TICKS, 4 * 384)
+    assert len(clip.draws) == 2 and own.shape == (-(-len(clip.audio) // FRAME_SAMPLES) + TAIL_TICKS, width)
     for draw in clip.draws:
         assert draw.features.shape == own.shape and draw.ratio == 1.0 and draw.text == clip.text
         cos = torch.nn.functional.cosine_similarity(torch.from_numpy(draw.features).float(), own, dim=-1)
@@ -143,7 +146,7 @@ def test_whisper_front_features_are_precomputed_and_learned(mini_corpus):
     ticks = {up / down: -(-len(speed(clip.audio, up, down)) // FRAME_SAMPLES) + TAIL_TICKS for up, down in SPEEDS}
     assert all(len(draw.features) == ticks[draw.ratio] for draw in sped.train[0].draws)
     features, ticks = stage.batch()[:2]
-    assert features.shape[0] == 3 and features.shape[2] == 4 * 384 and int(ticks.max()) == features.shape[1]
+    assert features.shape[0] == 3 and features.shape[2] == width and int(ticks.max()) == features.shape[1]
     # After a lead of silence: the features the clip has 2 s into a stream of silence.
     late = HearingStage(model, [dataclasses.replace(clip, draws=None)], dataclasses.replace(hc, feature_leads_s=(2.0,), feature_draws=1),
                         OptimConfig(), load_tokenizer("bytes", 256))
@@ -157,6 +160,31 @@ def test_whisper_front_features_are_precomputed_and_learned(mini_corpus):
     for i in range(3, 29):
         stage.step(i)
     assert stage.step(29)["loss"] < 0.7 * np.mean(first)
+
+
+def test_augment_features_masks_both_parts_over_the_same_time(mini_corpus):
+    """Log-mel and Whisper frames side by side: a time mask covers the same stretch of both parts
+    (8 mel frames, 4 Whisper frames a tick); a band mask, the mel part alone."""
+    import dataclasses
+
+    cfg = preset("tiny-melpca")
+    cfg.listen = dataclasses.replace(cfg.listen, text_front="mel+whisper")
+    clips = clips_from_bank(AudioBank(mini_corpus, load_segments(mini_corpus, ("train",))))[:1]
+    stage = HearingStage(MichiModel(cfg, load_pretrained=False), clips, HearingConfig(), OptimConfig(),
+                         load_tokenizer("bytes", 256))
+    features = torch.randn(4, 10, cfg.listen_feature_dim)
+    rng = np.random.default_rng(0)
+    for masks in ("time", "band"):
+        stage.hc = HearingConfig(vtlp=0.0, time_masks=int(masks == "time"), time_mask_frames=16,
+                                 freq_masks=int(masks == "band"))
+        changed = stage.augment_features(features, rng) != features
+        mel, whisper = changed[..., :640].reshape(4, 80, 80), changed[..., 640:].reshape(4, 40, 384)
+        assert bool(changed.any())
+        if masks == "time":  # whole frames; a Whisper frame (20 ms) as the mel frame of its second 10 ms
+            assert torch.equal(mel.any(-1), mel.all(-1)) and torch.equal(whisper.any(-1), whisper.all(-1))
+            assert torch.equal(whisper.all(-1), mel.all(-1)[:, 1::2])
+        else:
+            assert not bool(whisper.any())
 
 
 def test_distillation_targets_follow_the_clips_and_are_learned(setup):

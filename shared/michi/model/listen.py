@@ -227,6 +227,7 @@ class TextHeadState(StreamingState):
     layers: StateDict  # the transformer's caches, by layer index
     last_token: Tensor  # [B] long: the arg-max of the last slot, blank included
     blank: int
+    front2: StateDict | None = None  # a second feature part's conv front (`ListenTextHead.front2`)
 
     def reset_own(self, mask: Tensor) -> None:
         self.last_token = self.last_token.masked_fill(rows_mask(mask, self.last_token), self.blank)
@@ -256,38 +257,42 @@ class ListenTextHead(StreamingModule, nn.Module):
     tokens/s. The CTC sequence is the n * slots slots in order. Nothing looks ahead: a token comes
     once the audio that shows it has arrived.
 
+    Features of two parts (`cfg.listen_feature_parts`, e.g. log-mel and Whisper frames side by
+    side) each pass their own norm and convs, and the two are summed before the transformer.
+
     With `text_layers` 0 it is the conv-only head of older checkpoints: the tick's features
     normalised whole, one causal conv over 3 ticks (`transformer_dim` wide), then the slots.
     """
 
-    def __init__(self, cfg: MichiConfig, text_vocab_size: int, feature_dim: int | None = None,
-                 frames: int | None = None):
-        """`feature_dim`, `frames`: the width of the encoder's features and the frames stacked in
-        them (default `cfg.listen_feature_dim`, `cfg.listen_feature_frames`)."""
+    def __init__(self, cfg: MichiConfig, text_vocab_size: int):
         super().__init__()
         lc = cfg.listen
-        feature_dim = cfg.listen_feature_dim if feature_dim is None else feature_dim
-        frames = cfg.listen_feature_frames if frames is None else frames
         legacy = lc.text_layers == 0
-        if legacy:
-            frames = 1
-        if feature_dim % frames:
-            raise ValueError(f"feature width {feature_dim} is not {frames} stacked frames")
-        self.feature_dim, self.frames, self.slots = feature_dim, frames, lc.text_slots
-        self.blank = text_vocab_size
-        width, dim = feature_dim // frames, lc.transformer_dim if legacy else lc.text_dim
-        layers: list[nn.Module] = [StreamingConv1d(width, dim, 3), nn.GELU()]
-        out_frames = frames
-        while out_frames > 2:
-            if out_frames % 2:
-                raise ValueError(f"{frames} feature frames per tick do not halve down to 2")
-            layers += [StreamingConv1d(dim, dim, 4, stride=2), nn.GELU()]
-            out_frames //= 2
+        # (frame width, frames per tick) of each part of the features (`cfg.listen_feature_parts`)
+        self.parts = ((cfg.listen_feature_dim, 1),) if legacy else tuple((w, f) for _, w, f in cfg.listen_feature_parts)
+        if len(self.parts) > 2:
+            raise ValueError(f"a listen text head reads one or two feature parts, not {len(self.parts)}")
+        self.feature_dim = cfg.listen_feature_dim
+        self.slots, self.blank = lc.text_slots, text_vocab_size
+        dim = lc.transformer_dim if legacy else lc.text_dim
+        fronts = [self._front(width, frames, dim) for width, frames in self.parts]
+        out_frames = fronts[0][1]
+        if any(f != out_frames for _, f in fronts):
+            raise ValueError(f"the feature parts {self.parts} do not come down to the same frames per tick")
         if lc.text_slots % out_frames:
             raise ValueError(f"text_slots {lc.text_slots} is not a multiple of the head's {out_frames} frames per tick")
         self.out_frames, self.frame_slots = out_frames, lc.text_slots // out_frames
-        self.norm = nn.LayerNorm(width)
-        self.front = StreamingSequential(*layers)
+        # Part one's norm and convs keep their names (`norm`, `front`), so a head of one part starts
+        # a head of two; part two's (`norm2`, `front2`) start at zero output: it adds nothing until
+        # trained.
+        self.norm = nn.LayerNorm(self.parts[0][0])
+        self.front = fronts[0][0]
+        self.norm2 = self.front2 = None
+        if len(fronts) == 2:
+            self.norm2, self.front2 = nn.LayerNorm(self.parts[1][0]), fronts[1][0]
+            last = [m for m in self.front2 if isinstance(m, StreamingConv1d)][-1]
+            for p in last.parameters():
+                nn.init.zeros_(p)
         self.layers = nn.ModuleList(TransformerLayer(dim, lc.text_heads, lc.text_window, alibi=True)
                                     for _ in range(lc.text_layers))
         self.out_norm = nn.Identity() if legacy else nn.LayerNorm(dim)
@@ -301,12 +306,34 @@ class ListenTextHead(StreamingModule, nn.Module):
         # then emits nothing, as on silence, instead of random tokens the backbone never saw.
         self.enabled = True
 
+    @staticmethod
+    def _front(width: int, frames: int, dim: int) -> tuple[StreamingSequential, int]:
+        """A part's causal convs: `width`-wide frames, `frames` per tick, to `dim`, halving the
+        frames (stride 2) down to at most 2 per tick; and the frames per tick they give."""
+        layers: list[nn.Module] = [StreamingConv1d(width, dim, 3), nn.GELU()]
+        while frames > 2:
+            if frames % 2:
+                raise ValueError(f"{frames} feature frames per tick do not halve down to 2")
+            layers += [StreamingConv1d(dim, dim, 4, stride=2), nn.GELU()]
+            frames //= 2
+        return StreamingSequential(*layers), frames
+
+    @staticmethod
+    def _through(features: Tensor, part: tuple[int, int], norm: nn.Module, front: nn.Module,
+                 state: StateDict | None) -> Tensor:
+        """One part's features [B, n, width * frames] -> its convs' frames [B, n * out_frames, dim]."""
+        (b, n, _), (width, frames) = features.shape, part
+        h = norm(features.reshape(b, n * frames, width))
+        return run(front, h.transpose(1, 2), state).transpose(1, 2)
+
     def hidden(self, features: Tensor, state: TextHeadState | None = None) -> Tensor:
         """Features [B, n, F] -> the head's frames [B, n * out_frames, dim], before the slots (what
         a training stage's auxiliary losses read)."""
-        b, n, _ = features.shape
-        h = self.norm(features.reshape(b, n * self.frames, self.feature_dim // self.frames))
-        h = run(self.front, h.transpose(1, 2), None if state is None else state.front).transpose(1, 2)
+        h = self._through(features[..., :self.parts[0][0] * self.parts[0][1]], self.parts[0], self.norm,
+                          self.front, None if state is None else state.front)
+        if self.front2 is not None:
+            h = h + self._through(features[..., self.parts[0][0] * self.parts[0][1]:], self.parts[1], self.norm2,
+                                  self.front2, None if state is None else state.front2)
         for index, layer in enumerate(self.layers):
             h = run(layer, h, None if state is None else state.layers[str(index)])
         return self.out_norm(h)
@@ -336,7 +363,8 @@ class ListenTextHead(StreamingModule, nn.Module):
         return TextHeadState(self.front.init_state(batch_size, device, dtype),
                              StateDict((str(i), layer.init_state(batch_size, device, dtype))
                                        for i, layer in enumerate(self.layers)),
-                             self.initial_last_token(batch_size, device), self.blank)
+                             self.initial_last_token(batch_size, device), self.blank,
+                             None if self.front2 is None else self.front2.init_state(batch_size, device, dtype))
 
     def _advance(self, features: Tensor, state: TextHeadState) -> tuple[Tensor, Tensor]:
         """Logits [B, n, slots, vocab + 1] and greedy tokens [B, n, slots] of the next n frames."""

@@ -220,15 +220,18 @@ class MelPCAEncoder(StreamingModule, nn.Module):
     of any length and returns the ticks it completed; chunked output equals `forward`.
 
     `text_front` (e.g. `michi.model.whisper_encoder.WhisperFront`, which steps whole ticks): the
-    features are its frames of the same ticks, stacked per tick, instead of the log-mel."""
+    features are its frames of the same ticks, stacked per tick, instead of the log-mel; with
+    `keep_mel`, after the log-mel."""
 
-    def __init__(self, k: int = DEFAULT_K, text_front: nn.Module | None = None):
+    def __init__(self, k: int = DEFAULT_K, text_front: nn.Module | None = None, keep_mel: bool = False):
         super().__init__()
         self.k = k
         self.register_buffer("mean", torch.zeros(TICK_DIM))
         self.register_buffer("components", torch.eye(k, TICK_DIM))
         self.text_front = text_front
-        self.feature_dim = TICK_DIM if text_front is None else text_front.width * TICK // text_front.frame_samples
+        self.keep_mel = keep_mel or text_front is None
+        self.feature_dim = ((TICK_DIM if self.keep_mel else 0)
+                            + (0 if text_front is None else text_front.width * TICK // text_front.frame_samples))
         self.frame_samples = TICK
 
     def _encode(self, x: Tensor, front: StreamingState | None = None) -> ListenOutput:
@@ -243,7 +246,8 @@ class MelPCAEncoder(StreamingModule, nn.Module):
         if self.text_front is not None:
             ticks = x[..., PAD:PAD + n * TICK].float()
             frames = self.text_front(ticks) if front is None else self.text_front.step(ticks, front)[0]
-            features = frames.reshape(x.shape[0], n, self.feature_dim)
+            frames = frames.reshape(x.shape[0], n, -1)
+            features = torch.cat([features, frames], dim=-1) if self.keep_mel else frames
         return ListenOutput(latents.to(x.dtype), features.to(x.dtype))
 
     def forward(self, audio: Tensor) -> ListenOutput:

@@ -59,16 +59,20 @@ class MichiModel(nn.Module):
                 raise ValueError(f"the melpca codec runs at {SAMPLE_RATE} Hz, {TICK} samples a tick; the "
                                  f"config says {cfg.sample_rate_hz} Hz, {cfg.frame_samples}")
             front = None
-            if cfg.listen.text_front == "whisper":
+            sources = cfg.listen.text_front.split("+")
+            if "whisper" in sources:
                 from .whisper_encoder import WhisperEncoder, WhisperFront
 
                 front = WhisperFront(WhisperEncoder.from_ct2())
-            self.listen = MelPCAEncoder(cfg.latent_dim, text_front=front)
+            self.listen = MelPCAEncoder(cfg.latent_dim, text_front=front, keep_mel="mel" in sources)
             with torch.no_grad():
                 self.listen.components.zero_()  # no basis until one is fitted
         else:
             self.listen = ListenEncoder(cfg)
-        self.listen_text = ListenTextHead(cfg, self.backbone.vocab.size, self.listen.feature_dim)
+        if self.listen.feature_dim != cfg.listen_feature_dim:
+            raise ValueError(f"the listen encoder's features are {self.listen.feature_dim} wide, the config "
+                             f"says {cfg.listen_feature_dim}")
+        self.listen_text = ListenTextHead(cfg, self.backbone.vocab.size)
         if cfg.codec == "melpca":
             if cfg.decoder == "voiced":
                 from .voiced import VoicedMelPCADecoder

@@ -99,7 +99,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
     sp.add_argument("--preset", default="tiny", help="model size: tiny (CPU) or full (GPU); tiny-melpca: tiny on "
                     "the mel-PCA latent (a fitted basis instead of a trained codec); tiny-whisper: tiny-melpca "
-                    "hearing through Whisper tiny.en's encoder")
+                    "hearing through Whisper tiny.en's encoder; tiny-mel-whisper: through both, side by side")
     sp.add_argument("--init", default=None, help="start from this Michi checkpoint instead of random init (with "
                     "a mel-PCA preset and a learned-codec checkpoint: from its backbone)")
     sp.add_argument("--new-vocoder", action="store_true", help="with --init: replace its vocoder by a new "

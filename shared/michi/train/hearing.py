@@ -168,10 +168,11 @@ class HearingStage:
         self.optimizers = {"listen_text": _adamw([p for m in self.modules.values() for p in m.parameters()], oc)}
         self.rng = torch.Generator().manual_seed(seed)
         self.autocast = bf16_native(torch.device("cpu"))
-        # A Whisper front costs twice the head's own step per batch: its features are computed once
-        # per clip and channel draw (`precompute`), and rows are packed from them.
-        self.mel = model.cfg.listen.text_front == "mel"
-        if not self.mel:
+        # A Whisper front costs twice the head's own step per batch: its features (and the log-mel
+        # beside them) are computed once per clip and channel draw (`precompute`), and rows are
+        # packed from them.
+        self.precomputed = "whisper" in model.cfg.listen.text_front.split("+")
+        if self.precomputed:
             self.precompute(self.train, hc.feature_draws)
             self.precompute(self.asterisk, hc.asterisk_feature_draws)
         self.progress = 0.0
@@ -261,9 +262,11 @@ class HearingStage:
         placed: list[list[tuple[Clip, float, int]]] = []  # clip, speed ratio, offset (samples)
         for _ in range(self.hc.batch_size):
             pieces, words, used, where = [], [], 0, []
-            for _tries in range(6):  # a clip that would not fit (even sped down) is drawn again
+            for _tries in range(6):  # a clip that would not fit (sped down, where not yet sped) is drawn again
                 clip = self._draw(rng)
-                if pieces and used + len(clip.audio) * max(d / u for u, d in SPEEDS) > limit:
+                length = (len(clip.features) * FRAME_SAMPLES if clip.features is not None
+                          else len(clip.audio) * max(d / u for u, d in SPEEDS))
+                if pieces and used + length > limit:
                     continue
                 if clip.features is not None:  # precomputed: a tick's features stand for its samples
                     pieces.append(clip.features)
@@ -280,7 +283,7 @@ class HearingStage:
             rows.append(pieces)
             texts.append(words)
             placed.append(where)
-        features = not self.mel  # rows of precomputed features (each clip's tail in them), else audio
+        features = self.precomputed  # rows of features (each clip's tail in them), else audio
         per_tick = 1 if features else FRAME_SAMPLES
         ticks = [-(-sum(len(p) for p in r) // per_tick) + (0 if features else TAIL_TICKS) for r in rows]
         audio = np.zeros((len(rows), max(ticks) * per_tick, *rows[0][0].shape[1:]), dtype=np.float32)
@@ -322,37 +325,41 @@ class HearingStage:
         return torch.from_numpy(frames), torch.from_numpy(known)
 
     def augment_features(self, features: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """VTLP and SpecAugment on features [B, n, frames * M], a draw per row (a Whisper front's
-        frames are no mel axis: time masks only)."""
+        """VTLP and SpecAugment on features [B, n, F], a draw per row: every part of the features
+        (`cfg.listen_feature_parts`) masked over the same stretches of time; a log-mel part's mel
+        axis also warped and masked in bands (a Whisper front's frames have no mel axis)."""
         hc = self.hc
         b, n, _ = features.shape
-        x = features.reshape(b, n * self.head.frames, -1)
-        t, m = x.shape[1], x.shape[2]
-        if self.mel:
-            factors = np.where(rng.random(b) < hc.vtlp, rng.uniform(*hc.vtlp_range, b), 1.0)
-            x = warp_mel(x, torch.tensor(factors, dtype=torch.float32)[:, None, None])
-        fill = x.mean(dim=(1, 2), keepdim=True)
-        masked = torch.zeros(b, t, m, dtype=torch.bool)
-        stretch = round(hc.time_mask_frames * 0.01 * self.head.frames / TICK_S)  # in these frames
-        for count, width, size, axis in ((hc.freq_masks if self.mel else 0, hc.freq_mask_bins, m, 2),
-                                         (hc.time_masks, stretch, t, 1)):
-            for _ in range(count):
-                widths = torch.from_numpy(rng.integers(width + 1, size=b))
-                starts = torch.from_numpy(rng.integers(max(1, size - width), size=b))
-                pos = torch.arange(size)[None]
-                band = (pos >= starts[:, None]) & (pos < (starts + widths)[:, None])  # [B, size]
-                masked |= band[:, None, :] if axis == 2 else band[:, :, None]
-        return torch.where(masked, fill, x).reshape(b, n, -1)
+        # Time masks in 10 ms steps, each part's frames masked where their centres fall.
+        steps = round(n * TICK_S / 0.01)
+        widths = torch.from_numpy(rng.integers(hc.time_mask_frames + 1, size=(hc.time_masks, b)))
+        starts = torch.from_numpy(rng.integers(max(1, steps - hc.time_mask_frames), size=(hc.time_masks, b)))
+        out, offset = [], 0
+        for source, width, frames in self.model.cfg.listen_feature_parts:
+            x = features[..., offset:offset + width * frames].reshape(b, n * frames, width)
+            offset += width * frames
+            centres = (torch.arange(n * frames) + 0.5) * TICK_S / frames / 0.01  # in 10 ms steps
+            masked = ((centres >= starts[..., None]) & (centres < (starts + widths)[..., None])).any(0)[..., None]
+            if source == "mel":
+                factors = np.where(rng.random(b) < hc.vtlp, rng.uniform(*hc.vtlp_range, b), 1.0)
+                x = warp_mel(x, torch.tensor(factors, dtype=torch.float32)[:, None, None])
+                for _ in range(hc.freq_masks):
+                    bands = torch.from_numpy(rng.integers(hc.freq_mask_bins + 1, size=b))
+                    low = torch.from_numpy(rng.integers(max(1, width - hc.freq_mask_bins), size=b))
+                    pos = torch.arange(width)[None]
+                    masked = masked | ((pos >= low[:, None]) & (pos < (low + bands)[:, None]))[:, None, :]
+            out.append(torch.where(masked, x.mean(dim=(1, 2), keepdim=True), x).reshape(b, n, -1))
+        return torch.cat(out, dim=-1)
 
     def step(self, step: int) -> dict[str, float]:
         batch = self._next.result() if self._next is not None else self.batch()
         self._next = self._pool.submit(self.batch)
         audio, ticks, targets, target_lengths, phones, phone_lengths, labels, teacher = batch
-        if self.mel:
+        if self.precomputed:
+            features = audio
+        else:
             with torch.no_grad():
                 features = self.model.listen(audio).features
-        else:
-            features = audio  # precomputed
         features = self.augment_features(features, self._np_rng())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             hidden = self.head.hidden(features)
