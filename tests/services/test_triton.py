@@ -66,6 +66,13 @@ def assert_audio_close(actual, desired) -> None:
     assert np.linalg.norm(actual - desired) < 3e-4 * np.linalg.norm(desired)
 
 
+def assert_features_close(actual, desired):
+    """Listen features from ONNX Runtime against PyTorch: the log-mel to 1e-4; the Whisper front's
+    frames (after 4 attention layers, values up to ~10) differ by up to ~2e-4 in a few elements."""
+    np.testing.assert_allclose(actual, desired, atol=1e-3, rtol=1e-3)
+    assert np.linalg.norm(actual - desired) < 1e-5 * np.linalg.norm(desired)
+
+
 def test_exported_graphs_stream_as_the_model_does_offline(model, repository):
     """ONNX Runtime, three independent streams in one batch, state carried frame to frame, equals
     the PyTorch model on each whole input."""
@@ -90,7 +97,7 @@ def test_exported_graphs_stream_as_the_model_does_offline(model, repository):
             assert_audio_close(np.concatenate([o[0] for o in outs], 1), want.numpy())
         else:
             np.testing.assert_allclose(np.stack([o[0] for o in outs], 1), want.latents.numpy(), atol=1e-4)
-            np.testing.assert_allclose(np.stack([o[1] for o in outs], 1), want.features.numpy(), atol=1e-4)
+            assert_features_close(np.stack([o[1] for o in outs], 1), want.features.numpy())
 
 
 def test_onnxruntime_execution_streams_as_the_model_does_offline(model, repository):
@@ -127,7 +134,7 @@ def test_steps_on_the_triton_server_equal_in_process(model, triton):
     want = _offline(model, "listen", torch.from_numpy(speech)[None])
     assert sum(len(p[0]) for p in parts) == 7 == want.latents.shape[1]
     np.testing.assert_allclose(torch.cat([p[0] for p in parts]).numpy(), want.latents[0].numpy(), atol=1e-4)
-    np.testing.assert_allclose(torch.cat([p[1] for p in parts]).numpy(), want.features[0].numpy(), atol=1e-4)
+    assert_features_close(torch.cat([p[1] for p in parts]).numpy(), want.features[0].numpy())
 
 
 def test_bad_requests_and_missing_models_are_clear_errors(model, triton):

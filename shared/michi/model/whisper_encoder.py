@@ -208,8 +208,9 @@ OVERLAP = FRONT_FFT + 4 * FRONT_HOP - FRAME_SAMPLES_24K  # 1080: what a step kee
 @dataclass
 class WhisperFrontState(StreamingState):
     audio: Tensor  # [B, OVERLAP] the last samples (a fresh stream: silence)
-    ceiling: Tensor  # [B] the loudest frame's log10 mel so far, + 10 (0: silence's floor)
-    frames: Tensor  # [B] int64 encoder frames so far
+    # [B, 1], not [B]: a Triton config needs at least one dimension per row
+    ceiling: Tensor  # [B, 1] the loudest frame's log10 mel so far, + 10 (0: silence's floor)
+    frames: Tensor  # [B, 1] int64 encoder frames so far
     keys: Tensor  # [B, layers, heads, window, head_dim] the last `window` frames', per layer
     values: Tensor
 
@@ -242,8 +243,8 @@ class WhisperFront(StreamingModule, nn.Module):
         layer = self.encoder.layers[0]
         cache = (batch_size, len(self.encoder.layers), layer.heads, self.window, self.width // layer.heads)
         return WhisperFrontState(torch.zeros(batch_size, OVERLAP, device=device, dtype=dtype),
-                                 torch.zeros(batch_size, device=device, dtype=dtype),
-                                 torch.zeros(batch_size, dtype=torch.long, device=device),
+                                 torch.zeros(batch_size, 1, device=device, dtype=dtype),
+                                 torch.zeros(batch_size, 1, dtype=torch.long, device=device),
                                  torch.zeros(cache, device=device, dtype=dtype), torch.zeros(cache, device=device, dtype=dtype))
 
     def forward(self, audio: Tensor) -> Tensor:
@@ -267,12 +268,12 @@ class WhisperFront(StreamingModule, nn.Module):
             return audio.new_zeros(b, 0, self.width), state
         stream = torch.cat([state.audio, audio], dim=1)
         log = log10_mel(stream, FRONT_RATE_HZ, center=False)  # [B, 80, 2n + 3]
-        mel = floored(log, state.ceiling - 10.0)
-        ceiling = torch.maximum(state.ceiling, log[..., :2 * n].amax(dim=(1, 2)) + 10.0)  # no later step reads these again
+        mel = floored(log, state.ceiling[:, 0] - 10.0)
+        ceiling = torch.maximum(state.ceiling, log[..., :2 * n].amax(dim=(1, 2))[:, None] + 10.0)  # no later step reads these again
         x = self.encoder.embed(mel, pad=0)  # [B, n, width]
-        positions = self.encoder.positions[(state.frames[:, None] + torch.arange(n, device=audio.device)) % len(self.encoder.positions)]
+        positions = self.encoder.positions[(state.frames + torch.arange(n, device=audio.device)) % len(self.encoder.positions)]
         x = x + positions
-        mask = self._mask(state.frames, n)
+        mask = self._mask(state.frames[:, 0], n)
         keys, values = [], []
         for i, layer in enumerate(self.encoder.layers):
             x, (k, v) = layer(x, mask, (state.keys[:, i], state.values[:, i]))
