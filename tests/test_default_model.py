@@ -19,7 +19,9 @@ HEARD_WER = 0.45  # these 8 prompts: 29 % (the card: 53 % on 40 held-out prompts
 
 def test_default_model_is_a_trained_melpca_model_with_phonemes():
     m = michi.load()
-    assert m.trained and m.cfg.preset == "tiny-melpca" and not m.warnings
+    # tiny-melpca whose listen text head also reads the Whisper front (the hearing stage's run 9)
+    assert m.trained and m.cfg.preset == "tiny-mel-whisper" and not m.warnings
+    assert m.cfg.listen.text_front == "mel+whisper" and m.model.listen_text.front2 is not None
     assert m.cfg.codec == "melpca" and m.cfg.phone_frames and m.cfg.latent_dim == 64
     assert m.cfg.voicing == preset("tiny-melpca").voicing and m.cfg.voicing.f0_bins  # the preset's voicing net
     assert m.basis_fitted
