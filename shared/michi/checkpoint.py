@@ -35,11 +35,12 @@ class CheckpointError(ValueError):
 
 def _stored_state(model: MichiModel) -> dict[str, torch.Tensor]:
     """What a checkpoint holds of the model's state dict: tied tensors (e.g. embeddings = LM head)
-    once, under their first name, and no weights a package supplies (`MichiModel.PACKAGED`)."""
+    once, under their first name, and no weights a package supplies (`MichiModel.packaged_keys`)."""
     seen: set[int] = set()
     out = {}
+    packaged = model.packaged_keys()
     for name, tensor in model.state_dict().items():
-        if name.startswith(MichiModel.PACKAGED):
+        if name.startswith(packaged):
             continue
         ptr = tensor.untyped_storage().data_ptr()
         if ptr in seen and tensor.numel() > 0:

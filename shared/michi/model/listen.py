@@ -329,11 +329,11 @@ class ListenTextHead(StreamingModule, nn.Module):
     def hidden(self, features: Tensor, state: TextHeadState | None = None) -> Tensor:
         """Features [B, n, F] -> the head's frames [B, n * out_frames, dim], before the slots (what
         a training stage's auxiliary losses read)."""
-        h = self._through(features[..., :self.parts[0][0] * self.parts[0][1]], self.parts[0], self.norm,
-                          self.front, None if state is None else state.front)
+        first = self.parts[0][0] * self.parts[0][1]  # the first part's width
+        h = self._through(features[..., :first], self.parts[0], self.norm, self.front, None if state is None else state.front)
         if self.front2 is not None:
-            h = h + self._through(features[..., self.parts[0][0] * self.parts[0][1]:], self.parts[1], self.norm2,
-                                  self.front2, None if state is None else state.front2)
+            h = h + self._through(features[..., first:], self.parts[1], self.norm2, self.front2,
+                                  None if state is None else state.front2)
         for index, layer in enumerate(self.layers):
             h = run(layer, h, None if state is None else state.layers[str(index)])
         return self.out_norm(h)

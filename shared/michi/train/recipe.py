@@ -192,6 +192,10 @@ def initial_model(rc: RecipeConfig, device: torch.device, log: Callable[[str], N
         log(f"[init] {rc.preset} from {rc.init}: {len(copied)} backbone tensors copied (all but the "
             f"latent input projections); speak head, listen text head and codec new")
         return model.to(device)
+    if init_cfg.listen.whisper_tuned > target.listen.whisper_tuned:
+        raise ValueError(f"--init {rc.init}: its Whisper front's last {init_cfg.listen.whisper_tuned} layers are "
+                         f"trained (listen.whisper_tuned); the {rc.preset} preset would drop them: use a preset "
+                         f"that keeps them (e.g. tiny-mel-whisper-tuned)")
     model, _ = load_checkpoint(rc.init, device=device)
     reshaped = any(getattr(target, k) != getattr(model.cfg, k)
                    for k in ("phone_slots", "phone_frames", "agent_feedback", "decoder", "durations", "voicing",

@@ -54,8 +54,8 @@ def _adamw(params, oc: OptimConfig, betas=(0.9, 0.95)) -> torch.optim.AdamW:
 
 
 def _apply(optimizer: torch.optim.Optimizer, loss: Tensor, step: int, progress: float, oc: OptimConfig) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = oc.lr_at(step, progress)
+    for group in optimizer.param_groups:  # a group's "lr_scale" (default 1) scales the schedule's rate
+        group["lr"] = oc.lr_at(step, progress) * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
