@@ -85,33 +85,35 @@ def test_fitting_speech():
 
 @pytest.mark.slow
 def test_a_burst_beyond_max_calls_is_refused_at_once(tmp_path, monkeypatch):
-    """12 calls at once (4 s each) against --max-calls 2, on a mesh of the shipped default model
-    (what a backend runs; the random `tiny` preset costs twice its tick): 2 admitted, and they keep real time
-    (MAX_MISSED_IN_TEST); 10 refused with RESOURCE_EXHAUSTED, retry-after-ms and the limit named, each within
-    1 s; the gateway's refusal counter agrees; a call after the burst is admitted again."""
+    """12 calls at once (4 s each) against --max-calls 1, on a mesh of the shipped default model
+    (what a backend runs; the random `tiny` preset costs twice its tick): 1 admitted, and it keeps real time
+    (MAX_MISSED_IN_TEST); 11 refused with RESOURCE_EXHAUSTED, retry-after-ms and the limit named, each within
+    1 s; the gateway's refusal counter agrees; a call after the burst is admitted again. One call, not two:
+    the listen stage serves one call at a time (issue 17), and on a CPU without AVX-512 (its Whisper front
+    at a real-time factor of 0.4) two calls on one-thread stages missed 6 % of their ticks."""
     from michi.serving.launcher import Mesh, free_port
 
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("MICHI_MAX_CALLS", raising=False)
     ports = {s: free_port() for s in ("gateway", "listen", "backbone", "vocoder")}
     metrics = {"gateway": free_port(), "backbone": free_port()}
-    mesh = Mesh(model="default", ports=ports, threads=1, log_dir=str(tmp_path), gateway_args=["--max-calls", "2"],
+    mesh = Mesh(model="default", ports=ports, threads=1, log_dir=str(tmp_path), gateway_args=["--max-calls", "1"],
                 stage_args={s: ["--metrics-port", str(p)] for s, p in metrics.items()})
     with mesh:
         pids = {name: p.pid for name, p in mesh.processes.items()}
-        report = run_admission(mesh.gateway, metrics, pids, calls=12, max_calls=2, call_s=4.0,
+        report = run_admission(mesh.gateway, metrics, pids, calls=12, max_calls=1, call_s=4.0,
                                refusal_bound_ms=1000.0, speech=load_speech())
     b, row = report["burst"], report["admitted_calls"]
     detail = {k: b[k] for k in ("status_codes", "refusal_ms", "failures", "refusal_messages", "checks")}
     assert b["failed"] == 0 and b["admitted"] + b["refused"] == 12, detail
     lo, hi = b["expected_admitted"]
-    assert lo == 2 and lo <= b["admitted"] <= hi, detail  # 4 s calls: hi is 2 unless a call ended early
-    assert b["status_codes"].get("RESOURCE_EXHAUSTED") == b["refused"] >= 10 - (hi - lo), detail
+    assert lo == 1 and lo <= b["admitted"] <= hi, detail  # 4 s calls: hi is 1 unless a call ended early
+    assert b["status_codes"].get("RESOURCE_EXHAUSTED") == b["refused"] >= 11 - (hi - lo), detail
     assert b["refusals_with_retry_after"] == b["refused"] and all(v > 0 for v in b["retry_after_values"]), detail
     assert b["refusals_naming_limit"] == b["refused"], detail
     assert b["refusal_ms"]["max"] < 1000.0, detail
-    assert b["gateway_metrics"]["capacity_calls"] == 2 and b["gateway_metrics"]["refused_calls"] == b["refused"]
-    assert row["failed_calls"] == 0 and row["ticks"] > 100, row
+    assert b["gateway_metrics"]["capacity_calls"] == 1 and b["gateway_metrics"]["refused_calls"] == b["refused"]
+    assert row["failed_calls"] == 0 and row["ticks"] > 45, row  # a 4 s call: 50 ticks and more
     assert row["missed_pct"] < 100 * MAX_MISSED_IN_TEST, (row["missed_ticks"], row["ticks"], row["loadavg_1min_before"])
     assert report["after_burst"]["status"] == "OK" and report["after_burst"]["first_audio_ms"] is not None
     assert os.path.exists(tmp_path / "gateway.log")

@@ -168,4 +168,5 @@ def test_whisper_front_listen_step_equals_torch(speech, tmp_path, name):
             (_, features), state = listen({"audio": audio}, state)
             want, reference = m.listen.step(torch.from_numpy(audio), reference)
             assert features.shape == (2, m.cfg.listen_feature_dim)
-            np.testing.assert_allclose(features, want.features[:, 0].numpy(), atol=1e-3, rtol=1e-3)
+            # after 4 attention layers (frames up to ~10) a few elements move by ~1e-3 across CPUs
+            np.testing.assert_allclose(features, want.features[:, 0].numpy(), atol=3e-3, rtol=1e-3)

