@@ -19,9 +19,11 @@ HEARD_WER = 0.45  # these 8 prompts: 29 % (the card: 53 % on 40 held-out prompts
 
 def test_default_model_is_a_trained_melpca_model_with_phonemes():
     m = michi.load()
-    # tiny-melpca whose listen text head also reads the Whisper front (the hearing stage's run 9)
-    assert m.trained and m.cfg.preset == "tiny-mel-whisper" and not m.warnings
+    # tiny-melpca whose listen text head also reads the Whisper front, its last two layers tuned
+    # with the head (the hearing stage's run 10)
+    assert m.trained and m.cfg.preset == "tiny-mel-whisper-tuned" and not m.warnings
     assert m.cfg.listen.text_front == "mel+whisper" and m.model.listen_text.front2 is not None
+    assert m.cfg.listen.whisper_tuned == 2
     assert m.cfg.codec == "melpca" and m.cfg.phone_frames and m.cfg.latent_dim == 64
     assert m.cfg.voicing == preset("tiny-melpca").voicing and m.cfg.voicing.f0_bins  # the preset's voicing net
     assert m.basis_fitted
@@ -66,16 +68,22 @@ def test_an_untrained_listen_text_head_feeds_no_user_text():
 
 
 def test_default_weights_are_fp16_with_an_fp32_basis_and_an_int8_text_head():
+    """fp16, but the basis and latent statistics in fp32, and the listen text head's matrices and
+    the tuned Whisper layers' in int8 with fp32 scales (the package's layers not stored at all)."""
     model = michi.load().model
     exact = model.full_precision_keys()
     with safe_open(str(michi.DEFAULT_MODEL / "model.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     basis = {k for k in dtypes if k.startswith(("listen.", "vocoder."))}
     assert {"listen.components", "vocoder.components", "listen.mean", "vocoder.mean"} <= basis
-    assert all(dtypes[k] == "F32" for k in dtypes if k.startswith(exact))
     int8 = {k for k in dtypes if dtypes[k] == "I8"}
-    assert int8 and all(k.startswith("listen_text.") and dtypes[k + INT8_SCALE] == "F32" for k in int8)
+    assert int8 and all(dtypes[k + INT8_SCALE] == "F32" for k in int8)
+    assert {k.split(".")[0] for k in int8} == {"listen_text", "listen"}
+    assert {k for k in int8 if k.startswith("listen.")} == {
+        f"listen.text_front.encoder.layers.{i}.{m}.weight" for i in (2, 3) for m in ("qkv", "proj", "up", "down")}
+    assert not any(k.startswith(model.packaged_keys()) for k in dtypes)
     scales = {k + INT8_SCALE for k in int8}
+    assert all(dtypes[k] == "F32" for k in dtypes if k.startswith(exact) and k not in int8)
     assert all(dtypes[k] == "F16" for k in dtypes if not k.startswith(exact) and k not in int8 | scales)
     assert sum(dtypes[k] == "F16" for k in dtypes) > 50
     assert all(p.dtype == torch.float32 for p in model.parameters())  # loaded back as fp32
