@@ -172,7 +172,7 @@ class HearingStage:
             self.modules["distill"] = torch.nn.Linear(self.head.out.in_features, self.distill_width)
         self.optimizers = {"listen_text": _adamw([p for m in self.modules.values() for p in m.parameters()], oc)}
         # A tuned Whisper front: its features are precomputed up to its tuned layers, which train
-        # here over them (`tuned_features`), each draw after its lead's cache (`lead_frames`).
+        # here over them (`tuned_features`), each draw after its lead's cache (`leads`).
         front = getattr(model.listen, "text_front", None)
         self.front = front if front is not None and front.tuned else None
         if self.front is not None:
@@ -187,7 +187,7 @@ class HearingStage:
         self.precomputed = "whisper" in model.cfg.listen.text_front.split("+")
         if self.precomputed:
             with self._stopped():
-                self.lead_frames = [self._lead_frames(s) for s in hc.feature_leads_s]
+                self.leads = [self._after_silence(s) for s in hc.feature_leads_s]
                 self.precompute(self.train, hc.feature_draws)
                 self.precompute(self.asterisk, hc.asterisk_feature_draws)
         self.progress = 0.0
@@ -227,7 +227,7 @@ class HearingStage:
         rng = self._np_rng()
         jobs = sorted(((i, d) for i in range(len(clips)) for d in range(draws)), key=lambda j: len(clips[j[0]].audio))
         drawn: dict[int, list[Clip]] = {}
-        leads = [self._after_silence(s) for s in self.hc.feature_leads_s]  # the encoder's state after each lead
+        leads = [state for state, _ in self.leads]  # the encoder's state after each lead
         picks = rng.integers(len(leads), size=len(jobs))
         start = time.monotonic()
         for g in range(0, len(jobs), group):
@@ -263,29 +263,24 @@ class HearingStage:
             if self.front is not None:
                 self.front.stop = None
 
-    @torch.no_grad()
-    def _lead_frames(self, seconds: float) -> torch.Tensor | None:
-        """A tuned front's frames [m, width] of `seconds` of silence before its tuned layers (None
-        without a tuned front)."""
-        if self.front is None:
-            return None
-        frames = self.front.step(torch.zeros(1, round(seconds / TICK_S) * FRAME_SAMPLES), self.front.init_state(1))[0]
-        return frames[0]
+    def _whisper_span(self) -> tuple[int, int]:
+        """Where a tick's Whisper frames sit in its features: (first column, width)."""
+        offset = 0
+        for source, width, frames in self.model.cfg.listen_feature_parts:
+            if source == "whisper":
+                return offset, width * frames
+            offset += width * frames
+        raise ValueError("these features have no Whisper part")
 
     def tuned_features(self, features: torch.Tensor, segments: list[list[tuple[int, int, int]]]) -> torch.Tensor:
         """Precomputed rows [B, ticks, F] whose Whisper part stops before the tuned layers -> the
         features the head reads: that part through the tuned layers (`WhisperFront.tuned_frames`,
         each draw after its lead), `segments` per row (first tick, ticks, lead) of each draw."""
         front, (b, n, _) = self.front, features.shape
-        width, offset = 0, 0
-        for source, w, frames in self.model.cfg.listen_feature_parts:
-            if source == "whisper":
-                width = w * frames
-                break
-            offset += w * frames
+        offset, width = self._whisper_span()
         per = width // front.width  # frames per tick
         x = features[..., offset:offset + width].reshape(b, n * per, front.width)
-        contexts = [front.lead_context(f) for f in self.lead_frames]
+        contexts = [front.lead_context(frames) for _, frames in self.leads]
         frames = front.tuned_frames(x, [[(t * per, k * per, lead) for t, k, lead in row] for row in segments], contexts)
         return torch.cat([features[..., :offset], frames.reshape(b, n, width), features[..., offset + width:]], dim=-1)
 
@@ -297,11 +292,16 @@ class HearingStage:
         return speed(pcm, up, down), up / down
 
     @torch.no_grad()
-    def _after_silence(self, seconds: float) -> list[torch.Tensor]:
-        """The listen encoder's state tensors (one row) after `seconds` of silence, whole ticks."""
+    def _after_silence(self, seconds: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The listen encoder's state tensors (one row) after `seconds` of silence, whole ticks,
+        and a tuned front's frames of that silence before its tuned layers [m, width] (None
+        without a tuned front)."""
         state = self.model.listen.init_state(1)
-        self.model.listen.step(torch.zeros(1, round(seconds / TICK_S) * FRAME_SAMPLES), state)
-        return state_tensors(state)
+        features = self.model.listen.step(torch.zeros(1, round(seconds / TICK_S) * FRAME_SAMPLES), state)[0].features
+        if self.front is None:
+            return state_tensors(state), None
+        offset, width = self._whisper_span()
+        return state_tensors(state), features[0, :, offset:offset + width].reshape(-1, self.front.width)
 
     def batch(self) -> tuple[torch.Tensor, ...]:
         """Audio [B, T] (a Whisper front's model: the precomputed features [B, ticks, F]) and
